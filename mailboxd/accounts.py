@@ -1,0 +1,316 @@
+"""Accounts and address aliases: parsing, lookup, reload and atomic rewrite."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from .addresses import Address, parse_mailbox
+
+log = Logger()
+
+BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+MAX_ALIAS_DEPTH = 10
+
+
+@attrs.frozen
+class Problem:
+    """A line of an accounts or aliases file that was skipped, and why."""
+
+    path: Path
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+@attrs.frozen
+class Account:
+    """A local mailbox owner. Its domain is always canonical."""
+
+    address: str
+    domain: str
+    local: str
+
+
+@attrs.frozen(repr=False)
+class Directory:
+    """One consistent snapshot of the accounts and aliases files."""
+
+    domains: tuple[str, ...]
+    domain_aliases: dict[str, str]
+    hashes: dict[str, bytes] = attrs.field(factory=dict)
+    aliases: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
+
+    def __repr__(self) -> str:  # never show hashes
+        return f"<Directory {len(self.hashes)} accounts, {len(self.aliases)} aliases>"
+
+    def canonical(self, address: Address) -> Address | None:
+        """`address` with its domain made canonical, or None if not local."""
+        if address.domain in self.domains:
+            return Address(address.local.lower(), address.domain)
+        canonical = self.domain_aliases.get(address.domain)
+        if canonical is None:
+            return None
+        return Address(address.local.lower(), canonical)
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain in self.domains or domain in self.domain_aliases
+
+    def account(self, address: Address) -> Account | None:
+        c = self.canonical(address)
+        if c is None or c.key not in self.hashes:
+            return None
+        return Account(address=c.key, domain=c.domain, local=c.local)
+
+    def password_hash(self, address: Address) -> bytes | None:
+        c = self.canonical(address)
+        return None if c is None else self.hashes.get(c.key)
+
+    def resolve(self, address: Address) -> tuple[Account, ...]:
+        """The local accounts mail for `address` goes to; empty if none."""
+        found: dict[str, Account] = {}
+        self._resolve(address, found, 0)
+        return tuple(found.values())
+
+    def _resolve(self, address: Address, found: dict[str, Account], depth: int) -> None:
+        c = self.canonical(address)
+        if c is None or depth > MAX_ALIAS_DEPTH:
+            return
+        if c.key in self.aliases:
+            for target in self.aliases[c.key]:
+                parsed = parse_mailbox(target)
+                if parsed is not None:
+                    self._resolve(parsed, found, depth + 1)
+            return
+        account = self.account(c)
+        if account is not None:
+            found.setdefault(account.address, account)
+
+
+def parse_accounts(
+    text: str, path: Path, is_local: Callable[[str], bool]
+) -> tuple[dict[str, bytes], list[Problem]]:
+    """Parse ``address:hash`` lines; bad lines become Problems, not failures."""
+    hashes: dict[str, bytes] = {}
+    problems = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        address_text, sep, hashed = line.partition(":")
+        address = parse_mailbox(address_text.strip())
+        if not sep or address is None:
+            problems.append(Problem(path, number, "expected address:bcrypt-hash"))
+        elif not hashed.strip().startswith(BCRYPT_PREFIXES) or len(hashed.strip()) != 60:
+            problems.append(
+                Problem(path, number, f"{address_text.strip()}: the hash is not bcrypt ($2a$, $2b$ or $2y$)")
+            )
+        elif not is_local(address.domain):
+            problems.append(Problem(path, number, f"{address}: {address.domain} is not a local domain"))
+        elif address.key in hashes:
+            problems.append(Problem(path, number, f"{address}: listed twice; the first line wins"))
+        else:
+            hashes[address.key] = hashed.strip().encode("ascii")
+    return hashes, problems
+
+
+def parse_aliases(
+    text: str, path: Path, is_local: Callable[[str], bool]
+) -> tuple[dict[str, tuple[str, ...]], list[Problem]]:
+    """Parse ``alias@domain: target[, target ...]`` lines."""
+    aliases: dict[str, tuple[str, ...]] = {}
+    problems = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, rest = line.partition(":")
+        alias = parse_mailbox(name.strip())
+        targets = [t.strip() for t in rest.replace(",", " ").split()]
+        if not sep or alias is None or not targets:
+            problems.append(Problem(path, number, "expected alias@domain: target[, target ...]"))
+            continue
+        if not is_local(alias.domain):
+            problems.append(Problem(path, number, f"{alias}: {alias.domain} is not a local domain"))
+            continue
+        good = []
+        for target in targets:
+            parsed = parse_mailbox(target)
+            if parsed is None:
+                problems.append(Problem(path, number, f"{target!r} is not a mail address"))
+            elif not is_local(parsed.domain):
+                # Forwarding off the box needs the outbound queue.
+                problems.append(
+                    Problem(path, number, f"{target}: remote alias targets are not delivered yet; skipped")
+                )
+            else:
+                good.append(target)
+        if good:
+            aliases[alias.key] = tuple(good)
+    return aliases, problems
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def load_directory(
+    accounts: Path, aliases: Path, domains: tuple[str, ...], domain_aliases: dict[str, str]
+) -> tuple[Directory, list[Problem]]:
+    empty = Directory(domains=domains, domain_aliases=domain_aliases)
+    hashes, p1 = parse_accounts(_read(accounts), accounts, empty.is_local_domain)
+    alias_map, p2 = parse_aliases(_read(aliases), aliases, empty.is_local_domain)
+    # Alias keys use canonical domains so lookups after canonical() find them.
+    canonical_aliases = {}
+    for key, targets in alias_map.items():
+        c = empty.canonical(parse_mailbox(key))  # type: ignore[arg-type]
+        canonical_aliases[c.key] = targets  # type: ignore[union-attr]
+    canonical_hashes = {}
+    for key, h in hashes.items():
+        c = empty.canonical(parse_mailbox(key))  # type: ignore[arg-type]
+        canonical_hashes[c.key] = h  # type: ignore[union-attr]
+    return attrs.evolve(empty, hashes=canonical_hashes, aliases=canonical_aliases), p1 + p2
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+@attrs.define
+class AccountStore:
+    """The live Directory, reloaded when either file changes on disk."""
+
+    accounts_path: Path
+    aliases_path: Path
+    domains: tuple[str, ...]
+    domain_aliases: dict[str, str]
+    clock: IReactorTime
+    interval: float = 1.0
+    directory: Directory = attrs.field(init=False)
+    _stamps: tuple = attrs.field(init=False, default=())
+    _loop: LoopingCall | None = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        self.reload()
+
+    def reload(self) -> None:
+        self._stamps = (_stamp(self.accounts_path), _stamp(self.aliases_path))
+        self.directory, problems = load_directory(
+            self.accounts_path, self.aliases_path, self.domains, self.domain_aliases
+        )
+        for problem in problems:
+            log.warn("skipped {problem}", problem=str(problem))
+        log.info(
+            "loaded {accounts} accounts and {aliases} aliases",
+            accounts=len(self.directory.hashes),
+            aliases=len(self.directory.aliases),
+        )
+
+    def check(self) -> None:
+        if (_stamp(self.accounts_path), _stamp(self.aliases_path)) != self._stamps:
+            self.reload()
+
+    def start(self) -> None:
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+
+# --- rewriting the accounts file (mailboxctl) ---------------------------------
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Serialise writers of `path` with a lock file beside it."""
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, text: str, mode: int = 0o600) -> None:
+    """Replace `path` with `text`: temp file, fsync, rename, fsync the directory."""
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _line_address(line: str) -> str | None:
+    stripped = line.strip()
+    if not stripped or stripped.startswith("#") or ":" not in stripped:
+        return None
+    address = parse_mailbox(stripped.partition(":")[0].strip())
+    return None if address is None else address.key
+
+
+def set_hash(path: Path, address: Address, hashed: bytes, *, must_exist: bool) -> None:
+    """Add or replace the line for `address`, keeping every other line as is."""
+    with locked(path):
+        lines = _read(path).splitlines()
+        new_line = f"{address.key}:{hashed.decode('ascii')}"
+        found = False
+        for i, line in enumerate(lines):
+            if _line_address(line) == address.key:
+                lines[i] = new_line
+                found = True
+                break
+        if must_exist and not found:
+            raise KeyError(address.key)
+        if not must_exist and found:
+            raise FileExistsError(address.key)
+        if not found:
+            lines.append(new_line)
+        write_atomically(path, "\n".join(lines) + "\n")
+
+
+def remove(path: Path, address: Address) -> None:
+    with locked(path):
+        lines = _read(path).splitlines()
+        kept = [line for line in lines if _line_address(line) != address.key]
+        if len(kept) == len(lines):
+            raise KeyError(address.key)
+        write_atomically(path, "\n".join(kept) + "\n" if kept else "")
+
+
+def listed(path: Path) -> list[str]:
+    return [a for a in map(_line_address, _read(path).splitlines()) if a]

@@ -1,0 +1,317 @@
+"""INI text to a frozen `Config`, with errors that name file, key and value."""
+
+from __future__ import annotations
+
+import configparser
+import ipaddress
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """A configuration mistake; str() is one line meant for the operator."""
+
+
+@attrs.frozen
+class MailboxSection:
+    hostname: str
+    domains: tuple[str, ...]
+    domain_aliases: tuple[tuple[str, str], ...]
+    accounts: Path
+    aliases: Path
+    mail_dir: Path
+    trusted_networks: tuple[IPNetwork, ...]
+    bcrypt_rounds: int
+
+
+@attrs.frozen
+class SMTPSection:
+    listen: tuple[str, ...]
+    submission: tuple[str, ...]
+    max_message_size: int
+    max_recipients: int
+    require_tls_for_auth: bool
+    max_errors: int
+    idle_timeout: int
+
+
+@attrs.frozen
+class POP3Section:
+    listen: tuple[str, ...]
+    idle_timeout: int
+
+
+@attrs.frozen
+class RelaySection:
+    pop_before_smtp_ttl: int
+    sender_must_match_login: bool
+    smarthost: str
+    queue_lifetime: int
+
+
+@attrs.frozen
+class LimitsSection:
+    auth_failures: int
+    auth_failure_window: int
+    block_duration: int
+
+
+@attrs.frozen
+class TLSSection:
+    certificate: Path | None
+    private_key: Path | None
+
+
+@attrs.frozen
+class Config:
+    path: Path
+    mailbox: MailboxSection
+    smtp: SMTPSection
+    pop3: POP3Section
+    relay: RelaySection
+    limits: LimitsSection
+    tls: TLSSection
+
+    def canonical_domain(self, domain: str) -> str | None:
+        """The local domain `domain` names (itself or via an alias), else None."""
+        domain = domain.lower().rstrip(".")
+        if domain in self.mailbox.domains:
+            return domain
+        return dict(self.mailbox.domain_aliases).get(domain)
+
+
+class _Invalid(ValueError):
+    """Raised by a value parser; the message says what was expected."""
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(w for w in re.split(r"[\s,]+", text.strip()) if w)
+
+
+def _domain(text: str) -> str:
+    d = text.strip().lower().rstrip(".")
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", d):
+        raise _Invalid(f"a domain name, not {text!r}")
+    return d
+
+
+def _domains(text: str) -> tuple[str, ...]:
+    return tuple(_domain(w) for w in _words(text))
+
+
+def _alias_pairs(text: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for word in _words(text):
+        alias, sep, canonical = word.partition("=")
+        if not sep:
+            raise _Invalid(f"alias=canonical pairs, not {word!r}")
+        pairs.append((_domain(alias), _domain(canonical)))
+    return tuple(pairs)
+
+
+def _networks(text: str) -> tuple[IPNetwork, ...]:
+    nets = []
+    for word in _words(text):
+        try:
+            nets.append(ipaddress.ip_network(word, strict=False))
+        except ValueError:
+            raise _Invalid(f"CIDR networks such as 127.0.0.0/8, not {word!r}") from None
+    return tuple(nets)
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise _Invalid(f"a whole number, not {text.strip()!r}") from None
+        if value < minimum:
+            raise _Invalid(f"a whole number of at least {minimum}")
+        return value
+
+    return parse
+
+
+def _bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("yes", "true", "on", "1"):
+        return True
+    if t in ("no", "false", "off", "0"):
+        return False
+    raise _Invalid("yes or no")
+
+
+class _ParseOnlyReactor:
+    """Stand-in reactor: endpoint parsers only store it; nothing listens here."""
+
+
+def _endpoints(text: str) -> tuple[str, ...]:
+    from twisted.internet.endpoints import serverFromString
+
+    found = []
+    for word in text.split():
+        try:
+            serverFromString(_ParseOnlyReactor(), word)
+        except Exception as e:  # parsers raise ValueError, KeyError, TypeError...
+            raise _Invalid(
+                f"Twisted server endpoint strings such as tcp:2525:interface=127.0.0.1; "
+                f"{word!r} is not one ({e.__class__.__name__}: {e})"
+            ) from None
+        found.append(word)
+    return tuple(found)
+
+
+def _hostname(text: str) -> str:
+    return _domain(text)
+
+
+def _smarthost(text: str) -> str:
+    text = text.strip()
+    if text and not re.fullmatch(r"[^\s:]+:\d{1,5}|\[[0-9a-fA-F:.]+\]:\d{1,5}", text):
+        raise _Invalid("host:port or nothing")
+    return text
+
+
+def _path(text: str) -> Path:
+    if not text.strip():
+        raise _Invalid("a path")
+    return Path(text.strip())
+
+
+def _optional_path(text: str) -> Path | None:
+    return Path(text.strip()) if text.strip() else None
+
+
+_Spec = dict[str, dict[str, tuple[str, Callable[[str], Any]]]]
+
+SPEC: _Spec = {
+    "mailbox": {
+        "hostname": ("mail.example.test", _hostname),
+        "domains": ("example.test", _domains),
+        "domain_aliases": ("", _alias_pairs),
+        "accounts": ("etc/accounts", _path),
+        "aliases": ("etc/aliases", _path),
+        "mail_dir": ("mailbox", _path),
+        "trusted_networks": ("127.0.0.0/8 ::1/128", _networks),
+        "bcrypt_rounds": ("12", _count(4)),
+    },
+    "smtp": {
+        "listen": ("tcp:2525:interface=127.0.0.1", _endpoints),
+        "submission": ("tcp:2587:interface=127.0.0.1", _endpoints),
+        "max_message_size": ("26214400", _count(1)),
+        "max_recipients": ("100", _count(1)),
+        "require_tls_for_auth": ("no", _bool),
+        "max_errors": ("10", _count(1)),
+        "idle_timeout": ("300", _count(1)),
+    },
+    "pop3": {
+        "listen": ("tcp:1110:interface=127.0.0.1", _endpoints),
+        # RFC 1939 section 3: the autologout timer must be at least 10 minutes.
+        "idle_timeout": ("600", _count(600)),
+    },
+    "relay": {
+        "pop_before_smtp_ttl": ("3600", _count(0)),
+        "sender_must_match_login": ("yes", _bool),
+        "smarthost": ("", _smarthost),
+        "queue_lifetime": ("432000", _count(0)),
+    },
+    "limits": {
+        "auth_failures": ("10", _count(1)),
+        "auth_failure_window": ("3600", _count(1)),
+        "block_duration": ("3600", _count(0)),
+    },
+    "tls": {
+        "certificate": ("", _optional_path),
+        "private_key": ("", _optional_path),
+    },
+}
+
+_SECTIONS = {
+    "mailbox": MailboxSection,
+    "smtp": SMTPSection,
+    "pop3": POP3Section,
+    "relay": RelaySection,
+    "limits": LimitsSection,
+    "tls": TLSSection,
+}
+
+
+def parse(text: str, path: Path) -> Config:
+    """Parse INI `text` read from `path`; raise ConfigError on any mistake."""
+    parser = configparser.ConfigParser(
+        inline_comment_prefixes=(";", "#"), interpolation=None, default_section="\0none"
+    )
+    try:
+        parser.read_string(text, source=str(path))
+    except configparser.Error as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not a valid INI file: {first}") from None
+
+    for section in parser.sections():
+        if section not in SPEC:
+            raise ConfigError(
+                f"{path}: unknown section [{section}]; expected one of "
+                + ", ".join(f"[{s}]" for s in SPEC)
+            )
+        for key in parser[section]:
+            if key not in SPEC[section]:
+                raise ConfigError(
+                    f"{path}: [{section}] unknown key {key!r}; expected one of "
+                    + ", ".join(SPEC[section])
+                )
+
+    sections = {}
+    for section, keys in SPEC.items():
+        values = {}
+        for key, (default, convert) in keys.items():
+            raw = parser.get(section, key, fallback=default)
+            try:
+                values[key] = convert(raw)
+            except _Invalid as e:
+                raise ConfigError(f"{path}: [{section}] {key} = {raw.strip()!r}: expected {e}") from None
+        sections[section] = _SECTIONS[section](**values)
+
+    config = Config(path=path, **sections)
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    m = config.mailbox
+    for alias, canonical in m.domain_aliases:
+        if canonical not in m.domains:
+            raise ConfigError(
+                f"{config.path}: [mailbox] domain_aliases = '{alias}={canonical}': "
+                f"expected an alias of one of the domains ({', '.join(m.domains) or 'none'}); "
+                f"{canonical!r} is not one"
+            )
+        if alias in m.domains:
+            raise ConfigError(
+                f"{config.path}: [mailbox] domain_aliases = '{alias}={canonical}': "
+                f"{alias!r} is already a local domain"
+            )
+    if not m.domains:
+        raise ConfigError(f"{config.path}: [mailbox] domains is empty: expected at least one domain")
+    t = config.tls
+    if (t.certificate is None) != (t.private_key is None):
+        raise ConfigError(
+            f"{config.path}: [tls] certificate and private_key: expected both set or both empty"
+        )
+
+
+def load(path: Path | str) -> Config:
+    """Read and parse the config file at `path`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file: {e}") from None
+    return parse(text, path)

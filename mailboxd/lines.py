@@ -1,0 +1,114 @@
+"""A line-based protocol base with bounded lines and a strict CRLF mode.
+
+Twisted's LineReceiver would do most of this, but it dispatches every line of
+a segment before a handler can stop it, accepts any delimiter mix-up the
+peer sends, and only knows one maximum length. Here:
+
+* a line is at most `max_line` octets (terminator included); a longer one is
+  discarded up to its end and reported once with `lineTooLong()`;
+* in strict mode only CRLF ends a line, so a bare CR or LF stays inside the
+  line, where the protocol can see and refuse it (SMTP smuggling);
+* a handler may return a Deferred: no further line is dispatched, and the
+  transport is paused, until it fires (commands pipelined behind a slow one
+  wait their turn).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+
+log = Logger()
+
+
+class LineProtocol(Protocol):
+    max_line = 512
+    strict_crlf = False
+    _buffer = b""
+    _pos = 0
+    _discarding = False
+    _busy = False
+    _closed = False
+
+    def dataReceived(self, data: bytes) -> None:
+        # Consumed lines are dropped here, once per read, not once per line.
+        self._buffer = self._buffer[self._pos :] + data
+        self._pos = 0
+        self._process()
+
+    def _next_line(self) -> tuple[str, bytes] | None:
+        """('line', content) or ('too_long', b''), or None if no full line yet."""
+        sep = b"\r\n" if self.strict_crlf else b"\n"
+        start = self._pos
+        end = self._buffer.find(sep, start)
+        if end < 0:
+            if len(self._buffer) - start >= self.max_line and not self._discarding:
+                self._discarding = True
+            if self._discarding:
+                # Keep a possible trailing CR so a CRLF split across reads is seen.
+                self._buffer = b"\r" if self._buffer.endswith(b"\r") else b""
+                self._pos = 0
+            return None
+        line = self._buffer[start:end]
+        self._pos = end + len(sep)
+        length = end - start + len(sep)
+        if not self.strict_crlf and line.endswith(b"\r"):
+            line = line[:-1]
+        if self._discarding or length > self.max_line:
+            self._discarding = False
+            return ("too_long", b"")
+        return ("line", line)
+
+    def _process(self) -> None:
+        while not self._busy and not self._closed:
+            item = self._next_line()
+            if item is None:
+                return
+            kind, line = item
+            try:
+                result = self.lineTooLong() if kind == "too_long" else self.lineReceived(line)
+            except Exception:
+                log.failure("unhandled error in protocol handler")
+                self.internalError()
+                return
+            if isinstance(result, Deferred):
+                self._wait(result)
+
+    def _wait(self, d: Deferred) -> None:
+        self._busy = True
+        self.transport.pauseProducing()
+
+        def done(_: Any) -> None:
+            self._busy = False
+            if not self._closed:
+                self.transport.resumeProducing()
+                self._process()
+
+        def failed(f: Any) -> None:
+            log.failure("unhandled error in protocol handler", f)
+            self.internalError()
+
+        d.addErrback(failed).addBoth(done)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._closed = True
+        self._buffer = b""
+        self._pos = 0
+
+    def sendLine(self, line: str | bytes) -> None:
+        if isinstance(line, str):
+            line = line.encode("utf-8")
+        self.transport.write(line + b"\r\n")
+
+    def lineReceived(self, line: bytes) -> Deferred | None:
+        raise NotImplementedError
+
+    def lineTooLong(self) -> Deferred | None:
+        raise NotImplementedError
+
+    def internalError(self) -> None:
+        """A handler failed: tell the peer and close, without a traceback."""
+        raise NotImplementedError

@@ -1,0 +1,269 @@
+"""Maildir storage: durable delivery for SMTP and mailboxes for POP3.
+
+Messages are stored with LF line ends, as other Maildir tools expect; the
+file name carries ``S=`` (bytes on disk) and ``W=`` (bytes on the wire, with
+CRLF) so POP3 can answer STAT and LIST without reading any file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import itertools
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+import attrs
+
+from .accounts import Account
+
+_counter = itertools.count(1)
+_UID_OK = re.compile(r"[\x21-\x7e]{1,70}")
+_SIZES = re.compile(r",S=(\d+)(?:,W=(\d+))?")
+
+
+def maildir_path(mail_dir: Path, account: Account) -> Path:
+    return mail_dir / account.domain / account.local
+
+
+def ensure_maildir(path: Path) -> None:
+    for sub in ("tmp", "new", "cur"):
+        (path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def unique_name(hostname: str) -> str:
+    now = time.time()
+    sec = int(now)
+    usec = int((now - sec) * 1_000_000)
+    return f"{sec}.M{usec:06d}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(4)}.{hostname}"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@attrs.define
+class IncomingMessage:
+    """A message being received, streamed to a spool file line by line.
+
+    Lines are written as they arrive; nothing but the current line is held in
+    memory. `commit` (run in a thread pool) makes it durable in every Maildir.
+    """
+
+    spool_dir: Path
+    hostname: str
+    path: Path = attrs.field(init=False)
+    size: int = attrs.field(init=False, default=0)
+    wire_size: int = attrs.field(init=False, default=0)
+    _file: BinaryIO = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = self.spool_dir / unique_name(self.hostname)
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        self._file = os.fdopen(fd, "wb", buffering=65536)
+
+    def write_line(self, line: bytes) -> None:
+        """Append one line, given without its line end."""
+        self._file.write(line)
+        self._file.write(b"\n")
+        self.size += len(line) + 1
+        self.wire_size += len(line) + 2
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def commit(self, mail_dir: Path, accounts: tuple[Account, ...]) -> list[Path]:
+        """Deliver to every account's Maildir; return when all copies are on disk.
+
+        Blocking: call it in a thread pool.
+        """
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            delivered = []
+            for account in accounts:
+                delivered.append(self._deliver_one(maildir_path(mail_dir, account)))
+            return delivered
+        finally:
+            self.discard()
+
+    def _deliver_one(self, maildir: Path) -> Path:
+        ensure_maildir(maildir)
+        name = unique_name(self.hostname)
+        tmp = maildir / "tmp" / name
+        try:
+            os.link(self.path, tmp)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+            _copy_durably(self.path, tmp)
+        final = maildir / "new" / f"{name},S={self.size},W={self.wire_size}"
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+        return final
+
+
+def _copy_durably(source: Path, target: Path) -> None:
+    with open(source, "rb") as src, open(target, "xb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+
+
+def clean_spool(spool_dir: Path) -> int:
+    """Remove spool files left by a crash: none of them was acknowledged."""
+    removed = 0
+    if spool_dir.is_dir():
+        for entry in spool_dir.iterdir():
+            with contextlib.suppress(OSError):
+                entry.unlink()
+                removed += 1
+    return removed
+
+
+# --- POP3 side ------------------------------------------------------------------
+
+
+@attrs.define
+class Message:
+    path: Path
+    uid: str
+    size: int
+    deleted: bool = False
+
+
+def uid_for(name: str) -> str:
+    """A UIDL that stays the same for the message's whole life (RFC 1939 §7)."""
+    base = name.split(":", 1)[0].split(",", 1)[0]
+    if _UID_OK.fullmatch(base):
+        return base
+    return hashlib.sha1(base.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def wire_form(data: bytes) -> bytes:
+    """The stored message as POP3 sends it: CRLF line ends, ending in CRLF."""
+    data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data
+
+
+def _wire_size(path: Path, name: str) -> int:
+    m = _SIZES.search(name)
+    if m and m.group(2):
+        return int(m.group(2))
+    return len(wire_form(path.read_bytes()))
+
+
+class MailboxLocked(Exception):
+    pass
+
+
+@attrs.define
+class Mailbox:
+    """A POP3 session's view of one Maildir: a snapshot taken at login.
+
+    Deletions are only marked; `commit` (at QUIT) unlinks them.
+    """
+
+    path: Path
+    messages: list[Message]
+    _lock_fd: int | None = attrs.field(repr=False, default=None)
+
+    @classmethod
+    def open(cls, path: Path) -> Mailbox:
+        """Lock and list the Maildir. Blocking: call it in a thread pool."""
+        ensure_maildir(path)
+        fd = os.open(path / ".pop3.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MailboxLocked(str(path)) from None
+        try:
+            messages = []
+            entries = []
+            for sub in ("cur", "new"):
+                for entry in os.scandir(path / sub):
+                    if entry.is_file() and not entry.name.startswith("."):
+                        entries.append((entry.name, Path(entry.path)))
+            for name, file_path in sorted(entries):
+                try:
+                    size = _wire_size(file_path, name)
+                except FileNotFoundError:
+                    continue
+                messages.append(Message(file_path, uid_for(name), size))
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, messages, fd)
+
+    def get(self, number: int) -> Message | None:
+        """Message `number` (1-based), unless missing or marked deleted."""
+        if 1 <= number <= len(self.messages):
+            message = self.messages[number - 1]
+            if not message.deleted:
+                return message
+        return None
+
+    def live(self) -> list[tuple[int, Message]]:
+        return [(i, m) for i, m in enumerate(self.messages, 1) if not m.deleted]
+
+    def undelete_all(self) -> None:
+        for message in self.messages:
+            message.deleted = False
+
+    def commit(self) -> int:
+        """Remove what was marked deleted. Blocking: call it in a thread pool."""
+        removed = 0
+        dirs = set()
+        for message in self.messages:
+            if message.deleted:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(message.path)
+                    removed += 1
+                    dirs.add(message.path.parent)
+        for d in dirs:
+            fsync_dir(d)
+        return removed
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def read_message(message: Message, top_lines: int | None = None) -> bytes:
+    """The message in wire form, or its header and first `top_lines` body lines."""
+    data = wire_form(message.path.read_bytes())
+    if top_lines is None:
+        return data
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return data
+    lines = body.split(b"\r\n")[:-1]
+    kept = b"".join(line + b"\r\n" for line in lines[:top_lines])
+    return head + b"\r\n\r\n" + kept
+
+
+def dot_stuff(data: bytes) -> bytes:
+    """Byte-stuff lines starting with '.' (RFC 1939 §3)."""
+    if data.startswith(b"."):
+        data = b"." + data
+    return data.replace(b"\r\n.", b"\r\n..")

@@ -1,0 +1,343 @@
+"""POP3 server (RFC 1939, RFC 2449 CAPA, RFC 5034 AUTH PLAIN).
+
+No APOP: it needs the plaintext password on the server, and accounts hold
+only bcrypt hashes; so the greeting carries no timestamp.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import ServerFactory
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.threadpool import ThreadPool
+
+from .lines import LineProtocol
+from .maildir import Mailbox, MailboxLocked, dot_stuff, maildir_path, read_message
+from .realm import login
+
+log = Logger()
+
+Reply = str | bytes  # a one-line reply, or a full multi-line response
+LINE_MAX = 255  # RFC 2449 §4: command lines up to 255 octets, CRLF included
+
+CAPABILITIES = (
+    "USER",
+    "UIDL",
+    "TOP",
+    "RESP-CODES",
+    "AUTH-RESP-CODE",
+    "PIPELINING",
+    "SASL PLAIN",
+    "IMPLEMENTATION Mailbox",
+)
+
+AUTH_FAILED = "-ERR [AUTH] Authentication failed"
+
+
+@attrs.define(repr=False)
+class POP3Factory(ServerFactory):
+    config: Any
+    portal: Portal
+    clock: IReactorTime
+    reactor: Any
+    pool: ThreadPool
+
+    noisy = False  # the connection log lines say more
+
+    def __repr__(self) -> str:
+        return "<POP3Factory>"
+
+    def buildProtocol(self, addr: Any) -> POP3Server:
+        p = POP3Server()
+        p.factory = self
+        return p
+
+
+def multiline(first: str, lines: list[str] | list[bytes]) -> bytes:
+    body = b"".join((x if isinstance(x, bytes) else x.encode()) + b"\r\n" for x in lines)
+    return first.encode() + b"\r\n" + body + b".\r\n"
+
+
+class POP3Server(LineProtocol, TimeoutMixin):
+    factory: POP3Factory
+    max_line = LINE_MAX
+
+    def connectionMade(self) -> None:
+        self.callLater = self.factory.clock.callLater
+        self.peer_ip = getattr(self.transport.getPeer(), "host", "unknown")
+        self.username: str | None = None
+        self.account: Any = None
+        self.mailbox: Mailbox | None = None
+        self.sasl: Callable[[str], Any] | None = None
+        self.setTimeout(self.factory.config.pop3.idle_timeout)
+        log.info("pop3 connection from {client}", client=self.peer_ip)
+        self.sendLine(f"+OK {self.factory.config.mailbox.hostname} POP3 Mailbox ready")
+
+    # --- plumbing -----------------------------------------------------------
+
+    def answer(self, reply: Reply | Deferred | None) -> Deferred | None:
+        if isinstance(reply, Deferred):
+            return reply.addCallback(self.answer)
+        if reply is None or self._closed:
+            return None
+        if isinstance(reply, bytes):
+            self.transport.write(reply)
+        else:
+            self.sendLine(reply)
+        return None
+
+    def close(self, reply: str) -> None:
+        self.sendLine(reply)
+        self._closed = True
+        self.setTimeout(None)
+        self.transport.loseConnection()
+
+    def timeoutConnection(self) -> None:
+        # RFC 1939 §3: autologout closes without entering the UPDATE state.
+        log.info("pop3 timeout for {client}", client=self.peer_ip)
+        self.close("-ERR autologout timer expired, closing")
+
+    def internalError(self) -> None:
+        if not self._closed:
+            self.close("-ERR [SYS/TEMP] internal error, closing")
+
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        self.setTimeout(None)
+        if self.mailbox is not None:
+            self.mailbox.close()  # nothing marked deleted is removed
+            self.mailbox = None
+        log.info("pop3 disconnect from {client}", client=self.peer_ip)
+
+    def lineTooLong(self) -> None:
+        self.resetTimeout()
+        self.sasl = None
+        self.answer("-ERR line too long")
+
+    def lineReceived(self, line: bytes) -> Deferred | None:
+        self.resetTimeout()
+        text = line.decode("utf-8", "replace")
+        if self.sasl is not None:
+            step, self.sasl = self.sasl, None
+            return self.answer(step(text.strip()))
+        verb, _, arg = text.partition(" ")
+        handler = getattr(self, f"pop_{verb.upper()}", None) if verb.isalpha() else None
+        if handler is None:
+            return self.answer("-ERR unknown command")
+        return self.answer(handler(arg))
+
+    def in_transaction(self) -> bool:
+        return self.mailbox is not None
+
+    def thread(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        return deferToThreadPool(self.factory.reactor, self.factory.pool, f, *args)
+
+    # --- AUTHORIZATION state -------------------------------------------------
+
+    def pop_CAPA(self, arg: str) -> bytes:
+        return multiline("+OK Capability list follows", list(CAPABILITIES))
+
+    def pop_USER(self, arg: str) -> Reply:
+        if self.in_transaction():
+            return "-ERR already authenticated"
+        if not arg.strip():
+            return "-ERR USER needs a user name (your full mail address)"
+        self.username = arg.strip()
+        return "+OK send your password"
+
+    def pop_PASS(self, arg: str) -> Reply | Deferred:
+        if self.in_transaction():
+            return "-ERR already authenticated"
+        if self.username is None:
+            return "-ERR send USER first"
+        if not arg:
+            return "-ERR PASS needs a password"
+        username, self.username = self.username, None
+        return self.authenticate(username, arg.encode("utf-8"))
+
+    def pop_APOP(self, arg: str) -> Reply:
+        return "-ERR APOP is not supported; use USER/PASS or AUTH PLAIN"
+
+    def pop_AUTH(self, arg: str) -> Reply | Deferred:
+        if self.in_transaction():
+            return "-ERR already authenticated"
+        mechanism, _, initial = arg.strip().partition(" ")
+        if not mechanism:
+            return multiline("+OK SASL mechanisms follow", ["PLAIN"])
+        if mechanism.upper() != "PLAIN":
+            return "-ERR unsupported SASL mechanism; use PLAIN"
+        if initial:
+            return self.auth_plain(initial.strip())
+        self.sasl = self.auth_plain
+        return "+ "
+
+    def auth_plain(self, response: str) -> Reply | Deferred:
+        if response == "*":
+            return "-ERR authentication cancelled"
+        if response == "=":
+            response = ""
+        try:
+            decoded = base64.b64decode(response, validate=True)
+        except (binascii.Error, ValueError):
+            return "-ERR invalid base64 in AUTH PLAIN"
+        parts = decoded.split(b"\0")
+        if len(parts) != 3:
+            return "-ERR malformed AUTH PLAIN response"
+        authzid, authcid, password = parts
+        if authzid and authzid != authcid:
+            return AUTH_FAILED
+        return self.authenticate(authcid.decode("utf-8", "replace"), password)
+
+    def authenticate(self, username: str, password: bytes) -> Deferred:
+        d = ensureDeferred(login(self.factory.portal, username, password))
+
+        def authenticated(account: Any) -> Deferred:
+            self.account = account
+            path = maildir_path(self.factory.config.mailbox.mail_dir, account)
+            return self.thread(Mailbox.open, path).addCallbacks(opened, not_opened)
+
+        def opened(mailbox: Mailbox) -> Reply:
+            if self._closed:
+                mailbox.close()
+                return None
+            self.mailbox = mailbox
+            live = mailbox.live()
+            log.info(
+                "pop3 login {user} from {client}: {count} messages",
+                user=self.account.address, client=self.peer_ip, count=len(live),
+            )
+            return f"+OK {len(live)} messages ({sum(m.size for _, m in live)} octets)"
+
+        def not_opened(f: Any) -> Reply:
+            self.account = None
+            if f.check(MailboxLocked):
+                log.info("pop3 mailbox in use for {user}", user=username)
+                return "-ERR [IN-USE] Mailbox is locked by another session"
+            log.failure("pop3 cannot open mailbox for {user}", f, user=username)
+            return "-ERR [SYS/TEMP] mailbox unavailable, try again later"
+
+        def refused(f: Any) -> Reply:
+            f.trap(UnauthorizedLogin)
+            log.info("pop3 login failed for {user} from {client}", user=username, client=self.peer_ip)
+            return AUTH_FAILED
+
+        return d.addCallbacks(authenticated, refused)
+
+    # --- TRANSACTION state ---------------------------------------------------
+
+    def _message_arg(self, arg: str) -> tuple[int, Any] | str:
+        if self.mailbox is None:
+            return "-ERR not authenticated"
+        try:
+            number = int(arg.split()[0])
+        except (ValueError, IndexError):
+            return "-ERR expected a message number"
+        message = self.mailbox.get(number)
+        if message is None:
+            return "-ERR no such message"
+        return number, message
+
+    def pop_STAT(self, arg: str) -> Reply:
+        if self.mailbox is None:
+            return "-ERR not authenticated"
+        live = self.mailbox.live()
+        return f"+OK {len(live)} {sum(m.size for _, m in live)}"
+
+    def pop_LIST(self, arg: str) -> Reply:
+        return self._listing(arg, lambda n, m: f"{n} {m.size}")
+
+    def pop_UIDL(self, arg: str) -> Reply:
+        return self._listing(arg, lambda n, m: f"{n} {m.uid}")
+
+    def _listing(self, arg: str, entry: Callable[[int, Any], str]) -> Reply:
+        if self.mailbox is None:
+            return "-ERR not authenticated"
+        if arg.strip():
+            found = self._message_arg(arg)
+            return found if isinstance(found, str) else "+OK " + entry(*found)
+        live = self.mailbox.live()
+        return multiline(f"+OK {len(live)} messages", [entry(n, m) for n, m in live])
+
+    def pop_RETR(self, arg: str) -> Reply | Deferred:
+        found = self._message_arg(arg)
+        if isinstance(found, str):
+            return found
+        return self._send(found[1], None, "RETR")
+
+    def pop_TOP(self, arg: str) -> Reply | Deferred:
+        words = arg.split()
+        if len(words) != 2 or not words[1].isdigit():
+            return "-ERR usage: TOP message lines"
+        found = self._message_arg(words[0])
+        if isinstance(found, str):
+            return found
+        return self._send(found[1], int(words[1]), "TOP")
+
+    def _send(self, message: Any, lines: int | None, command: str) -> Deferred:
+        def build() -> bytes:
+            data = read_message(message, lines)
+            return b"+OK " + str(message.size).encode() + b" octets\r\n" + dot_stuff(data) + b".\r\n"
+
+        def sent(response: bytes) -> bytes:
+            log.info(
+                "pop3 {command} {uid} by {user}",
+                command=command, uid=message.uid, user=self.account.address,
+            )
+            return response
+
+        def missing(f: Any) -> Reply:
+            f.trap(OSError)
+            log.warn("pop3 cannot read {path}: {error}", path=str(message.path), error=str(f.value))
+            return "-ERR [SYS/TEMP] message no longer available"
+
+        return self.thread(build).addCallbacks(sent, missing)
+
+    def pop_DELE(self, arg: str) -> Reply:
+        found = self._message_arg(arg)
+        if isinstance(found, str):
+            return found
+        found[1].deleted = True
+        return f"+OK message {found[0]} marked for deletion at QUIT"
+
+    def pop_RSET(self, arg: str) -> Reply:
+        if self.mailbox is None:
+            return "-ERR not authenticated"
+        self.mailbox.undelete_all()
+        return f"+OK {len(self.mailbox.live())} messages"
+
+    def pop_NOOP(self, arg: str) -> Reply:
+        return "+OK" if self.mailbox is not None else "-ERR not authenticated"
+
+    def pop_STLS(self, arg: str) -> Reply:
+        return "-ERR TLS not available"
+
+    def pop_QUIT(self, arg: str) -> Deferred | None:
+        mailbox = self.mailbox
+        if mailbox is None:
+            self.close(f"+OK {self.factory.config.mailbox.hostname} POP3 Mailbox signing off")
+            return None
+
+        def done(removed: int) -> None:
+            log.info("pop3 {user} deleted {count} messages", user=self.account.address, count=removed)
+            mailbox.close()
+            self.mailbox = None
+            self.close(f"+OK {removed} messages deleted, signing off")
+
+        def failed(f: Any) -> None:
+            log.failure("pop3 deletion failed for {user}", f, user=self.account.address)
+            mailbox.close()
+            self.mailbox = None
+            self.close("-ERR [SYS/TEMP] some deleted messages were not removed")
+
+        return self.thread(mailbox.commit).addCallbacks(done, failed)
