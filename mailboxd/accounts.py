@@ -114,10 +114,16 @@ def parse_accounts(
             problems.append(Problem(path, number, "expected address:bcrypt-hash"))
         elif not hashed.strip().startswith(BCRYPT_PREFIXES) or len(hashed.strip()) != 60:
             problems.append(
-                Problem(path, number, f"{address_text.strip()}: the hash is not bcrypt ($2a$, $2b$ or $2y$)")
+                Problem(
+                    path,
+                    number,
+                    f"{address_text.strip()}: the hash is not bcrypt ($2a$, $2b$ or $2y$)",
+                )
             )
         elif not is_local(address.domain):
-            problems.append(Problem(path, number, f"{address}: {address.domain} is not a local domain"))
+            problems.append(
+                Problem(path, number, f"{address}: {address.domain} is not a local domain")
+            )
         elif address.key in hashes:
             problems.append(Problem(path, number, f"{address}: listed twice; the first line wins"))
         else:
@@ -152,7 +158,11 @@ def parse_aliases(
             elif not is_local(parsed.domain):
                 # Forwarding off the box needs the outbound queue.
                 problems.append(
-                    Problem(path, number, f"{target}: remote alias targets are not delivered yet; skipped")
+                    Problem(
+                        path,
+                        number,
+                        f"{target}: remote alias targets are not delivered yet; skipped",
+                    )
                 )
             else:
                 good.append(target)

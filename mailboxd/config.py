@@ -274,7 +274,9 @@ def parse(text: str, path: Path) -> Config:
             try:
                 values[key] = convert(raw)
             except _Invalid as e:
-                raise ConfigError(f"{path}: [{section}] {key} = {raw.strip()!r}: expected {e}") from None
+                raise ConfigError(
+                    f"{path}: [{section}] {key} = {raw.strip()!r}: expected {e}"
+                ) from None
         sections[section] = _SECTIONS[section](**values)
 
     config = Config(path=path, **sections)
@@ -297,7 +299,9 @@ def _check(config: Config) -> None:
                 f"{alias!r} is already a local domain"
             )
     if not m.domains:
-        raise ConfigError(f"{config.path}: [mailbox] domains is empty: expected at least one domain")
+        raise ConfigError(
+            f"{config.path}: [mailbox] domains is empty: expected at least one domain"
+        )
     t = config.tls
     if (t.certificate is None) != (t.private_key is None):
         raise ConfigError(

@@ -70,7 +70,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     u = sub.add_parser("user", help="add, change, delete and list accounts")
     uact = u.add_subparsers(dest="action", required=True)
-    for action, text in (("add", "add an account"), ("passwd", "change a password"), ("del", "delete an account")):
+    for action, text in (
+        ("add", "add an account"),
+        ("passwd", "change a password"),
+        ("del", "delete an account"),
+    ):
         a = uact.add_parser(action, help=text)
         a.add_argument("address", help="the full mail address, which is also the user name")
     uact.add_parser("list", help="list the accounts")

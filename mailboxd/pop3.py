@@ -215,7 +215,9 @@ class POP3Server(LineProtocol, TimeoutMixin):
             live = mailbox.live()
             log.info(
                 "pop3 login {user} from {client}: {count} messages",
-                user=self.account.address, client=self.peer_ip, count=len(live),
+                user=self.account.address,
+                client=self.peer_ip,
+                count=len(live),
             )
             return f"+OK {len(live)} messages ({sum(m.size for _, m in live)} octets)"
 
@@ -229,7 +231,9 @@ class POP3Server(LineProtocol, TimeoutMixin):
 
         def refused(f: Any) -> Reply:
             f.trap(UnauthorizedLogin)
-            log.info("pop3 login failed for {user} from {client}", user=username, client=self.peer_ip)
+            log.info(
+                "pop3 login failed for {user} from {client}", user=username, client=self.peer_ip
+            )
             return AUTH_FAILED
 
         return d.addCallbacks(authenticated, refused)
@@ -287,12 +291,16 @@ class POP3Server(LineProtocol, TimeoutMixin):
     def _send(self, message: Any, lines: int | None, command: str) -> Deferred:
         def build() -> bytes:
             data = read_message(message, lines)
-            return b"+OK " + str(message.size).encode() + b" octets\r\n" + dot_stuff(data) + b".\r\n"
+            return (
+                b"+OK " + str(message.size).encode() + b" octets\r\n" + dot_stuff(data) + b".\r\n"
+            )
 
         def sent(response: bytes) -> bytes:
             log.info(
                 "pop3 {command} {uid} by {user}",
-                command=command, uid=message.uid, user=self.account.address,
+                command=command,
+                uid=message.uid,
+                user=self.account.address,
             )
             return response
 
@@ -329,7 +337,9 @@ class POP3Server(LineProtocol, TimeoutMixin):
             return None
 
         def done(removed: int) -> None:
-            log.info("pop3 {user} deleted {count} messages", user=self.account.address, count=removed)
+            log.info(
+                "pop3 {user} deleted {count} messages", user=self.account.address, count=removed
+            )
             mailbox.close()
             self.mailbox = None
             self.close(f"+OK {removed} messages deleted, signing off")

@@ -38,7 +38,9 @@ class ListenerService(StreamServerEndpointService):
         try:
             super().privilegedStartService()
         except CannotListenError as e:
-            raise SystemExit(f"mailbox: cannot listen on {self.description}: {e.socketError}") from None
+            raise SystemExit(
+                f"mailbox: cannot listen on {self.description}: {e.socketError}"
+            ) from None
         log.info("{name} listening on {endpoint}", name=self.name, endpoint=self.description)
 
 
@@ -76,9 +78,7 @@ def build(config: Config, reactor: Any) -> MultiService:
     m = config.mailbox
     pool = ThreadPool(minthreads=1, maxthreads=8, name="mailbox")
     PoolService(pool).setServiceParent(top)
-    store = AccountStore(
-        m.accounts, m.aliases, m.domains, dict(m.domain_aliases), clock=reactor
-    )
+    store = AccountStore(m.accounts, m.aliases, m.domains, dict(m.domain_aliases), clock=reactor)
     AccountsService(store).setServiceParent(top)
     try:
         m.mail_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,8 @@ def build(config: Config, reactor: Any) -> MultiService:
     if not store.directory.hashes:
         log.warn(
             "no accounts yet: add one with 'mailboxctl --config {config} user add you@{domain}'",
-            config=str(config.path), domain=m.domains[0],
+            config=str(config.path),
+            domain=m.domains[0],
         )
 
     def directory() -> Any:
@@ -107,7 +108,9 @@ def build(config: Config, reactor: Any) -> MultiService:
     for i, desc in enumerate(config.smtp.listen):
         ListenerService(reactor, desc, smtp(Listener.MTA), f"smtp-{i}").setServiceParent(top)
     for i, desc in enumerate(config.smtp.submission):
-        ListenerService(reactor, desc, smtp(Listener.SUBMISSION), f"submission-{i}").setServiceParent(top)
+        ListenerService(
+            reactor, desc, smtp(Listener.SUBMISSION), f"submission-{i}"
+        ).setServiceParent(top)
     pop3 = POP3Factory(config, portal, reactor, reactor, pool)
     for i, desc in enumerate(config.pop3.listen):
         ListenerService(reactor, desc, pop3, f"pop3-{i}").setServiceParent(top)

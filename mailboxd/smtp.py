@@ -87,7 +87,9 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         self.errors = 0
         self.setTimeout(cfg.smtp.idle_timeout)
         log.info(
-            "smtp connection from {client}", client=self.peer_ip, listener=self.factory.listener.value
+            "smtp connection from {client}",
+            client=self.peer_ip,
+            listener=self.factory.listener.value,
         )
         self.reply((220, f"{self.hostname} ESMTP Mailbox"))
 
@@ -236,7 +238,9 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         if decision.verdict is Verdict.REJECT:
             log.info(
                 "smtp rcpt refused {rcpt} from {client}: {code}",
-                rcpt=str(rcpt), client=self.peer_ip, code=decision.code,
+                rcpt=str(rcpt),
+                client=self.peer_ip,
+                code=decision.code,
             )
             return (decision.code, decision.text)
         self.tx.recipients.append(rcpt)
@@ -296,7 +300,10 @@ class SMTPServer(LineProtocol, TimeoutMixin):
             return None
         if b"\r" in line or b"\n" in line:
             # A bare CR or LF never ends the message (SMTP smuggling); refuse it whole.
-            self.data_error = (550, "5.6.0 Error: message contains a bare CR or LF; lines must end in CRLF")
+            self.data_error = (
+                550,
+                "5.6.0 Error: message contains a bare CR or LF; lines must end in CRLF",
+            )
             return None
         if line.startswith(b"."):
             line = line[1:]
@@ -317,7 +324,11 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         if self.data_error is not None:
             message.discard()
             self.message = None
-            log.info("smtp message refused from {client}: {reason}", client=self.peer_ip, reason=self.data_error[1])
+            log.info(
+                "smtp message refused from {client}: {reason}",
+                client=self.peer_ip,
+                reason=self.data_error[1],
+            )
             return self.answer(self.data_error)
         accounts = tuple(tx.accounts.values())
         mail_dir = self.factory.config.mailbox.mail_dir
@@ -329,15 +340,19 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         def stored(paths: list[Path]) -> Reply:
             log.info(
                 "delivered {id} ({size} bytes) from <{sender}> to {recipients}",
-                id=message_id, size=message.size, sender=tx.sender,
-                recipients=[a.address for a in accounts], client=self.peer_ip,
+                id=message_id,
+                size=message.size,
+                sender=tx.sender,
+                recipients=[a.address for a in accounts],
+                client=self.peer_ip,
             )
             return (250, f"2.0.0 Ok: queued as {message_id}")
 
         def failed(f: Any) -> Reply:
             log.error(
                 "delivery of {id} failed, not acknowledged: {error}",
-                id=message_id, error=str(f.value),
+                id=message_id,
+                error=str(f.value),
             )
             return (451, "4.3.0 Error: could not store the message, try again later")
 

@@ -11,7 +11,12 @@ from .config import ConfigError, load
 class Options(usage.Options):
     synopsis = "[--config PATH]"
     optParameters = [
-        ["config", "c", "etc/mailbox.ini", "The INI config file (relative to the current directory)."],
+        [
+            "config",
+            "c",
+            "etc/mailbox.ini",
+            "The INI config file (relative to the current directory).",
+        ],
     ]
 
 

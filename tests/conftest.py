@@ -1,0 +1,159 @@
+"""Fixtures: a real `twistd -n mailbox` on free loopback ports, and client tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import bcrypt
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TWISTD = Path(sys.executable).parent / "twistd"
+MAILBOXCTL = Path(sys.executable).parent / "mailboxctl"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _hash(password: str) -> str:
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
+
+
+class MailServer:
+    """One appliance in its own home directory, run as a real twistd process."""
+
+    def __init__(self, home: Path, extra: str = "") -> None:
+        self.home = home
+        self.smtp_port = free_port()
+        self.submission_port = free_port()
+        self.pop3_port = free_port()
+        self.log_path = home / "twistd.log"
+        self.proc: subprocess.Popen | None = None
+        (home / "etc").mkdir(parents=True, exist_ok=True)
+        self.config = home / "etc" / "mailbox.ini"
+        self.config.write_text(
+            "[mailbox]\n"
+            "hostname = mail.example.test\n"
+            "domains = example.test other.test\n"
+            "domain_aliases = example.org=example.test\n"
+            "bcrypt_rounds = 4\n"
+            "[smtp]\n"
+            f"listen = tcp:{self.smtp_port}:interface=127.0.0.1\n"
+            f"submission = tcp:{self.submission_port}:interface=127.0.0.1\n"
+            "max_message_size = 1000000\n"
+            "[pop3]\n"
+            f"listen = tcp:{self.pop3_port}:interface=127.0.0.1\n" + extra
+        )
+        self.accounts = home / "etc" / "accounts"
+        self.aliases = home / "etc" / "aliases"
+        self.accounts.write_text("")
+        self.aliases.write_text("")
+        self.mail_dir = home / "mailbox"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT)  # the working tree, not a stale install
+        return env
+
+    def add_user(self, address: str, password: str) -> None:
+        with self.accounts.open("a") as f:
+            f.write(f"{address}:{_hash(password)}\n")
+
+    def start(self) -> MailServer:
+        self.log_file = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [str(TWISTD), "--nodaemon", "--pidfile=", "mailbox", "--config", "etc/mailbox.ini"],
+            cwd=self.home,
+            env=self.env(),
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        for port in (self.smtp_port, self.submission_port, self.pop3_port):
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"twistd exited {self.proc.returncode}:\n{self.log()}")
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"twistd did not listen on {port}:\n{self.log()}"
+                        ) from None
+                    time.sleep(0.05)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if hasattr(self, "log_file"):
+            self.log_file.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def maildir(self, address: str) -> Path:
+        local, domain = address.lower().split("@")
+        return self.mail_dir / domain / local
+
+    def messages(self, address: str) -> list[Path]:
+        d = self.maildir(address)
+        return sorted(
+            p for sub in ("new", "cur") if (d / sub).is_dir() for p in (d / sub).iterdir()
+        )
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    """A running server with alice@example.test (password 'alice pw')."""
+    s = MailServer(tmp_path)
+    s.add_user("alice@example.test", "alice pw")
+    s.add_user("bob@other.test", "bob pw")
+    s.start()
+    yield s
+    s.stop()
+    log = s.log()
+    assert "Traceback" not in log, log
+    assert "alice pw" not in log and "bob pw" not in log, "a password reached the log"
+
+
+@pytest.fixture
+def make_server(tmp_path: Path):
+    """Build (not start) servers with extra config; all are stopped afterwards."""
+    made: list[MailServer] = []
+
+    def make(extra: str = "", name: str = "s") -> MailServer:
+        s = MailServer(tmp_path / f"{name}{len(made)}", extra)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+def need(tool: str) -> str:
+    """The path of a Debian client; skip without it, unless CI=true (then fail)."""
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{tool} is not installed, and CI=true requires it")
+        pytest.skip(f"{tool} is not installed")
+    return path
