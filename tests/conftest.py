@@ -157,3 +157,78 @@ def need(tool: str) -> str:
             pytest.fail(f"{tool} is not installed, and CI=true requires it")
         pytest.skip(f"{tool} is not installed")
     return path
+
+
+# --- unit-test plumbing: protocols over StringTransport with a Clock ------------
+
+
+class SyncPool:
+    """A thread pool stand-in that runs work at once, or holds it when paused."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.held: list = []
+
+    def callInThreadWithCallback(self, onResult, f, *args, **kwargs) -> None:
+        def run() -> None:
+            try:
+                result = f(*args, **kwargs)
+            except BaseException:
+                from twisted.python.failure import Failure
+
+                onResult(False, Failure())
+            else:
+                onResult(True, result)
+
+        if self.paused:
+            self.held.append(run)
+        else:
+            run()
+
+    def release(self) -> None:
+        self.paused = False
+        while self.held:
+            self.held.pop(0)()
+
+
+class SyncReactor:
+    def callFromThread(self, f, *args, **kwargs) -> None:
+        f(*args, **kwargs)
+
+
+def unit_config(tmp_path: Path, extra: str = ""):
+    from mailboxd.config import parse
+
+    text = (
+        "[mailbox]\nhostname = mail.example.test\ndomains = example.test other.test\n"
+        "domain_aliases = example.org=example.test\n"
+        f"accounts = {tmp_path}/accounts\naliases = {tmp_path}/aliases\n"
+        f"mail_dir = {tmp_path}/mailbox\nbcrypt_rounds = 4\n"
+        "[smtp]\nmax_message_size = 10000\nmax_recipients = 5\n" + extra
+    )
+    return parse(text, tmp_path / "mailbox.ini")
+
+
+@pytest.fixture
+def unit(tmp_path: Path):
+    """Config, account store, clock and pool for protocol unit tests."""
+    from twisted.internet.task import Clock
+
+    from mailboxd.accounts import AccountStore
+
+    class Unit:
+        pass
+
+    u = Unit()
+    (tmp_path / "accounts").write_text(
+        f"alice@example.test:{_hash('alice pw')}\nbob@other.test:{_hash('bob pw')}\n"
+    )
+    (tmp_path / "aliases").write_text("info@example.test: alice@example.test, bob@other.test\n")
+    u.config = unit_config(tmp_path)
+    u.clock = Clock()
+    u.pool = SyncPool()
+    u.reactor = SyncReactor()
+    m = u.config.mailbox
+    u.store = AccountStore(m.accounts, m.aliases, m.domains, dict(m.domain_aliases), u.clock)
+    u.mail_dir = m.mail_dir
+    return u

@@ -1,0 +1,313 @@
+"""SMTP protocol unit tests over StringTransport and a Clock."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.testing import StringTransport
+
+from mailboxd.policy import Listener
+from mailboxd.smtp import SMTPFactory
+
+
+class Session:
+    def __init__(self, unit, listener: Listener = Listener.MTA) -> None:
+        self.unit = unit
+        factory = SMTPFactory(
+            unit.config, lambda: unit.store.directory, unit.clock, unit.reactor, unit.pool, listener
+        )
+        self.proto = factory.buildProtocol(None)
+        self.transport = StringTransport(peerAddress=_Peer("192.0.2.7"))
+        self.proto.makeConnection(self.transport)
+        self.greeting = self.take()
+
+    def send(self, data: bytes | str) -> list[str]:
+        if isinstance(data, str):
+            data = data.encode()
+        self.proto.dataReceived(data)
+        return self.take()
+
+    def take(self) -> list[str]:
+        out = self.transport.value().decode("utf-8", "replace")
+        self.transport.clear()
+        return [line for line in out.split("\r\n") if line]
+
+    def cmd(self, line: str) -> str:
+        replies = self.send(line + "\r\n")
+        return replies[-1] if replies else ""
+
+    def envelope(self, rcpt: str = "alice@example.test") -> None:
+        assert self.cmd("EHLO client.test").startswith("250 ")
+        assert self.cmd("MAIL FROM:<sender@far.test>") == "250 2.1.0 Ok"
+        assert self.cmd(f"RCPT TO:<{rcpt}>").startswith("250 ")
+
+    def delivered(self, address: str = "alice@example.test") -> list:
+        local, domain = address.split("@")
+        new = self.unit.mail_dir / domain / local / "new"
+        return sorted(new.iterdir()) if new.is_dir() else []
+
+
+class _Peer:
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.port = 40000
+
+
+@pytest.fixture
+def s(unit):
+    return Session(unit)
+
+
+def test_greeting_and_ehlo(s):
+    assert s.greeting == ["220 mail.example.test ESMTP Mailbox"]
+    replies = s.send("EHLO client.test\r\n")
+    assert replies[0].startswith("250-mail.example.test")
+    assert {"250-PIPELINING", "250-SIZE 10000", "250-8BITMIME", "250 ENHANCEDSTATUSCODES"} <= set(
+        replies
+    )
+    assert not any("AUTH" in r for r in replies)
+
+
+def test_helo_and_ehlo_need_an_argument(s):
+    assert s.cmd("EHLO").startswith("501 5.5.4")
+    assert s.cmd("HELO").startswith("501 5.5.4")
+    assert s.cmd("HELO client.test") == "250 mail.example.test"
+
+
+@pytest.mark.parametrize(
+    "line, reply",
+    [
+        ("FOO bar", "500 5.5.1"),
+        ("MAIL FROM:<a@far.test>", "503 5.5.1"),
+        ("RCPT TO:<alice@example.test>", "503 5.5.1"),
+        ("DATA", "503 5.5.1"),
+        ("AUTH", "502 5.5.1"),
+        ("AUTH PLAIN", "502 5.5.1"),
+        ("STARTTLS", "502 5.5.1"),
+        ("EXPN staff", "502 5.5.1"),
+        ("VRFY alice@example.test", "252 2.5.2"),
+        ("VRFY nobody@example.test", "252 2.5.2"),
+        ("NOOP", "250 2.0.0"),
+        ("RSET", "250 2.0.0"),
+        ("\x00\x01", "500 5.5.1"),
+    ],
+)
+def test_command_replies(s, line, reply):
+    assert s.cmd(line).startswith(reply + " ")
+
+
+def test_vrfy_does_not_tell_users_apart(s):
+    assert s.cmd("VRFY alice@example.test") == s.cmd("VRFY nobody@example.test")
+
+
+@pytest.mark.parametrize(
+    "line, reply",
+    [
+        ("MAIL FROM:", "501 5.5.4"),
+        ("MAIL TO:<a@far.test>", "501 5.5.4"),
+        ("MAIL FROM:<not an address>", "501 5.1.7"),
+        ("MAIL FROM:<a@>", "501 5.1.7"),
+        ("MAIL FROM:<a@far.test> SIZE=abc", "501 5.5.4"),
+        ("MAIL FROM:<a@far.test> SIZE=10001", "552 5.3.4"),
+        ("MAIL FROM:<a@far.test> BODY=BINARYMIME", "501 5.5.4"),
+        ("MAIL FROM:<a@far.test> FOO=1", "555 5.5.4"),
+        ("MAIL FROM:<a@far.test> SIZE=100 BODY=8BITMIME", "250 2.1.0"),
+        ("MAIL FROM:<>", "250 2.1.0"),
+        ("MAIL FROM: <a@far.test>", "250 2.1.0"),
+        ("mail from:a@far.test", "250 2.1.0"),
+    ],
+)
+def test_mail_from(s, line, reply):
+    s.cmd("EHLO client.test")
+    assert s.cmd(line).startswith(reply + " ")
+
+
+def test_nested_mail(s):
+    s.envelope()
+    assert s.cmd("MAIL FROM:<a@far.test>").startswith("503 5.5.1")
+
+
+@pytest.mark.parametrize(
+    "rcpt, reply",
+    [
+        ("alice@example.test", "250 2.1.5 Ok"),
+        ("ALICE@Example.TEST", "250 2.1.5 Ok"),
+        ("alice@example.org", "250 2.1.5 Ok"),
+        ("info@example.test", "250 2.1.5 Ok"),
+        ("Postmaster", "550 5.1.1 <postmaster@example.test>: Recipient address rejected: User unknown"),
+        ("nobody@example.test", "550 5.1.1 <nobody@example.test>: Recipient address rejected: User unknown"),
+        ("x@far.test", "554 5.7.1 <x@far.test>: Relay access denied"),
+        ("alice%far.test@example.test", "550 5.1.1 <alice%far.test@example.test>: Recipient address rejected: User unknown"),
+        ("@example.test:x@far.test", "554 5.7.1 <x@far.test>: Relay access denied"),
+        ("x@far.test@example.test", "501 5.1.3 <x@far.test@example.test>: Recipient address syntax error"),
+    ],
+)
+def test_rcpt_to(s, rcpt, reply):
+    s.cmd("EHLO client.test")
+    s.cmd("MAIL FROM:<a@far.test>")
+    assert s.cmd(f"RCPT TO:<{rcpt}>") == reply
+
+
+def test_submission_needs_authorisation(unit):
+    s = Session(unit, Listener.SUBMISSION)
+    s.cmd("EHLO client.test")
+    s.cmd("MAIL FROM:<a@far.test>")
+    assert s.cmd("RCPT TO:<alice@example.test>") == "530 5.7.0 Authentication required"
+
+
+def test_too_many_recipients(s):
+    s.cmd("EHLO client.test")
+    s.cmd("MAIL FROM:<a@far.test>")
+    for _ in range(5):
+        assert s.cmd("RCPT TO:<alice@example.test>").startswith("250")
+    assert s.cmd("RCPT TO:<alice@example.test>").startswith("452 4.5.3")
+
+
+def test_delivery_writes_headers_and_body(s):
+    s.envelope()
+    assert s.cmd("DATA").startswith("354 ")
+    replies = s.send("Subject: hi\r\n\r\n..dotted\r\nbody\r\n.\r\n")
+    assert replies[0].startswith("250 2.0.0 Ok: queued as ")
+    [path] = s.delivered()
+    text = path.read_bytes()
+    assert text.startswith(b"Return-Path: <sender@far.test>\nReceived: from client.test ([192.0.2.7])\n")
+    assert b"\tby mail.example.test (Mailbox) with ESMTP id " in text
+    assert b"\tfor <alice@example.test>;" in text
+    assert text.endswith(b"\nSubject: hi\n\n.dotted\nbody\n")
+    lines = text.count(b"\n")
+    assert path.name.endswith(f",S={len(text)},W={len(text) + lines}")
+    assert not list((s.unit.mail_dir / ".incoming").iterdir())
+
+
+def test_one_copy_per_account_through_aliases(s):
+    s.cmd("EHLO client.test")
+    s.cmd("MAIL FROM:<a@far.test>")
+    for rcpt in ("info@example.test", "alice@example.test", "bob@other.test"):
+        assert s.cmd(f"RCPT TO:<{rcpt}>").startswith("250")
+    s.cmd("DATA")
+    assert s.send("x\r\n.\r\n")[0].startswith("250")
+    assert len(s.delivered("alice@example.test")) == 1
+    assert len(s.delivered("bob@other.test")) == 1
+
+
+def test_250_waits_for_the_disk_and_pipelined_commands_wait_too(s):
+    s.envelope()
+    s.cmd("DATA")
+    s.unit.pool.paused = True
+    assert s.send("body\r\n.\r\nNOOP\r\nQUIT\r\n") == []
+    assert s.transport.producerState == "paused"
+    s.unit.pool.release()
+    replies = s.take()
+    assert replies[0].startswith("250 2.0.0 Ok: queued")
+    assert replies[1:] == ["250 2.0.0 Ok", "221 2.0.0 Bye"]
+    assert s.transport.disconnecting
+
+
+def test_storage_failure_is_a_temporary_error(s, monkeypatch):
+    import os
+
+    def broken(*args):
+        raise OSError(28, "No space left on device")
+
+    s.envelope()
+    s.cmd("DATA")
+    monkeypatch.setattr(os, "link", broken)
+    monkeypatch.setattr("mailboxd.maildir._copy_durably", broken)
+    assert s.send("body\r\n.\r\n") == ["451 4.3.0 Error: could not store the message, try again later"]
+    assert s.delivered() == []
+    assert s.cmd("NOOP") == "250 2.0.0 Ok"
+
+
+def test_message_over_the_size_limit(s):
+    s.envelope()
+    s.cmd("DATA")
+    replies = s.send(("x" * 99 + "\r\n") * 101 + ".\r\n")
+    assert replies == ["552 5.3.4 Message size exceeds fixed limit"]
+    assert s.delivered() == []
+    assert s.cmd("NOOP") == "250 2.0.0 Ok"
+
+
+def test_command_line_too_long_and_the_session_goes_on(s):
+    assert s.cmd("NOOP " + "x" * 600) == "500 5.5.2 Error: line too long"
+    assert s.cmd("NOOP") == "250 2.0.0 Ok"
+    # exactly 512 octets with CRLF is allowed
+    assert s.cmd("NOOP " + "x" * 505) == "250 2.0.0 Ok"
+
+
+def test_long_line_split_across_reads(s):
+    for _ in range(10):
+        s.proto.dataReceived(b"x" * 100)
+    assert s.send("\r\nNOOP\r\n") == ["500 5.5.2 Error: line too long", "250 2.0.0 Ok"]
+
+
+def test_text_line_too_long(s):
+    s.envelope()
+    s.cmd("DATA")
+    assert s.send("a" * 1001 + "\r\nok\r\n.\r\n") == ["500 5.5.2 Error: line too long"]
+    assert s.delivered() == []
+    assert s.cmd("NOOP") == "250 2.0.0 Ok"
+    s.envelope()
+    s.cmd("DATA")
+    assert s.send("a" * 998 + "\r\n.\r\n")[0].startswith("250 ")
+
+
+def test_too_many_errors_closes(s):
+    for _ in range(9):
+        assert s.cmd("BOGUS").startswith("500")
+    replies = s.send("BOGUS\r\n")
+    assert replies == ["500 5.5.1 Error: command not recognized", "421 4.7.0 mail.example.test Error: too many errors"]
+    assert s.transport.disconnecting
+    assert s.send("NOOP\r\n") == []
+
+
+def test_idle_timeout(s):
+    s.unit.clock.advance(299)
+    assert not s.transport.disconnecting
+    s.unit.clock.advance(2)
+    assert s.take() == ["421 4.4.2 mail.example.test Error: timeout exceeded"]
+    assert s.transport.disconnecting
+
+
+def test_disconnect_mid_data_leaves_nothing(s):
+    s.envelope()
+    s.cmd("DATA")
+    s.send("Subject: half\r\n\r\nhalf a message\r\n")
+    assert list((s.unit.mail_dir / ".incoming").iterdir())
+    s.proto.connectionLost(None)
+    assert not list((s.unit.mail_dir / ".incoming").iterdir())
+    assert s.delivered() == []
+
+
+# SMTP smuggling (SEC Consult, 2023, and the follow-ups): every end-of-data
+# sequence other than CRLF.CRLF, each followed by a smuggled transaction.
+SMUGGLED = b"MAIL FROM:<ceo@example.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n"
+VARIANTS = [
+    b"\n.\n",
+    b"\n.\r\n",
+    b"\r\n.\n",
+    b"\r.\r\n",
+    b"\r\n.\r",
+    b"\r.\r",
+    b"\n.\r",
+    b"\r.\n",
+    b"\r\n.\r\r\n",
+    b"\r\n\x00.\r\n",
+    b"\r\n.\x00\r\n",
+]
+
+
+@pytest.mark.parametrize("fake_end", VARIANTS, ids=[repr(v) for v in VARIANTS])
+def test_smuggling_variants_never_end_the_message(s, fake_end):
+    s.envelope()
+    s.cmd("DATA")
+    replies = s.send(b"Subject: first\r\n\r\nhello" + fake_end + SMUGGLED + b".\r\n")
+    # exactly one answer: the first message's; nothing smuggled ran as a command
+    assert len(replies) == 1, replies
+    delivered = s.delivered()
+    if b"\r" in fake_end.replace(b"\r\n", b"") or b"\n" in fake_end.replace(b"\r\n", b""):
+        assert replies[0].startswith("550 5.6.0"), replies
+        assert delivered == []
+    else:
+        assert replies[0].startswith("250 "), replies
+        [only] = delivered
+        assert b"Subject: smuggled" in only.read_bytes()  # inside the one message
+    assert s.cmd("NOOP") == "250 2.0.0 Ok"
