@@ -79,12 +79,15 @@ class LineProtocol(Protocol):
 
     def _wait(self, d: Deferred) -> None:
         self._busy = True
-        self.transport.pauseProducing()
+        paused = not self._closed
+        if paused:
+            self.transport.pauseProducing()
 
         def done(_: Any) -> None:
             self._busy = False
             if not self._closed:
-                self.transport.resumeProducing()
+                if paused:
+                    self.transport.resumeProducing()
                 self._process()
 
         def failed(f: Any) -> None:

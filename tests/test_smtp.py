@@ -133,12 +133,24 @@ def test_nested_mail(s):
         ("ALICE@Example.TEST", "250 2.1.5 Ok"),
         ("alice@example.org", "250 2.1.5 Ok"),
         ("info@example.test", "250 2.1.5 Ok"),
-        ("Postmaster", "550 5.1.1 <postmaster@example.test>: Recipient address rejected: User unknown"),
-        ("nobody@example.test", "550 5.1.1 <nobody@example.test>: Recipient address rejected: User unknown"),
+        (
+            "Postmaster",
+            "550 5.1.1 <postmaster@example.test>: Recipient address rejected: User unknown",
+        ),
+        (
+            "nobody@example.test",
+            "550 5.1.1 <nobody@example.test>: Recipient address rejected: User unknown",
+        ),
         ("x@far.test", "554 5.7.1 <x@far.test>: Relay access denied"),
-        ("alice%far.test@example.test", "550 5.1.1 <alice%far.test@example.test>: Recipient address rejected: User unknown"),
+        (
+            "alice%far.test@example.test",
+            "550 5.1.1 <alice%far.test@example.test>: Recipient address rejected: User unknown",
+        ),
         ("@example.test:x@far.test", "554 5.7.1 <x@far.test>: Relay access denied"),
-        ("x@far.test@example.test", "501 5.1.3 <x@far.test@example.test>: Recipient address syntax error"),
+        (
+            "x@far.test@example.test",
+            "501 5.1.3 <x@far.test@example.test>: Recipient address syntax error",
+        ),
     ],
 )
 def test_rcpt_to(s, rcpt, reply):
@@ -169,7 +181,9 @@ def test_delivery_writes_headers_and_body(s):
     assert replies[0].startswith("250 2.0.0 Ok: queued as ")
     [path] = s.delivered()
     text = path.read_bytes()
-    assert text.startswith(b"Return-Path: <sender@far.test>\nReceived: from client.test ([192.0.2.7])\n")
+    assert text.startswith(
+        b"Return-Path: <sender@far.test>\nReceived: from client.test ([192.0.2.7])\n"
+    )
     assert b"\tby mail.example.test (Mailbox) with ESMTP id " in text
     assert b"\tfor <alice@example.test>;" in text
     assert text.endswith(b"\nSubject: hi\n\n.dotted\nbody\n")
@@ -212,7 +226,9 @@ def test_storage_failure_is_a_temporary_error(s, monkeypatch):
     s.cmd("DATA")
     monkeypatch.setattr(os, "link", broken)
     monkeypatch.setattr("mailboxd.maildir._copy_durably", broken)
-    assert s.send("body\r\n.\r\n") == ["451 4.3.0 Error: could not store the message, try again later"]
+    assert s.send("body\r\n.\r\n") == [
+        "451 4.3.0 Error: could not store the message, try again later"
+    ]
     assert s.delivered() == []
     assert s.cmd("NOOP") == "250 2.0.0 Ok"
 
@@ -254,7 +270,10 @@ def test_too_many_errors_closes(s):
     for _ in range(9):
         assert s.cmd("BOGUS").startswith("500")
     replies = s.send("BOGUS\r\n")
-    assert replies == ["500 5.5.1 Error: command not recognized", "421 4.7.0 mail.example.test Error: too many errors"]
+    assert replies == [
+        "500 5.5.1 Error: command not recognized",
+        "421 4.7.0 mail.example.test Error: too many errors",
+    ]
     assert s.transport.disconnecting
     assert s.send("NOOP\r\n") == []
 
