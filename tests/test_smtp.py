@@ -330,3 +330,26 @@ def test_smuggling_variants_never_end_the_message(s, fake_end):
         [only] = delivered
         assert b"Subject: smuggled" in only.read_bytes()  # inside the one message
     assert s.cmd("NOOP") == "250 2.0.0 Ok"
+
+
+def test_250_only_after_file_and_directory_are_fsynced(s, monkeypatch):
+    import os
+    import stat
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        mode = os.fstat(fd).st_mode
+        synced.append("dir" if stat.S_ISDIR(mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    s.envelope()
+    s.cmd("DATA")
+    s.unit.pool.paused = True
+    assert s.send("body\r\n.\r\n") == []
+    assert synced == []
+    s.unit.pool.release()
+    assert s.take()[0].startswith("250 ")
+    assert synced == ["file", "dir"]
