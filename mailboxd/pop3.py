@@ -64,6 +64,10 @@ class POP3Factory(ServerFactory):
         return p
 
 
+def plural(count: int) -> str:
+    return f"{count} message" if count == 1 else f"{count} messages"
+
+
 def multiline(first: str, lines: list[str] | list[bytes]) -> bytes:
     body = b"".join((x if isinstance(x, bytes) else x.encode()) + b"\r\n" for x in lines)
     return first.encode() + b"\r\n" + body + b".\r\n"
@@ -219,7 +223,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
                 client=self.peer_ip,
                 count=len(live),
             )
-            return f"+OK {len(live)} messages ({sum(m.size for _, m in live)} octets)"
+            return f"+OK {plural(len(live))} ({sum(m.size for _, m in live)} octets)"
 
         def not_opened(f: Any) -> Reply:
             self.account = None
@@ -271,7 +275,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
             found = self._message_arg(arg)
             return found if isinstance(found, str) else "+OK " + entry(*found)
         live = self.mailbox.live()
-        return multiline(f"+OK {len(live)} messages", [entry(n, m) for n, m in live])
+        return multiline(f"+OK {plural(len(live))}", [entry(n, m) for n, m in live])
 
     def pop_RETR(self, arg: str) -> Reply | Deferred:
         found = self._message_arg(arg)
@@ -322,7 +326,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
         if self.mailbox is None:
             return "-ERR not authenticated"
         self.mailbox.undelete_all()
-        return f"+OK {len(self.mailbox.live())} messages"
+        return f"+OK {plural(len(self.mailbox.live()))}"
 
     def pop_NOOP(self, arg: str) -> Reply:
         return "+OK" if self.mailbox is not None else "-ERR not authenticated"
@@ -342,7 +346,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
             )
             mailbox.close()
             self.mailbox = None
-            self.close(f"+OK {removed} messages deleted, signing off")
+            self.close(f"+OK {plural(removed)} deleted, signing off")
 
         def failed(f: Any) -> None:
             log.failure("pop3 deletion failed for {user}", f, user=self.account.address)

@@ -195,7 +195,7 @@ def test_dele_only_at_quit(s):
     assert s.cmd("RETR 1") == "-ERR no such message"
     assert s.cmd("STAT").startswith("+OK 1 ")
     assert len(list((s.unit.mail_dir / "example.test/alice/new").iterdir())) == 2
-    assert s.cmd("QUIT") == "+OK 1 messages deleted, signing off"
+    assert s.cmd("QUIT") == "+OK 1 message deleted, signing off"
     assert len(list((s.unit.mail_dir / "example.test/alice/new").iterdir())) == 1
 
 
