@@ -68,9 +68,13 @@ class IncomingMessage:
     _file: BinaryIO = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        self.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = self.spool_dir / unique_name(self.hostname)
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except FileNotFoundError:  # first message, or the folder was removed
+            self.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path, flags, 0o600)
         self._file = os.fdopen(fd, "wb", buffering=65536)
 
     def write_line(self, line: bytes) -> None:
@@ -103,19 +107,26 @@ class IncomingMessage:
             self.discard()
 
     def _deliver_one(self, maildir: Path) -> Path:
-        ensure_maildir(maildir)
         name = unique_name(self.hostname)
         tmp = maildir / "tmp" / name
         try:
-            os.link(self.path, tmp)
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                raise
-            _copy_durably(self.path, tmp)
+            _link_or_copy(self.path, tmp)
+        except FileNotFoundError:  # a new account: its Maildir is made on first delivery
+            ensure_maildir(maildir)
+            _link_or_copy(self.path, tmp)
         final = maildir / "new" / f"{name},S={self.size},W={self.wire_size}"
         os.rename(tmp, final)
         fsync_dir(final.parent)
         return final
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        _copy_durably(source, target)
 
 
 def _copy_durably(source: Path, target: Path) -> None:
