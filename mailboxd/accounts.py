@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -51,6 +52,8 @@ class Directory:
     domain_aliases: dict[str, str]
     hashes: dict[str, bytes] = attrs.field(factory=dict)
     aliases: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
+    # The bcrypt cost most accounts use: unknown users are checked at that cost.
+    typical_cost: int | None = None
 
     def __repr__(self) -> str:  # never show hashes
         return f"<Directory {len(self.hashes)} accounts, {len(self.aliases)} aliases>"
@@ -63,6 +66,11 @@ class Directory:
         if canonical is None:
             return None
         return Address(address.local.lower(), canonical)
+
+    def canonical_key(self, address: Address) -> str:
+        """The comparison key of a local address (its domain made canonical)."""
+        c = self.canonical(address)
+        return address.key if c is None else c.key
 
     def is_local_domain(self, domain: str) -> bool:
         return domain in self.domains or domain in self.domain_aliases
@@ -80,28 +88,43 @@ class Directory:
     def resolve(self, address: Address) -> tuple[Account, ...]:
         """The local accounts mail for `address` goes to; empty if none."""
         found: dict[str, Account] = {}
-        self._resolve(address, found, 0)
+        self._resolve(address, found, set(), 0)
         return tuple(found.values())
 
-    def _resolve(self, address: Address, found: dict[str, Account], depth: int) -> None:
+    def _resolve(
+        self, address: Address, found: dict[str, Account], seen: set[str], depth: int
+    ) -> None:
         c = self.canonical(address)
-        if c is None or depth > MAX_ALIAS_DEPTH:
+        # `seen` keeps loops and fan-out linear; the depth cap bounds long chains.
+        if c is None or c.key in seen or depth > MAX_ALIAS_DEPTH:
             return
+        seen.add(c.key)
         if c.key in self.aliases:
             for target in self.aliases[c.key]:
                 parsed = parse_mailbox(target)
                 if parsed is not None:
-                    self._resolve(parsed, found, depth + 1)
+                    self._resolve(parsed, found, seen, depth + 1)
             return
         account = self.account(c)
         if account is not None:
             found.setdefault(account.address, account)
 
 
+def _plain_key(address: Address) -> str:
+    return address.key
+
+
 def parse_accounts(
-    text: str, path: Path, is_local: Callable[[str], bool]
+    text: str,
+    path: Path,
+    is_local: Callable[[str], bool],
+    key: Callable[[Address], str] = _plain_key,
 ) -> tuple[dict[str, bytes], list[Problem]]:
-    """Parse ``address:hash`` lines; bad lines become Problems, not failures."""
+    """Parse ``address:hash`` lines; bad lines become Problems, not failures.
+
+    `key` gives the form accounts are compared and stored in (the loader's
+    makes the domain canonical, so a domain alias cannot list one twice).
+    """
     hashes: dict[str, bytes] = {}
     problems = []
     for number, raw in enumerate(text.splitlines(), 1):
@@ -124,15 +147,18 @@ def parse_accounts(
             problems.append(
                 Problem(path, number, f"{address}: {address.domain} is not a local domain")
             )
-        elif address.key in hashes:
+        elif key(address) in hashes:
             problems.append(Problem(path, number, f"{address}: listed twice; the first line wins"))
         else:
-            hashes[address.key] = hashed.strip().encode("ascii")
+            hashes[key(address)] = hashed.strip().encode("ascii")
     return hashes, problems
 
 
 def parse_aliases(
-    text: str, path: Path, is_local: Callable[[str], bool]
+    text: str,
+    path: Path,
+    is_local: Callable[[str], bool],
+    key: Callable[[Address], str] = _plain_key,
 ) -> tuple[dict[str, tuple[str, ...]], list[Problem]]:
     """Parse ``alias@domain: target[, target ...]`` lines."""
     aliases: dict[str, tuple[str, ...]] = {}
@@ -167,7 +193,7 @@ def parse_aliases(
             else:
                 good.append(target)
         if good:
-            aliases[alias.key] = tuple(good)
+            aliases[key(alias)] = tuple(good)
     return aliases, problems
 
 
@@ -182,18 +208,12 @@ def load_directory(
     accounts: Path, aliases: Path, domains: tuple[str, ...], domain_aliases: dict[str, str]
 ) -> tuple[Directory, list[Problem]]:
     empty = Directory(domains=domains, domain_aliases=domain_aliases)
-    hashes, p1 = parse_accounts(_read(accounts), accounts, empty.is_local_domain)
-    alias_map, p2 = parse_aliases(_read(aliases), aliases, empty.is_local_domain)
-    # Alias keys use canonical domains so lookups after canonical() find them.
-    canonical_aliases = {}
-    for key, targets in alias_map.items():
-        c = empty.canonical(parse_mailbox(key))  # type: ignore[arg-type]
-        canonical_aliases[c.key] = targets  # type: ignore[union-attr]
-    canonical_hashes = {}
-    for key, h in hashes.items():
-        c = empty.canonical(parse_mailbox(key))  # type: ignore[arg-type]
-        canonical_hashes[c.key] = h  # type: ignore[union-attr]
-    return attrs.evolve(empty, hashes=canonical_hashes, aliases=canonical_aliases), p1 + p2
+    key = empty.canonical_key
+    hashes, p1 = parse_accounts(_read(accounts), accounts, empty.is_local_domain, key)
+    alias_map, p2 = parse_aliases(_read(aliases), aliases, empty.is_local_domain, key)
+    costs = Counter(int(h[4:6]) for h in hashes.values() if h[4:6].isdigit())
+    typical = costs.most_common(1)[0][0] if costs else None
+    return attrs.evolve(empty, hashes=hashes, aliases=alias_map, typical_cost=typical), p1 + p2
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
@@ -285,22 +305,33 @@ def write_atomically(path: Path, text: str, mode: int = 0o600) -> None:
         os.close(dir_fd)
 
 
-def _line_address(line: str) -> str | None:
+def _line_address(line: str, key: Callable[[Address], str] = _plain_key) -> str | None:
     stripped = line.strip()
     if not stripped or stripped.startswith("#") or ":" not in stripped:
         return None
     address = parse_mailbox(stripped.partition(":")[0].strip())
-    return None if address is None else address.key
+    return None if address is None else key(address)
 
 
-def set_hash(path: Path, address: Address, hashed: bytes, *, must_exist: bool) -> None:
-    """Add or replace the line for `address`, keeping every other line as is."""
+def set_hash(
+    path: Path,
+    address: Address,
+    hashed: bytes,
+    *,
+    must_exist: bool,
+    key: Callable[[Address], str] = _plain_key,
+) -> None:
+    """Add or replace the line for `address`, keeping every other line as is.
+
+    `key` compares addresses; give it the domain-alias-aware one so a line
+    written as user@alias-domain is found for user@canonical-domain.
+    """
     with locked(path):
         lines = _read(path).splitlines()
         new_line = f"{address.key}:{hashed.decode('ascii')}"
         found = False
         for i, line in enumerate(lines):
-            if _line_address(line) == address.key:
+            if _line_address(line, key) == key(address):
                 lines[i] = new_line
                 found = True
                 break
@@ -313,10 +344,10 @@ def set_hash(path: Path, address: Address, hashed: bytes, *, must_exist: bool) -
         write_atomically(path, "\n".join(lines) + "\n")
 
 
-def remove(path: Path, address: Address) -> None:
+def remove(path: Path, address: Address, key: Callable[[Address], str] = _plain_key) -> None:
     with locked(path):
         lines = _read(path).splitlines()
-        kept = [line for line in lines if _line_address(line) != address.key]
+        kept = [line for line in lines if _line_address(line, key) != key(address)]
         if len(kept) == len(lines):
             raise KeyError(address.key)
         write_atomically(path, "\n".join(kept) + "\n" if kept else "")

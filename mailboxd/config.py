@@ -125,7 +125,7 @@ def _networks(text: str) -> tuple[IPNetwork, ...]:
     return tuple(nets)
 
 
-def _count(minimum: int) -> Callable[[str], int]:
+def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text.strip())
@@ -133,6 +133,8 @@ def _count(minimum: int) -> Callable[[str], int]:
             raise _Invalid(f"a whole number, not {text.strip()!r}") from None
         if value < minimum:
             raise _Invalid(f"a whole number of at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise _Invalid(f"a whole number from {minimum} to {maximum}")
         return value
 
     return parse
@@ -199,7 +201,7 @@ SPEC: _Spec = {
         "aliases": ("etc/aliases", _path),
         "mail_dir": ("mailbox", _path),
         "trusted_networks": ("127.0.0.0/8 ::1/128", _networks),
-        "bcrypt_rounds": ("12", _count(4)),
+        "bcrypt_rounds": ("12", _count(4, 31)),
     },
     "smtp": {
         "listen": ("tcp:2525:interface=127.0.0.1", _endpoints),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+from collections.abc import Callable
 
 import bcrypt
 
@@ -26,6 +27,14 @@ def _address(config: Config, text: str) -> accounts.Address:
     return accounts.Address(address.local.lower(), domain)
 
 
+def _key(config: Config) -> Callable[[accounts.Address], str]:
+    def key(address: accounts.Address) -> str:
+        domain = config.canonical_domain(address.domain) or address.domain
+        return f"{address.local.lower()}@{domain}"
+
+    return key
+
+
 def _password() -> bytes:
     if sys.stdin.isatty():
         first = getpass.getpass("Password: ")
@@ -35,7 +44,10 @@ def _password() -> bytes:
         first = sys.stdin.readline().rstrip("\r\n")
     if not first:
         raise SystemExit("mailboxctl: empty password; nothing changed")
-    return first.encode("utf-8")
+    encoded = first.encode("utf-8")
+    if len(encoded) > 72:  # bcrypt uses only the first 72 bytes; bcrypt 5 refuses more
+        raise SystemExit("mailboxctl: the password is longer than 72 bytes; nothing changed")
+    return encoded
 
 
 def user(config: Config, args: argparse.Namespace) -> None:
@@ -47,14 +59,16 @@ def user(config: Config, args: argparse.Namespace) -> None:
     address = _address(config, args.address)
     if args.action == "del":
         try:
-            accounts.remove(path, address)
+            accounts.remove(path, address, _key(config))
         except KeyError:
             raise SystemExit(f"mailboxctl: no account {address.key} in {path}") from None
         print(f"deleted {address.key} (its mail stays in {config.mailbox.mail_dir})")
         return
     hashed = bcrypt.hashpw(_password(), bcrypt.gensalt(config.mailbox.bcrypt_rounds))
     try:
-        accounts.set_hash(path, address, hashed, must_exist=args.action == "passwd")
+        accounts.set_hash(
+            path, address, hashed, must_exist=args.action == "passwd", key=_key(config)
+        )
     except KeyError:
         raise SystemExit(f"mailboxctl: no account {address.key} in {path}") from None
     except FileExistsError:

@@ -40,18 +40,14 @@ class MailboxRealm:
         return IAccount, account, lambda: None
 
 
-def _dummy_hash(rounds: int) -> bytes:
-    return bcrypt.hashpw(b"no such account", bcrypt.gensalt(rounds))
-
-
 @implementer(ICredentialsChecker)
 @attrs.define
 class BcryptChecker:
     """Checks a username and password against the accounts' bcrypt hashes.
 
     bcrypt runs in `pool`, off the reactor thread. An unknown user is checked
-    against a dummy hash of the same cost, so the answer takes as long as for a
-    wrong password and timing does not tell which accounts exist.
+    against a dummy hash at the cost most accounts use, so the answer takes as
+    long as for a wrong password and timing does not tell which accounts exist.
     """
 
     directory: Callable[[], Directory]
@@ -59,7 +55,13 @@ class BcryptChecker:
     pool: ThreadPool
     rounds: int = 12
     credentialInterfaces = (credentials.IUsernamePassword,)
-    _dummy: bytes = attrs.field(init=False, repr=False, default=b"")
+    _dummies: dict[int, bytes] = attrs.field(init=False, repr=False, factory=dict)
+
+    def dummy_hash(self, cost: int) -> bytes:
+        """Runs in the pool: making a hash costs as much as checking one."""
+        if cost not in self._dummies:
+            self._dummies[cost] = bcrypt.hashpw(b"no such account", bcrypt.gensalt(cost))
+        return self._dummies[cost]
 
     def requestAvatarId(self, creds: credentials.IUsernamePassword) -> Deferred:
         username = _text(creds.username)
@@ -68,11 +70,10 @@ class BcryptChecker:
         directory = self.directory()
         hashed = None if address is None else directory.password_hash(address)
         account = None if address is None else directory.account(address)
-        if not self._dummy:
-            self._dummy = _dummy_hash(self.rounds)
-        target = hashed if hashed is not None else self._dummy
+        cost = directory.typical_cost or self.rounds
 
         def check() -> bool:
+            target = hashed if hashed is not None else self.dummy_hash(cost)
             try:
                 return bcrypt.checkpw(password, _normalise(target))
             except ValueError:

@@ -101,6 +101,9 @@ def build(config: Config, reactor: Any) -> MultiService:
 
     checker = BcryptChecker(directory, reactor, pool, rounds=m.bcrypt_rounds)
     portal = make_portal(MailboxRealm(directory), checker)
+    # Make the unknown-user hash before the first login needs it (see BcryptChecker).
+    cost = store.directory.typical_cost or m.bcrypt_rounds
+    reactor.callWhenRunning(pool.callInThread, checker.dummy_hash, cost)
 
     def smtp(listener: Listener) -> SMTPFactory:
         return SMTPFactory(config, directory, reactor, reactor, pool, listener)
