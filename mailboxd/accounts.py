@@ -110,6 +110,15 @@ class Directory:
             found.setdefault(account.address, account)
 
 
+def _entries(text: str) -> Iterator[tuple[int, str, str, str]]:
+    """(line number, name, ':' or '', rest) for each line that is not blank or a comment."""
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            name, sep, rest = line.partition(":")
+            yield number, name.strip(), sep, rest
+
+
 def _plain_key(address: Address) -> str:
     return address.key
 
@@ -127,12 +136,8 @@ def parse_accounts(
     """
     hashes: dict[str, bytes] = {}
     problems = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        address_text, sep, hashed = line.partition(":")
-        address = parse_mailbox(address_text.strip())
+    for number, address_text, sep, hashed in _entries(text):
+        address = parse_mailbox(address_text)
         if not sep or address is None:
             problems.append(Problem(path, number, "expected address:bcrypt-hash"))
         elif not hashed.strip().startswith(BCRYPT_PREFIXES) or len(hashed.strip()) != 60:
@@ -140,7 +145,7 @@ def parse_accounts(
                 Problem(
                     path,
                     number,
-                    f"{address_text.strip()}: the hash is not bcrypt ($2a$, $2b$ or $2y$)",
+                    f"{address_text}: the hash is not bcrypt ($2a$, $2b$ or $2y$)",
                 )
             )
         elif not is_local(address.domain):
@@ -163,12 +168,8 @@ def parse_aliases(
     """Parse ``alias@domain: target[, target ...]`` lines."""
     aliases: dict[str, tuple[str, ...]] = {}
     problems = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, sep, rest = line.partition(":")
-        alias = parse_mailbox(name.strip())
+    for number, name, sep, rest in _entries(text):
+        alias = parse_mailbox(name)
         targets = [t.strip() for t in rest.replace(",", " ").split()]
         if not sep or alias is None or not targets:
             problems.append(Problem(path, number, "expected alias@domain: target[, target ...]"))

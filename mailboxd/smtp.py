@@ -7,7 +7,7 @@ a multi-line reply.
 
 from __future__ import annotations
 
-import ipaddress
+import datetime
 import re
 import secrets
 from collections.abc import Callable
@@ -276,13 +276,10 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         return (354, "End data with <CR><LF>.<CR><LF>")
 
     def received_header(self) -> str:
+        """RFC 5321 §4.4 trace header; the client's address as a literal."""
         assert self.tx is not None
         ip = self.peer_ip
         literal = f"IPv6:{ip}" if ":" in ip else ip
-        try:
-            ipaddress.ip_address(ip)
-        except ValueError:
-            literal = ip
         proto = "ESMTP" if self.esmtp else "SMTP"
         rcpt = f"\n\tfor <{self.tx.recipients[0]}>" if len(self.tx.recipients) == 1 else ""
         now = format_datetime(_now(self.factory.clock))
@@ -409,7 +406,5 @@ def arg_safe(text: str) -> str:
     return "".join(c if 0x20 < ord(c) < 0x7F else "?" for c in text)[:255]
 
 
-def _now(clock: IReactorTime) -> Any:
-    import datetime
-
+def _now(clock: IReactorTime) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(clock.seconds()).astimezone()
