@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import ipaddress
 import sys
+import time
 from collections.abc import Callable
 
 import bcrypt
@@ -12,6 +14,7 @@ import bcrypt
 from . import accounts
 from .addresses import parse_mailbox
 from .config import Config, ConfigError, load
+from .state import SQLiteStateStore, StateError, normalise_ip, state_path
 
 
 def _address(config: Config, text: str) -> accounts.Address:
@@ -78,6 +81,50 @@ def user(config: Config, args: argparse.Namespace) -> None:
     print(f"{'added' if args.action == 'add' else 'changed password of'} {address.key}")
 
 
+def _state(config: Config) -> SQLiteStateStore:
+    try:
+        return SQLiteStateStore(state_path(config.mailbox.mail_dir))
+    except StateError as e:
+        raise SystemExit(f"mailboxctl: {e}") from None
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(seconds))
+
+
+def _ip(text: str) -> str:
+    try:
+        return normalise_ip(str(ipaddress.ip_address(text)))
+    except ValueError:
+        raise SystemExit(f"mailboxctl: {text!r} is not an IP address") from None
+
+
+def blocked(config: Config, args: argparse.Namespace) -> None:
+    store, now = _state(config), time.time()
+    if args.action == "list":
+        for b in store.blocks(now):
+            print(f"{b.ip}\tblocked since {_when(b.since)}\tuntil {_when(b.until)}")
+        return
+    ip = _ip(args.ip)
+    if not store.unblock(ip):
+        raise SystemExit(f"mailboxctl: {ip} is not blocked")
+    store.note(now, f"unblocked {ip}")
+    print(f"unblocked {ip}")
+
+
+def popauth(config: Config, args: argparse.Namespace) -> None:
+    store, now = _state(config), time.time()
+    if args.action == "list":
+        for a in store.popauths(now):
+            print(f"{a.ip}\tuntil {_when(a.expires)}\tdomains {' '.join(a.domains)}")
+        return
+    ip = _ip(args.ip)
+    if not store.revoke_popauth(ip):
+        raise SystemExit(f"mailboxctl: {ip} has no POP-before-SMTP authorisation")
+    store.note(now, f"revoked the POP-before-SMTP authorisation of {ip}")
+    print(f"revoked {ip}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mailboxctl", description=__doc__)
     p.add_argument("--config", default="etc/mailbox.ini", help="config file (default: %(default)s)")
@@ -92,6 +139,14 @@ def parser() -> argparse.ArgumentParser:
         a = uact.add_parser(action, help=text)
         a.add_argument("address", help="the full mail address, which is also the user name")
     uact.add_parser("list", help="list the accounts")
+    for command, verb, text in (
+        ("blocked", "unblock", "IPs blocked after too many failed logins"),
+        ("popauth", "revoke", "IPs authorised to relay by a POP3 login"),
+    ):
+        c = sub.add_parser(command, help=text)
+        cact = c.add_subparsers(dest="action", required=True)
+        cact.add_parser("list", help=f"list the {text}")
+        cact.add_parser(verb, help=f"{verb} one IP").add_argument("ip")
     return p
 
 
@@ -102,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         raise SystemExit(f"mailboxctl: {e}") from None
     try:
-        {"user": user}[args.command](config, args)
+        {"user": user, "blocked": blocked, "popauth": popauth}[args.command](config, args)
     except OSError as e:
         raise SystemExit(f"mailboxctl: {e.filename or ''}: {e.strerror}") from None
 

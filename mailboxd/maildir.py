@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -90,8 +91,14 @@ class IncomingMessage:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
-    def commit(self, mail_dir: Path, accounts: tuple[Account, ...]) -> list[Path]:
-        """Deliver to every account's Maildir; return when all copies are on disk.
+    def commit(
+        self,
+        mail_dir: Path,
+        accounts: tuple[Account, ...],
+        relay: Callable[[Path], object] | None = None,
+    ) -> list[Path]:
+        """Deliver to every account's Maildir, and hand the file to `relay`
+        (the outbound queue) if given; return when all copies are on disk.
 
         Blocking: call it in a thread pool.
         """
@@ -102,6 +109,8 @@ class IncomingMessage:
             delivered = []
             for account in accounts:
                 delivered.append(self._deliver_one(maildir_path(mail_dir, account)))
+            if relay is not None:
+                relay(self.path)
             return delivered
         finally:
             self.discard()
@@ -110,17 +119,17 @@ class IncomingMessage:
         name = unique_name(self.hostname)
         tmp = maildir / "tmp" / name
         try:
-            _link_or_copy(self.path, tmp)
+            link_or_copy(self.path, tmp)
         except FileNotFoundError:  # a new account: its Maildir is made on first delivery
             ensure_maildir(maildir)
-            _link_or_copy(self.path, tmp)
+            link_or_copy(self.path, tmp)
         final = maildir / "new" / f"{name},S={self.size},W={self.wire_size}"
         os.rename(tmp, final)
         fsync_dir(final.parent)
         return final
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
+def link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
     except OSError as e:

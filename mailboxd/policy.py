@@ -1,13 +1,20 @@
-"""Where a recipient's mail may go: a pure decision with its exact reply."""
+"""Who may send what where: pure decisions with their exact replies.
+
+Nothing here does I/O. The protocol gathers the facts about a client into a
+`Client` value and asks; the answer carries the reply to send.
+"""
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 
 import attrs
 
 from .accounts import Account, Directory
 from .addresses import Address
+from .config import IPNetwork
+from .state import normalise_ip
 
 
 class Listener(enum.Enum):
@@ -18,6 +25,7 @@ class Listener(enum.Enum):
 class Verdict(enum.Enum):
     LOCAL = "accept-local"
     RELAY = "accept-relay"
+    ACCEPT = "accept"  # a sender
     REJECT = "reject"
 
 
@@ -29,11 +37,37 @@ class Decision:
     accounts: tuple[Account, ...] = ()
 
 
-def decide_recipient(
-    listener: Listener, authorised: bool, directory: Directory, rcpt: Address
-) -> Decision:
+@attrs.frozen
+class Client:
+    """What the policy needs to know about an SMTP client."""
+
+    listener: Listener
+    ip: str
+    account: Account | None = None  # set once AUTH succeeded
+    pop_domains: tuple[str, ...] | None = None  # set while POP-before-SMTP authorises the IP
+    trusted_networks: tuple[IPNetwork, ...] = ()
+
+    @property
+    def trusted(self) -> bool:
+        return is_trusted(self.ip, self.trusted_networks)
+
+    @property
+    def authorised(self) -> bool:
+        """May this client relay: authenticated, POP-authorised or trusted."""
+        return self.account is not None or self.pop_domains is not None or self.trusted
+
+
+def is_trusted(ip: str, networks: tuple[IPNetwork, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(normalise_ip(ip))
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def decide(client: Client, directory: Directory, rcpt: Address) -> Decision:
     """Decide on RCPT TO by its parsed domain alone; a local part is never re-routed."""
-    if listener is Listener.SUBMISSION and not authorised:
+    if client.listener is Listener.SUBMISSION and not client.authorised:
         return Decision(Verdict.REJECT, 530, "5.7.0 Authentication required")
     if directory.is_local_domain(rcpt.domain):
         accounts = directory.resolve(rcpt)
@@ -42,6 +76,29 @@ def decide_recipient(
                 Verdict.REJECT, 550, f"5.1.1 <{rcpt}>: Recipient address rejected: User unknown"
             )
         return Decision(Verdict.LOCAL, 250, "2.1.5 Ok", accounts)
-    if not authorised:
+    if not client.authorised:
         return Decision(Verdict.REJECT, 554, f"5.7.1 <{rcpt}>: Relay access denied")
     return Decision(Verdict.RELAY, 250, "2.1.5 Ok")
+
+
+def decide_sender(
+    client: Client, directory: Directory, sender: Address | None, must_match: bool
+) -> Decision:
+    """Decide on MAIL FROM: an authorised sender may only use its own domains.
+
+    `sender` None is the null sender ``<>``, always allowed. Trusted networks
+    are exempt; unauthorised clients (the world sending mail in) may use any.
+    """
+    ok = Decision(Verdict.ACCEPT, 250, "2.1.0 Ok")
+    if sender is None or not must_match or client.trusted:
+        return ok
+    own: set[str] = set()
+    if client.account is not None:
+        own.add(client.account.domain)
+    own.update(client.pop_domains or ())
+    if not own:
+        return ok
+    canonical = directory.canonical(sender)
+    if canonical is not None and canonical.domain in own:
+        return ok
+    return Decision(Verdict.REJECT, 553, f"5.1.0 <{sender}> sender rejected")

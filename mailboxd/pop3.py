@@ -6,15 +6,11 @@ only bcrypt hashes; so the greeting carries no timestamp.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.threads import deferToThreadPool
@@ -22,9 +18,11 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.threadpool import ThreadPool
 
+from .auth import Authenticator, AuthResult, Outcome, SASLError, decode_plain
+from .guard import refusal
 from .lines import LineProtocol
 from .maildir import Mailbox, MailboxLocked, dot_stuff, maildir_path, read_message
-from .realm import login
+from .popauth import PopAuthRegistry
 
 log = Logger()
 
@@ -48,7 +46,8 @@ AUTH_FAILED = "-ERR [AUTH] Authentication failed"
 @attrs.define(repr=False)
 class POP3Factory(ServerFactory):
     config: Any
-    portal: Portal
+    auth: Authenticator
+    popauth: PopAuthRegistry
     clock: IReactorTime
     reactor: Any
     pool: ThreadPool
@@ -86,6 +85,10 @@ class POP3Server(LineProtocol, TimeoutMixin):
         self.sasl: Callable[[str], Any] | None = None
         self.setTimeout(self.factory.config.pop3.idle_timeout)
         log.info("pop3 connection from {client}", client=self.peer_ip)
+        if self.factory.auth.guard.blocked(self.peer_ip):
+            log.info("pop3 refused blocked {client}", client=self.peer_ip)
+            self.close("-ERR [SYS/TEMP] " + refusal(self.peer_ip))
+            return
         self.sendLine(f"+OK {self.factory.config.mailbox.hostname} POP3 Mailbox ready")
 
     # --- plumbing -----------------------------------------------------------
@@ -122,6 +125,10 @@ class POP3Server(LineProtocol, TimeoutMixin):
         if self.mailbox is not None:
             self.mailbox.close()  # nothing marked deleted is removed
             self.mailbox = None
+        if self.account is not None:
+            # The end of an authenticated session refreshes POP-before-SMTP.
+            self.factory.popauth.authorise(self.peer_ip, self.account.domain)
+            self.account = None
         log.info("pop3 disconnect from {client}", client=self.peer_ip)
 
     def lineTooLong(self) -> None:
@@ -189,38 +196,40 @@ class POP3Server(LineProtocol, TimeoutMixin):
     def auth_plain(self, response: str) -> Reply | Deferred:
         if response == "*":
             return "-ERR authentication cancelled"
-        if response == "=":
-            response = ""
         try:
-            decoded = base64.b64decode(response, validate=True)
-        except (binascii.Error, ValueError):
-            return "-ERR invalid base64 in AUTH PLAIN"
-        parts = decoded.split(b"\0")
-        if len(parts) != 3:
-            return "-ERR malformed AUTH PLAIN response"
-        authzid, authcid, password = parts
-        if authzid and authzid != authcid:
-            return AUTH_FAILED
-        return self.authenticate(authcid.decode("utf-8", "replace"), password)
+            username, password = decode_plain(response)
+        except SASLError as e:
+            return f"-ERR {e}"
+        except PermissionError as e:
+            return self.auth_result(self.factory.auth.refuse("pop3", self.peer_ip, "?", str(e)))
+        return self.authenticate(username, password)
 
     def authenticate(self, username: str, password: bytes) -> Deferred:
-        d = ensureDeferred(login(self.factory.portal, username, password))
+        d = self.factory.auth.login("pop3", self.peer_ip, username, password)
+        return d.addCallback(self.auth_result)
 
-        def authenticated(account: Any) -> Deferred:
-            self.account = account
-            path = maildir_path(self.factory.config.mailbox.mail_dir, account)
-            return self.thread(Mailbox.open, path).addCallbacks(opened, not_opened)
+    def auth_result(self, result: AuthResult) -> Reply | Deferred | None:
+        if result.outcome is Outcome.BUSY:
+            return "-ERR [SYS/TEMP] too many logins in progress from your address, try again later"
+        if result.outcome is Outcome.BLOCKED:
+            self.close("-ERR [AUTH] Authentication failed. " + refusal(self.peer_ip))
+            return None
+        if result.outcome is Outcome.FAILED:
+            return AUTH_FAILED
+        account = result.account
+        self.account = account
+        self.factory.popauth.authorise(self.peer_ip, account.domain)
+        path = maildir_path(self.factory.config.mailbox.mail_dir, account)
 
-        def opened(mailbox: Mailbox) -> Reply:
+        def opened(mailbox: Mailbox) -> Reply | None:
             if self._closed:
                 mailbox.close()
                 return None
             self.mailbox = mailbox
             live = mailbox.live()
             log.info(
-                "pop3 login {user} from {client}: {count} messages",
-                user=self.account.address,
-                client=self.peer_ip,
+                "pop3 {user} opened {count} messages",
+                user=account.address,
                 count=len(live),
             )
             return f"+OK {plural(len(live))} ({sum(m.size for _, m in live)} octets)"
@@ -228,19 +237,12 @@ class POP3Server(LineProtocol, TimeoutMixin):
         def not_opened(f: Any) -> Reply:
             self.account = None
             if f.check(MailboxLocked):
-                log.info("pop3 mailbox in use for {user}", user=username)
+                log.info("pop3 mailbox in use for {user}", user=account.address)
                 return "-ERR [IN-USE] Mailbox is locked by another session"
-            log.failure("pop3 cannot open mailbox for {user}", f, user=username)
+            log.failure("pop3 cannot open mailbox for {user}", f, user=account.address)
             return "-ERR [SYS/TEMP] mailbox unavailable, try again later"
 
-        def refused(f: Any) -> Reply:
-            f.trap(UnauthorizedLogin)
-            log.info(
-                "pop3 login failed for {user} from {client}", user=username, client=self.peer_ip
-            )
-            return AUTH_FAILED
-
-        return d.addCallbacks(authenticated, refused)
+        return self.thread(Mailbox.open, path).addCallbacks(opened, not_opened)
 
     # --- TRANSACTION state ---------------------------------------------------
 

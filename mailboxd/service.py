@@ -10,16 +10,22 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import ServerFactory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from .accounts import AccountStore
+from .auth import Authenticator
 from .config import Config
+from .guard import Guard
 from .maildir import clean_spool
 from .policy import Listener
 from .pop3 import POP3Factory
+from .popauth import PopAuthRegistry
+from .queue import queue_dir, remove_unacknowledged
 from .realm import BcryptChecker, MailboxRealm, make_portal
 from .smtp import SMTPFactory
+from .state import SQLiteStateStore, StateError, state_path
 
 log = Logger()
 
@@ -72,24 +78,75 @@ class AccountsService(Service):
         self.store.stop()
 
 
-def build(config: Config, reactor: Any) -> MultiService:
-    """The whole appliance: thread pool, accounts, and one service per endpoint."""
-    top = MultiService()
-    m = config.mailbox
-    pool = ThreadPool(minthreads=1, maxthreads=8, name="mailbox")
-    PoolService(pool).setServiceParent(top)
-    store = AccountStore(m.accounts, m.aliases, m.domains, dict(m.domain_aliases), clock=reactor)
-    AccountsService(store).setServiceParent(top)
+@attrs.define(eq=False)
+class StateService(Service):
+    """Logs what mailboxctl changed in the state store, and prunes what expired."""
+
+    store: SQLiteStateStore
+    clock: Any
+    failure_window: int
+    interval: float = 2.0
+    prune_every: int = 30  # intervals
+    _loop: LoopingCall | None = None
+    _last_event: int = 0
+    _ticks: int = 0
+
+    def tick(self) -> None:
+        try:
+            for event_id, _at, what in self.store.events_after(self._last_event):
+                self._last_event = event_id
+                log.info("state changed by mailboxctl: {what}", what=what)
+            self._ticks += 1
+            if self._ticks % self.prune_every == 1:
+                self.store.prune(self.clock.seconds(), self.failure_window)
+        except StateError as e:
+            log.error("state store: {error}", error=str(e))
+
+    def startService(self) -> None:
+        super().startService()
+        events = self.store.events_after(0)
+        self._last_event = events[-1][0] if events else 0
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=True)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self.store.close()
+
+
+def _prepare_mail_dir(config: Config) -> None:
+    """Create the mail store and drop what a crash left unacknowledged."""
+    mail_dir = config.mailbox.mail_dir
     try:
-        m.mail_dir.mkdir(parents=True, exist_ok=True)
-        stale = clean_spool(m.mail_dir / ".incoming")
+        mail_dir.mkdir(parents=True, exist_ok=True)
+        stale = clean_spool(mail_dir / ".incoming") + remove_unacknowledged(queue_dir(mail_dir))
     except OSError as e:
         raise SystemExit(
-            f"mailbox: {config.path}: [mailbox] mail_dir = '{m.mail_dir}': cannot use it: {e.strerror}"
+            f"mailbox: {config.path}: [mailbox] mail_dir = '{mail_dir}': cannot use it: {e.strerror}"
         ) from None
     if stale:
         log.info("removed {count} unacknowledged spool files left by a crash", count=stale)
-    if not store.directory.hashes:
+
+
+def build(config: Config, reactor: Any) -> MultiService:
+    """The whole appliance: thread pool, state, accounts, and one service per endpoint."""
+    top = MultiService()
+    m = config.mailbox
+    _prepare_mail_dir(config)
+    try:
+        state = SQLiteStateStore(state_path(m.mail_dir))
+    except StateError as e:
+        raise SystemExit(f"mailbox: {e}; move it aside to start afresh (blocks are lost)") from None
+
+    pool = ThreadPool(minthreads=1, maxthreads=8, name="mailbox")
+    PoolService(pool).setServiceParent(top)
+    accounts = AccountStore(m.accounts, m.aliases, m.domains, dict(m.domain_aliases), clock=reactor)
+    AccountsService(accounts).setServiceParent(top)
+    StateService(state, reactor, config.limits.auth_failure_window).setServiceParent(top)
+    if not accounts.directory.hashes:
         log.warn(
             "no accounts yet: add one with 'mailboxctl --config {config} user add you@{domain}'",
             config=str(config.path),
@@ -97,16 +154,19 @@ def build(config: Config, reactor: Any) -> MultiService:
         )
 
     def directory() -> Any:
-        return store.directory
+        return accounts.directory
 
     checker = BcryptChecker(directory, reactor, pool, rounds=m.bcrypt_rounds)
-    portal = make_portal(MailboxRealm(directory), checker)
+    auth = Authenticator(
+        make_portal(MailboxRealm(directory), checker), Guard(state, reactor, config.limits)
+    )
+    popauth = PopAuthRegistry(state, reactor, config.relay.pop_before_smtp_ttl)
     # Make the unknown-user hash before the first login needs it (see BcryptChecker).
-    cost = store.directory.typical_cost or m.bcrypt_rounds
+    cost = accounts.directory.typical_cost or m.bcrypt_rounds
     reactor.callWhenRunning(pool.callInThread, checker.dummy_hash, cost)
 
     def smtp(listener: Listener) -> SMTPFactory:
-        return SMTPFactory(config, directory, reactor, reactor, pool, listener)
+        return SMTPFactory(config, directory, reactor, reactor, pool, auth, popauth, listener)
 
     for i, desc in enumerate(config.smtp.listen):
         ListenerService(reactor, desc, smtp(Listener.MTA), f"smtp-{i}").setServiceParent(top)
@@ -114,7 +174,7 @@ def build(config: Config, reactor: Any) -> MultiService:
         ListenerService(
             reactor, desc, smtp(Listener.SUBMISSION), f"submission-{i}"
         ).setServiceParent(top)
-    pop3 = POP3Factory(config, portal, reactor, reactor, pool)
+    pop3 = POP3Factory(config, auth, popauth, reactor, reactor, pool)
     for i, desc in enumerate(config.pop3.listen):
         ListenerService(reactor, desc, pop3, f"pop3-{i}").setServiceParent(top)
     return top

@@ -26,16 +26,21 @@ from twisted.python.threadpool import ThreadPool
 
 from .accounts import Account, Directory
 from .addresses import Address, parse_mailbox
+from .auth import Authenticator, AuthResult, Outcome, SASLError, b64decode, decode_plain
 from .config import Config
+from .guard import refusal
 from .lines import LineProtocol
 from .maildir import IncomingMessage
-from .policy import Listener, Verdict, decide_recipient
+from .policy import Client, Listener, Verdict, decide, decide_sender
+from .popauth import PopAuthRegistry
+from .queue import Envelope, enqueue, queue_dir
 
 log = Logger()
 
 Reply = tuple[int, str]
 
 COMMAND_LINE_MAX = 512  # RFC 5321 §4.5.3.1.4, CRLF included
+SASL_LINE_MAX = 12288  # RFC 4954 §4
 TEXT_LINE_MAX = 1000  # RFC 5321 §4.5.3.1.6, CRLF included
 
 _PATH = re.compile(r"^(FROM|TO):\s*(<[^<>]*>|[^\s<>]+)(?:\s+(.*))?$", re.IGNORECASE)
@@ -49,12 +54,14 @@ class SMTPFactory(ServerFactory):
     clock: IReactorTime
     reactor: Any
     pool: ThreadPool
+    auth: Authenticator
+    popauth: PopAuthRegistry
     listener: Listener = Listener.MTA
 
     noisy = False  # the connection log lines say more
 
     def __repr__(self) -> str:
-        return "<SMTPFactory>"
+        return f"<SMTPFactory {self.listener.value}>"
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
         p = SMTPServer()
@@ -66,7 +73,8 @@ class SMTPFactory(ServerFactory):
 class Transaction:
     sender: str  # '' for the null sender
     recipients: list[Address] = attrs.field(factory=list)
-    accounts: dict[str, Account] = attrs.field(factory=dict)
+    accounts: dict[str, Account] = attrs.field(factory=dict)  # local deliveries
+    relay: dict[str, str] = attrs.field(factory=dict)  # key -> address, for the queue
 
 
 class SMTPServer(LineProtocol, TimeoutMixin):
@@ -85,13 +93,28 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         self.message: IncomingMessage | None = None
         self.data_error: Reply | None = None
         self.errors = 0
+        self.account: Account | None = None
+        self.sasl: Callable[[str], Reply | Deferred] | None = None
         self.setTimeout(cfg.smtp.idle_timeout)
         log.info(
             "smtp connection from {client}",
             client=self.peer_ip,
             listener=self.factory.listener.value,
         )
+        if self.factory.auth.guard.blocked(self.peer_ip):
+            log.info("smtp refused blocked {client}", client=self.peer_ip)
+            self.close((554, "5.7.1 " + refusal(self.peer_ip)))
+            return
         self.reply((220, f"{self.hostname} ESMTP Mailbox"))
+
+    def client(self) -> Client:
+        return Client(
+            listener=self.factory.listener,
+            ip=self.peer_ip,
+            account=self.account,
+            pop_domains=self.factory.popauth.domains(self.peer_ip),
+            trusted_networks=self.factory.config.mailbox.trusted_networks,
+        )
 
     # --- plumbing -----------------------------------------------------------
 
@@ -145,6 +168,10 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         if self.message is not None:
             self.data_error = self.data_error or (500, "5.5.2 Error: line too long")
             return None
+        if self.sasl is not None:
+            self.sasl = None
+            self.max_line = COMMAND_LINE_MAX
+            return self.answer((500, "5.5.6 Authentication exchange line is too long"))
         return self.answer((500, "5.5.2 Error: line too long"))
 
     def lineReceived(self, line: bytes) -> Deferred | None:
@@ -152,6 +179,12 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         if self.message is not None:
             return self.data_line(line)
         text = line.decode("latin-1")
+        if self.sasl is not None:
+            step, self.sasl = self.sasl, None
+            self.max_line = COMMAND_LINE_MAX
+            if text.strip() == "*":
+                return self.answer((501, "5.7.0 Authentication aborted"))
+            return self.answer(step(text.strip()))
         verb, _, arg = text.partition(" ")
         handler = getattr(self, f"smtp_{verb.upper()}", None) if verb.isalpha() else None
         if handler is None:
@@ -173,7 +206,12 @@ class SMTPServer(LineProtocol, TimeoutMixin):
             f"SIZE {self.factory.config.smtp.max_message_size}",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
-        ]
+        ] + (
+            []
+            if self.factory.config.smtp.require_tls_for_auth
+            # AUTH= too: Outlook Express and other old clients look only for that form.
+            else ["AUTH PLAIN LOGIN", "AUTH=PLAIN LOGIN"]
+        )
 
     def smtp_HELO(self, arg: str) -> Reply:
         if not arg:
@@ -193,15 +231,26 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         problem = self.check_mail_params(params)
         if problem:
             return problem
-        if path == "":
-            sender = ""
-        else:
+        address = None
+        if path != "":
             address = parse_mailbox(path)
             if address is None:
                 return (501, f"5.1.7 <{arg_safe(path)}>: Sender address syntax error")
-            sender = str(address)
-        self.tx = Transaction(sender)
-        return (250, "2.1.0 Ok")
+        decision = decide_sender(
+            self.client(),
+            self.factory.directory(),
+            address,
+            self.factory.config.relay.sender_must_match_login,
+        )
+        if decision.verdict is Verdict.REJECT:
+            log.info(
+                "smtp sender refused {sender} from {client}",
+                sender=str(address),
+                client=self.peer_ip,
+            )
+            return (decision.code, decision.text)
+        self.tx = Transaction("" if address is None else str(address))
+        return (decision.code, decision.text)
 
     def check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
         limit = self.factory.config.smtp.max_message_size
@@ -234,7 +283,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
             return (501, f"5.1.3 <{arg_safe(path)}>: Recipient address syntax error")
         if len(self.tx.recipients) >= self.factory.config.smtp.max_recipients:
             return (452, "4.5.3 Error: too many recipients")
-        decision = decide_recipient(self.factory.listener, False, self.factory.directory(), rcpt)
+        decision = decide(self.client(), self.factory.directory(), rcpt)
         if decision.verdict is Verdict.REJECT:
             log.info(
                 "smtp rcpt refused {rcpt} from {client}: {code}",
@@ -246,6 +295,8 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         self.tx.recipients.append(rcpt)
         for account in decision.accounts:
             self.tx.accounts.setdefault(account.address, account)
+        if decision.verdict is Verdict.RELAY:
+            self.tx.relay.setdefault(rcpt.key, str(rcpt))
         return (decision.code, decision.text)
 
     def smtp_DATA(self, arg: str) -> Reply:
@@ -260,6 +311,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
             self.message = IncomingMessage(mail_dir / ".incoming", self.hostname)
             self.message_id = secrets.token_hex(6).upper()
             self.message.write_line(f"Return-Path: <{self.tx.sender}>".encode())
+            self.return_path_size = self.message.size
             for line in self.received_header().split("\n"):
                 self.message.write_line(line.encode())
             self.header_size = self.message.wire_size
@@ -280,7 +332,8 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         assert self.tx is not None
         ip = self.peer_ip
         literal = f"IPv6:{ip}" if ":" in ip else ip
-        proto = "ESMTP" if self.esmtp else "SMTP"
+        # RFC 3848: ESMTPA marks an authenticated session.
+        proto = ("ESMTPA" if self.account else "ESMTP") if self.esmtp else "SMTP"
         rcpt = f"\n\tfor <{self.tx.recipients[0]}>" if len(self.tx.recipients) == 1 else ""
         now = format_datetime(_now(self.factory.clock))
         return (
@@ -330,17 +383,34 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         accounts = tuple(tx.accounts.values())
         mail_dir = self.factory.config.mailbox.mail_dir
         message_id = self.message_id
+        relay = None
+        if tx.relay:
+            envelope = Envelope(
+                id=message_id,
+                sender=tx.sender,
+                recipients=tuple(tx.relay.values()),
+                offset=self.return_path_size,
+                received=self.factory.clock.seconds(),
+                client=self.peer_ip,
+                account=self.account.address if self.account else None,
+            )
+
+            def relay(path: Path) -> None:
+                enqueue(queue_dir(mail_dir), path, envelope)
+
         d = deferToThreadPool(
-            self.factory.reactor, self.factory.pool, message.commit, mail_dir, accounts
+            self.factory.reactor, self.factory.pool, message.commit, mail_dir, accounts, relay
         )
 
         def stored(paths: list[Path]) -> Reply:
             log.info(
-                "delivered {id} ({size} bytes) from <{sender}> to {recipients}",
+                "accepted {id} ({size} bytes) from <{sender}>: delivered to {recipients}, "
+                "queued for {relayed}",
                 id=message_id,
                 size=message.size,
                 sender=tx.sender,
                 recipients=[a.address for a in accounts],
+                relayed=list(tx.relay.values()),
                 client=self.peer_ip,
             )
             return (250, f"2.0.0 Ok: queued as {message_id}")
@@ -377,8 +447,74 @@ class SMTPServer(LineProtocol, TimeoutMixin):
     def smtp_QUIT(self, arg: str) -> None:
         self.close((221, "2.0.0 Bye"))
 
-    def smtp_AUTH(self, arg: str) -> Reply:
-        return (502, "5.5.1 Error: authentication not enabled")
+    # --- AUTH (RFC 4954): PLAIN (RFC 4616) and LOGIN -------------------------
+
+    def smtp_AUTH(self, arg: str) -> Reply | Deferred:
+        if self.factory.config.smtp.require_tls_for_auth:
+            return (538, "5.7.11 Encryption required for requested authentication mechanism")
+        if not self.esmtp:
+            return (503, "5.5.1 Error: send EHLO first")
+        if self.account is not None:
+            return (503, "5.5.1 Error: already authenticated")
+        if self.tx is not None:
+            return (503, "5.5.1 Error: MAIL transaction in progress")
+        mechanism, _, initial = arg.partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip()
+        if not mechanism:
+            return (501, "5.5.4 Syntax: AUTH mechanism [initial-response]")
+        if mechanism == "PLAIN":
+            return self.auth_plain(initial) if initial else self.ask(self.auth_plain, "")
+        if mechanism == "LOGIN":
+            if initial:
+                return self.login_username(initial)
+            return self.ask(self.login_username, "VXNlcm5hbWU6")  # "Username:"
+        return (504, "5.5.4 Unrecognized authentication type")
+
+    def ask(self, step: Callable[[str], Reply | Deferred], challenge: str) -> Reply:
+        self.sasl = step
+        self.max_line = SASL_LINE_MAX
+        return (334, challenge)
+
+    def auth_plain(self, response: str) -> Reply | Deferred:
+        try:
+            username, password = decode_plain(response)
+        except SASLError as e:
+            return (501, f"5.5.2 {e}")
+        except PermissionError as e:
+            result = self.factory.auth.refuse("smtp", self.peer_ip, "?", str(e))
+            return self.auth_result(result)
+        return self.authenticate(username, password)
+
+    def login_username(self, response: str) -> Reply | Deferred:
+        try:
+            username = b64decode(response).decode("utf-8", "replace")
+        except SASLError as e:
+            return (501, f"5.5.2 {e}")
+
+        def password_step(answer: str) -> Reply | Deferred:
+            try:
+                password = b64decode(answer)
+            except SASLError as e:
+                return (501, f"5.5.2 {e}")
+            return self.authenticate(username, password)
+
+        return self.ask(password_step, "UGFzc3dvcmQ6")  # "Password:"
+
+    def authenticate(self, username: str, password: bytes) -> Deferred:
+        d = self.factory.auth.login("smtp", self.peer_ip, username, password)
+        return d.addCallback(self.auth_result)
+
+    def auth_result(self, result: AuthResult) -> Reply | None:
+        if result.outcome is Outcome.OK:
+            self.account = result.account
+            return (235, "2.7.0 Authentication successful")
+        if result.outcome is Outcome.BUSY:
+            return (454, "4.7.0 Temporary authentication failure, try again later")
+        if result.outcome is Outcome.BLOCKED:
+            self.reply((535, "5.7.8 Authentication credentials invalid"))
+            self.close((421, "4.7.1 " + refusal(self.peer_ip)))
+            return None
+        return (535, "5.7.8 Authentication credentials invalid")
 
     def smtp_STARTTLS(self, arg: str) -> Reply:
         return (502, "5.5.1 Error: TLS not available")
@@ -393,7 +529,9 @@ def parse_path(arg: str, keyword: str) -> tuple[str, dict[str, str | None]] | No
     if path.startswith("<"):
         path = path[1:-1]
     # RFC 5321 §4.1.1.3: source routes are accepted and ignored.
-    path = _SOURCE_ROUTE.sub("", path)
+    routed, path = path, _SOURCE_ROUTE.sub("", path)
+    if routed and not path:
+        return None  # a route to nowhere is not the null sender
     params: dict[str, str | None] = {}
     for word in (m.group(3) or "").split():
         name, eq, value = word.partition("=")

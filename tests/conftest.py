@@ -197,6 +197,7 @@ class SyncReactor:
 
 
 def unit_config(tmp_path: Path, extra: str = ""):
+    """Config for unit tests; `extra` is appended after the [smtp] section."""
     from mailboxd.config import parse
 
     text = (
@@ -215,6 +216,11 @@ def unit(tmp_path: Path):
     from twisted.internet.task import Clock
 
     from mailboxd.accounts import AccountStore
+    from mailboxd.auth import Authenticator
+    from mailboxd.guard import Guard
+    from mailboxd.popauth import PopAuthRegistry
+    from mailboxd.realm import BcryptChecker, MailboxRealm, make_portal
+    from mailboxd.state import SQLiteStateStore, state_path
 
     class Unit:
         pass
@@ -231,4 +237,11 @@ def unit(tmp_path: Path):
     m = u.config.mailbox
     u.store = AccountStore(m.accounts, m.aliases, m.domains, dict(m.domain_aliases), u.clock)
     u.mail_dir = m.mail_dir
-    return u
+    u.state = SQLiteStateStore(state_path(m.mail_dir))
+    u.guard = Guard(u.state, u.clock, u.config.limits)
+    u.popauth = PopAuthRegistry(u.state, u.clock, u.config.relay.pop_before_smtp_ttl)
+    directory = lambda: u.store.directory  # noqa: E731
+    checker = BcryptChecker(directory, u.reactor, u.pool, rounds=4)
+    u.auth = Authenticator(make_portal(MailboxRealm(directory), checker), u.guard)
+    yield u
+    u.state.close()

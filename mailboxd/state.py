@@ -1,0 +1,169 @@
+"""Runtime state shared by the server and mailboxctl: POP authorisations,
+authentication failures and IP blocks.
+
+`StateStore` is the interface; `SQLiteStateStore` is the embedded default, a
+file under the mail directory. A cluster would put the same interface on
+Redis. Every call is a short indexed query; SQLite runs in WAL mode with
+``synchronous=NORMAL``, so a commit does not wait for the disk: a process
+crash loses nothing, a power cut may lose the last seconds of it (an
+authorisation or a block), which is the trade this data can afford.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sqlite3
+from pathlib import Path
+from typing import Protocol
+
+import attrs
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS popauth (
+    ip TEXT PRIMARY KEY, expires REAL NOT NULL, domains TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS failures (ip TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS failures_ip ON failures (ip, at);
+CREATE TABLE IF NOT EXISTS blocks (ip TEXT PRIMARY KEY, until REAL NOT NULL, since REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, what TEXT NOT NULL);
+"""
+
+
+class StateError(Exception):
+    """The state store cannot be used; str() is one line for the operator."""
+
+
+@attrs.frozen
+class PopAuth:
+    ip: str
+    expires: float
+    domains: tuple[str, ...]
+
+
+@attrs.frozen
+class Block:
+    ip: str
+    since: float
+    until: float
+
+
+class StateStore(Protocol):
+    def set_popauth(self, ip: str, expires: float, domains: tuple[str, ...]) -> None: ...
+    def popauth(self, ip: str, now: float) -> PopAuth | None: ...
+    def popauths(self, now: float) -> list[PopAuth]: ...
+    def revoke_popauth(self, ip: str) -> bool: ...
+    def add_failure(self, ip: str, at: float) -> None: ...
+    def failures(self, ip: str, since: float) -> int: ...
+    def clear_failures(self, ip: str) -> None: ...
+    def set_block(self, ip: str, since: float, until: float) -> None: ...
+    def block(self, ip: str, now: float) -> Block | None: ...
+    def blocks(self, now: float) -> list[Block]: ...
+    def unblock(self, ip: str) -> bool: ...
+    def prune(self, now: float, failure_window: float) -> None: ...
+    def note(self, at: float, what: str) -> None: ...
+    def events_after(self, last: int) -> list[tuple[int, float, str]]: ...
+
+
+class SQLiteStateStore:
+    """The embedded StateStore: one SQLite file, shared with mailboxctl."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.db = sqlite3.connect(str(path), timeout=2.0, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+            self.db.execute("SELECT count(*) FROM popauth, blocks, failures LIMIT 1").fetchone()
+        except (sqlite3.Error, OSError) as e:
+            raise StateError(f"{path}: cannot use the state store: {e}") from None
+
+    def _run(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        try:
+            return self.db.execute(sql, args)
+        except sqlite3.Error as e:
+            raise StateError(f"{self.path}: {e}") from None
+
+    def set_popauth(self, ip: str, expires: float, domains: tuple[str, ...]) -> None:
+        self._run(
+            "INSERT OR REPLACE INTO popauth (ip, expires, domains) VALUES (?, ?, ?)",
+            (ip, expires, " ".join(domains)),
+        )
+
+    def popauth(self, ip: str, now: float) -> PopAuth | None:
+        row = self._run(
+            "SELECT ip, expires, domains FROM popauth WHERE ip = ? AND expires > ?", (ip, now)
+        ).fetchone()
+        return None if row is None else PopAuth(row[0], row[1], tuple(row[2].split()))
+
+    def popauths(self, now: float) -> list[PopAuth]:
+        rows = self._run(
+            "SELECT ip, expires, domains FROM popauth WHERE expires > ? ORDER BY ip", (now,)
+        )
+        return [PopAuth(r[0], r[1], tuple(r[2].split())) for r in rows]
+
+    def revoke_popauth(self, ip: str) -> bool:
+        return self._run("DELETE FROM popauth WHERE ip = ?", (ip,)).rowcount > 0
+
+    def add_failure(self, ip: str, at: float) -> None:
+        self._run("INSERT INTO failures (ip, at) VALUES (?, ?)", (ip, at))
+
+    def failures(self, ip: str, since: float) -> int:
+        return self._run(
+            "SELECT count(*) FROM failures WHERE ip = ? AND at > ?", (ip, since)
+        ).fetchone()[0]
+
+    def clear_failures(self, ip: str) -> None:
+        self._run("DELETE FROM failures WHERE ip = ?", (ip,))
+
+    def set_block(self, ip: str, since: float, until: float) -> None:
+        self._run(
+            "INSERT OR REPLACE INTO blocks (ip, since, until) VALUES (?, ?, ?)", (ip, since, until)
+        )
+
+    def block(self, ip: str, now: float) -> Block | None:
+        row = self._run(
+            "SELECT ip, since, until FROM blocks WHERE ip = ? AND until > ?", (ip, now)
+        ).fetchone()
+        return None if row is None else Block(*row)
+
+    def blocks(self, now: float) -> list[Block]:
+        rows = self._run("SELECT ip, since, until FROM blocks WHERE until > ? ORDER BY ip", (now,))
+        return [Block(*r) for r in rows]
+
+    def unblock(self, ip: str) -> bool:
+        found = self._run("DELETE FROM blocks WHERE ip = ?", (ip,)).rowcount > 0
+        self.clear_failures(ip)
+        return found
+
+    def prune(self, now: float, failure_window: float) -> None:
+        self._run("DELETE FROM popauth WHERE expires <= ?", (now,))
+        self._run("DELETE FROM blocks WHERE until <= ?", (now,))
+        self._run("DELETE FROM failures WHERE at <= ?", (now - failure_window,))
+        self._run("DELETE FROM events WHERE at <= ?", (now - 7 * 86400,))
+
+    def note(self, at: float, what: str) -> None:
+        """Record an operator's change, so the server's log shows it too."""
+        self._run("INSERT INTO events (at, what) VALUES (?, ?)", (at, what))
+
+    def events_after(self, last: int) -> list[tuple[int, float, str]]:
+        return list(self._run("SELECT id, at, what FROM events WHERE id > ? ORDER BY id", (last,)))
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def state_path(mail_dir: Path) -> Path:
+    return mail_dir / ".state" / "state.sqlite3"
+
+
+def normalise_ip(ip: str) -> str:
+    """The key form of a client address: IPv4-mapped IPv6 becomes IPv4."""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
