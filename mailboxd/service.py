@@ -98,7 +98,8 @@ class StateService(Service):
                 log.info("state changed by mailboxctl: {what}", what=what)
             self._ticks += 1
             if self._ticks % self.prune_every == 1:
-                self.store.prune(self.clock.seconds(), self.failure_window)
+                for ended in self.store.prune(self.clock.seconds(), self.failure_window):
+                    log.info("block of {client} expired", client=ended.ip)
         except StateError as e:
             log.error("state store: {error}", error=str(e))
 

@@ -59,7 +59,7 @@ class StateStore(Protocol):
     def block(self, ip: str, now: float) -> Block | None: ...
     def blocks(self, now: float) -> list[Block]: ...
     def unblock(self, ip: str) -> bool: ...
-    def prune(self, now: float, failure_window: float) -> None: ...
+    def prune(self, now: float, failure_window: float) -> list[Block]: ...
     def note(self, at: float, what: str) -> None: ...
     def events_after(self, last: int) -> list[tuple[int, float, str]]: ...
 
@@ -137,11 +137,17 @@ class SQLiteStateStore:
         self.clear_failures(ip)
         return found
 
-    def prune(self, now: float, failure_window: float) -> None:
+    def prune(self, now: float, failure_window: float) -> list[Block]:
+        """Drop what expired; return the blocks that ended, for the log."""
+        ended = [
+            Block(*r)
+            for r in self._run("SELECT ip, since, until FROM blocks WHERE until <= ?", (now,))
+        ]
         self._run("DELETE FROM popauth WHERE expires <= ?", (now,))
         self._run("DELETE FROM blocks WHERE until <= ?", (now,))
         self._run("DELETE FROM failures WHERE at <= ?", (now - failure_window,))
         self._run("DELETE FROM events WHERE at <= ?", (now - 7 * 86400,))
+        return ended
 
     def note(self, at: float, what: str) -> None:
         """Record an operator's change, so the server's log shows it too."""

@@ -378,3 +378,25 @@ def test_a_good_login_does_not_reset_the_count(unit):
     p = POP(unit, ip=ip)
     p.cmd("USER bob@other.test")
     assert p.cmd("PASS wrong").startswith("-ERR [AUTH] Authentication failed. Connection refused")
+
+
+def test_state_service_logs_operator_changes_and_expired_blocks(unit):
+    from twisted.logger import capturedLogs
+
+    from mailboxd.service import StateService
+
+    service = StateService(unit.state, unit.clock, 3600)
+    unit.state.note(0, "before start: not logged again")
+    service.startService()
+    block(unit, "192.0.2.40")
+    unit.state.note(1, "unblocked 192.0.2.41")
+    with capturedLogs() as events:
+        unit.clock.advance(2)
+        unit.clock.advance(3600)
+        for _ in range(service.prune_every):
+            unit.clock.advance(service.interval)
+    text = [e["log_format"].format(**e) for e in events]
+    assert "state changed by mailboxctl: unblocked 192.0.2.41" in text
+    assert "block of 192.0.2.40 expired" in text
+    assert not any("before start" in t for t in text)
+    service._loop.stop()
