@@ -83,7 +83,7 @@ def user(config: Config, args: argparse.Namespace) -> None:
 
 def _state(config: Config) -> SQLiteStateStore:
     try:
-        return SQLiteStateStore(state_path(config.mailbox.mail_dir))
+        return SQLiteStateStore(state_path(config.mailbox.mail_dir), timeout=5.0)
     except StateError as e:
         raise SystemExit(f"mailboxctl: {e}") from None
 
@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         {"user": user, "blocked": blocked, "popauth": popauth}[args.command](config, args)
     except OSError as e:
         raise SystemExit(f"mailboxctl: {e.filename or ''}: {e.strerror}") from None
+    except StateError as e:
+        raise SystemExit(f"mailboxctl: {e}") from None
 
 
 if __name__ == "__main__":

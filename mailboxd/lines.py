@@ -32,6 +32,7 @@ class LineProtocol(Protocol):
     _discarding = False
     _busy = False
     _closed = False
+    known_errors: tuple[type[BaseException], ...] = ()
 
     def dataReceived(self, data: bytes) -> None:
         # Consumed lines are dropped here, once per read, not once per line.
@@ -70,9 +71,8 @@ class LineProtocol(Protocol):
             kind, line = item
             try:
                 result = self.lineTooLong() if kind == "too_long" else self.lineReceived(line)
-            except Exception:
-                log.failure("unhandled error in protocol handler")
-                self.internalError()
+            except Exception as e:
+                self._failed(e)
                 return
             if isinstance(result, Deferred):
                 self._wait(result)
@@ -91,10 +91,17 @@ class LineProtocol(Protocol):
                 self._process()
 
         def failed(f: Any) -> None:
-            log.failure("unhandled error in protocol handler", f)
-            self.internalError()
+            self._failed(f.value, f)
 
         d.addErrback(failed).addBoth(done)
+
+    def _failed(self, error: BaseException, failure: Any = None) -> None:
+        if isinstance(error, self.known_errors):
+            # An operator's problem with a clear message (e.g. the state store).
+            log.error("{error}", error=str(error))
+        else:
+            log.failure("unhandled error in protocol handler", failure)
+        self.internalError()
 
     def connectionLost(self, reason: Any = None) -> None:
         self._closed = True

@@ -23,6 +23,7 @@ from .guard import refusal
 from .lines import LineProtocol
 from .maildir import Mailbox, MailboxLocked, dot_stuff, maildir_path, read_message
 from .popauth import PopAuthRegistry
+from .state import StateError
 
 log = Logger()
 
@@ -75,6 +76,7 @@ def multiline(first: str, lines: list[str] | list[bytes]) -> bytes:
 class POP3Server(LineProtocol, TimeoutMixin):
     factory: POP3Factory
     max_line = LINE_MAX
+    known_errors = (StateError,)
 
     def connectionMade(self) -> None:
         self.callLater = self.factory.clock.callLater
@@ -85,7 +87,13 @@ class POP3Server(LineProtocol, TimeoutMixin):
         self.sasl: Callable[[str], Any] | None = None
         self.setTimeout(self.factory.config.pop3.idle_timeout)
         log.info("pop3 connection from {client}", client=self.peer_ip)
-        if self.factory.auth.guard.blocked(self.peer_ip):
+        try:
+            blocked = self.factory.auth.guard.blocked(self.peer_ip)
+        except StateError as e:
+            log.error("{error}", error=str(e))
+            self.close("-ERR [SYS/TEMP] service unavailable, try again later")
+            return
+        if blocked:
             log.info("pop3 refused blocked {client}", client=self.peer_ip)
             self.close("-ERR [SYS/TEMP] " + refusal(self.peer_ip))
             return
@@ -127,7 +135,10 @@ class POP3Server(LineProtocol, TimeoutMixin):
             self.mailbox = None
         if self.account is not None:
             # The end of an authenticated session refreshes POP-before-SMTP.
-            self.factory.popauth.authorise(self.peer_ip, self.account.domain)
+            try:
+                self.factory.popauth.authorise(self.peer_ip, self.account.domain)
+            except StateError as e:
+                log.error("{error}", error=str(e))
             self.account = None
         log.info("pop3 disconnect from {client}", client=self.peer_ip)
 

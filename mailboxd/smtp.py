@@ -34,6 +34,7 @@ from .maildir import IncomingMessage
 from .policy import Client, Listener, Verdict, decide, decide_sender
 from .popauth import PopAuthRegistry
 from .queue import Envelope, enqueue, queue_dir
+from .state import StateError
 
 log = Logger()
 
@@ -80,6 +81,7 @@ class Transaction:
 class SMTPServer(LineProtocol, TimeoutMixin):
     factory: SMTPFactory
     max_line = COMMAND_LINE_MAX
+    known_errors = (StateError,)
 
     def connectionMade(self) -> None:
         cfg = self.factory.config
@@ -101,7 +103,13 @@ class SMTPServer(LineProtocol, TimeoutMixin):
             client=self.peer_ip,
             listener=self.factory.listener.value,
         )
-        if self.factory.auth.guard.blocked(self.peer_ip):
+        try:
+            blocked = self.factory.auth.guard.blocked(self.peer_ip)
+        except StateError as e:
+            log.error("{error}", error=str(e))
+            self.close((421, f"4.3.0 {self.hostname} Error: service unavailable, try again later"))
+            return
+        if blocked:
             log.info("smtp refused blocked {client}", client=self.peer_ip)
             self.close((554, "5.7.1 " + refusal(self.peer_ip)))
             return

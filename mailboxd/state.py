@@ -27,6 +27,13 @@ CREATE TABLE IF NOT EXISTS blocks (ip TEXT PRIMARY KEY, until REAL NOT NULL, sin
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, what TEXT NOT NULL);
 """
+# What each table must have; a file with other tables of these names is not ours.
+COLUMNS = {
+    "popauth": "ip, expires, domains",
+    "failures": "ip, at",
+    "blocks": "ip, since, until",
+    "events": "id, at, what",
+}
 
 
 class StateError(Exception):
@@ -67,15 +74,22 @@ class StateStore(Protocol):
 class SQLiteStateStore:
     """The embedded StateStore: one SQLite file, shared with mailboxctl."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, timeout: float = 0.5) -> None:
+        """Open (or create) the store; `timeout` bounds a wait for another writer."""
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.db = sqlite3.connect(str(path), timeout=2.0, isolation_level=None)
+            self.db = sqlite3.connect(str(path), timeout=timeout, isolation_level=None)
+            # Check before writing anything: a file that is not ours stays as it is.
+            existing = {
+                name
+                for (name,) in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            for table in existing & COLUMNS.keys():
+                self.db.execute(f"SELECT {COLUMNS[table]} FROM {table} LIMIT 0").fetchall()
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
-            self.db.execute("SELECT count(*) FROM popauth, blocks, failures LIMIT 1").fetchone()
         except (sqlite3.Error, OSError) as e:
             raise StateError(f"{path}: cannot use the state store: {e}") from None
 

@@ -400,3 +400,11 @@ def test_state_service_logs_operator_changes_and_expired_blocks(unit):
     assert "block of 192.0.2.40 expired" in text
     assert not any("before start" in t for t in text)
     service._loop.stop()
+
+
+def test_a_broken_state_store_gets_a_temporary_refusal(unit):
+    unit.state.db.close()
+    assert SMTP(unit).greeting == [
+        "421 4.3.0 mail.example.test Error: service unavailable, try again later"
+    ]
+    assert POP(unit).greeting == ["-ERR [SYS/TEMP] service unavailable, try again later"]
