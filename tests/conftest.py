@@ -149,6 +149,20 @@ def make_server(tmp_path: Path):
         s.stop()
 
 
+def tool_env(tmp_path: Path) -> dict[str, str]:
+    """A hermetic environment for a client program: private HOME, no proxies."""
+    home = tmp_path / "client-home"
+    home.mkdir(exist_ok=True)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+    }
+    env["HOME"] = str(home)
+    env["FETCHMAILHOME"] = str(home)
+    return env
+
+
 def need(tool: str) -> str:
     """The path of a Debian client; skip without it, unless CI=true (then fail)."""
     path = shutil.which(tool)

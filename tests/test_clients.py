@@ -7,7 +7,6 @@ proxies off, and talks only to 127.0.0.1.
 
 from __future__ import annotations
 
-import os
 import poplib
 import re
 import smtplib
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import need
+from conftest import need, tool_env
 
 ALICE = "alice@example.test"
 ALICE_PW = "alice pw"
@@ -47,20 +46,6 @@ TRICKY = (
 
 
 # --- helpers --------------------------------------------------------------------
-
-
-def tool_env(tmp_path: Path) -> dict[str, str]:
-    """A hermetic environment: private HOME, no proxies."""
-    home = tmp_path / "client-home"
-    home.mkdir(exist_ok=True)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
-    }
-    env["HOME"] = str(home)
-    env["FETCHMAILHOME"] = str(home)
-    return env
 
 
 def run(

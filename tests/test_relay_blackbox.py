@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import smtplib
 import socket
 import sqlite3
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MAILBOXCTL, TWISTD, MailServer, need
+from conftest import MAILBOXCTL, TWISTD, MailServer, need, tool_env
 from test_blackbox import Raw, wait_for
 
 ALICE = "alice@example.test"
@@ -472,18 +471,6 @@ def test_parallel_attempts_cannot_exceed_the_limit(untrusted):
 
 
 # --- 4. swaks: AUTH PLAIN and LOGIN on both SMTP ports -----------------------------
-
-
-def tool_env(tmp_path: Path) -> dict[str, str]:
-    home = tmp_path / "client-home"
-    home.mkdir(exist_ok=True)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
-    }
-    env["HOME"] = str(home)
-    return env
 
 
 def run(cmd: list[str], env: dict[str, str], *, input: bytes | None = None):
