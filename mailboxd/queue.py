@@ -5,24 +5,35 @@ Layout, one message per id under ``<mail_dir>/.queue/``::
     <id>.msg    the message as received (LF line ends), headers first. Bytes
                 before ``offset`` are the local Return-Path line, which a relay
                 must not send.
-    <id>.json   the envelope, written last (temp file, fsync, rename): its
-                presence is what makes the entry exist. Fields:
+    <id>.json   the envelope, written last and rewritten after every attempt
+                (temp file, fsync, rename): its presence makes the entry
+                exist. Fields:
                   version     1
                   id          the id (also the SMTP "queued as" id)
                   sender      envelope sender; "" for the null sender <>
-                  recipients  list of addresses still to deliver to
                   offset      bytes of <id>.msg to skip
                   received    Unix time of acceptance
-                  client      the submitting client's IP
+                  client      the submitting client's IP ("" for our own bounces)
                   account     the authenticated account, or null
+                  recipients  one object per recipient:
+                    address       where to deliver
+                    status        "pending", "deferred", "delivered" or "failed"
+                    attempts      attempts so far
+                    next_attempt  Unix time of the next attempt
+                    last_error    the last failure's reply or reason, or ""
+                    status_code   RFC 3463 code of a failure, e.g. "5.1.1", or ""
+    corrupt/    entries that could not be parsed, moved aside for the operator
+    .flush      present when `mailboxctl queue flush` asks for an immediate retry
 
-A runner drains it by reading each ``*.json``, sending ``<id>.msg[offset:]``,
-and removing both files (json first) once every recipient is done. A
-``.msg`` with no ``.json`` was never acknowledged: remove it.
+A runner drains it by reading each ``*.json``, sending ``<id>.msg[offset:]``
+to the recipients still pending or deferred, and removing both files (json
+first) once none is left. A ``.msg`` with no ``.json`` was never
+acknowledged: remove it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -32,46 +43,139 @@ import attrs
 from .maildir import fsync_dir, link_or_copy
 
 QUEUE_DIR = ".queue"
+FLUSH = ".flush"
+DONE = ("delivered", "failed")
 
 
-@attrs.frozen
-class Envelope:
+class CorruptEntry(ValueError):
+    pass
+
+
+@attrs.define
+class Recipient:
+    address: str
+    status: str = "pending"
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str = ""
+    status_code: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.status in DONE
+
+
+@attrs.define
+class Entry:
     id: str
     sender: str
-    recipients: tuple[str, ...]
     offset: int
     received: float
-    client: str
+    recipients: list[Recipient]
+    client: str = ""
     account: str | None = None
 
     def to_json(self) -> str:
-        data = attrs.asdict(self)
-        data["recipients"] = list(self.recipients)
-        return json.dumps({"version": 1, **data}, indent=1)
+        return json.dumps({"version": 1, **attrs.asdict(self)}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Entry:
+        try:
+            data = json.loads(text)
+            if data.pop("version", None) != 1:
+                raise ValueError("unknown version")
+            data["recipients"] = [Recipient(**r) for r in data["recipients"]]
+            entry = cls(**data)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise CorruptEntry(str(e)) from None
+        if not isinstance(entry.id, str) or not entry.recipients:
+            raise CorruptEntry("no id or no recipients")
+        return entry
+
+    def due(self, now: float) -> list[Recipient]:
+        return [r for r in self.recipients if not r.done and r.next_attempt <= now]
+
+    @property
+    def done(self) -> bool:
+        return all(r.done for r in self.recipients)
 
 
 def queue_dir(mail_dir: Path) -> Path:
     return mail_dir / QUEUE_DIR
 
 
-def enqueue(directory: Path, spool: Path, envelope: Envelope) -> Path:
+def _write_json(directory: Path, entry: Entry) -> None:
+    tmp = directory / f".{entry.id}.json.tmp"
+    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(entry.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, directory / f"{entry.id}.json")
+    fsync_dir(directory)
+
+
+def enqueue(directory: Path, spool: Path, entry: Entry) -> None:
     """Put the spooled message and its envelope in the queue, durably.
 
     Blocking: call it in a thread pool. `spool` must already be fsynced.
     """
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    message = directory / f"{envelope.id}.msg"
-    link_or_copy(spool, message)
-    tmp = directory / f".{envelope.id}.json.tmp"
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(envelope.to_json())
+    link_or_copy(spool, directory / f"{entry.id}.msg")
+    _write_json(directory, entry)
+
+
+def enqueue_bytes(directory: Path, data: bytes, entry: Entry) -> None:
+    """Queue a message we made ourselves (a bounce). Blocking."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    message = directory / f"{entry.id}.msg"
+    with open(message, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    final = directory / f"{envelope.id}.json"
-    os.rename(tmp, final)
+    _write_json(directory, entry)
+
+
+def save(directory: Path, entry: Entry) -> None:
+    """Record the recipients' new state. Blocking."""
+    _write_json(directory, entry)
+
+
+def remove(directory: Path, entry_id: str) -> bool:
+    """Drop an entry: the envelope first, so a crash leaves only an orphan .msg."""
+    try:
+        os.unlink(directory / f"{entry_id}.json")
+    except FileNotFoundError:
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(directory / f"{entry_id}.msg")
     fsync_dir(directory)
-    return final
+    return True
+
+
+def load(path: Path) -> Entry:
+    """Read one envelope; CorruptEntry if it cannot be parsed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CorruptEntry(str(e)) from None
+    return Entry.from_json(text)
+
+
+def entry_paths(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.json")) if directory.is_dir() else []
+
+
+def move_corrupt(directory: Path, path: Path) -> Path:
+    """Move an unreadable envelope and its message to corrupt/."""
+    corrupt = directory / "corrupt"
+    corrupt.mkdir(exist_ok=True, mode=0o700)
+    target = corrupt / path.name
+    os.replace(path, target)
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(path.with_suffix(".msg"), corrupt / path.with_suffix(".msg").name)
+    fsync_dir(directory)
+    return target
 
 
 def remove_unacknowledged(directory: Path) -> int:
@@ -85,10 +189,3 @@ def remove_unacknowledged(directory: Path) -> int:
             entry.unlink(missing_ok=True)
             removed += 1
     return removed
-
-
-def read_envelope(path: Path) -> Envelope:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    data.pop("version", None)
-    data["recipients"] = tuple(data["recipients"])
-    return Envelope(**data)

@@ -33,7 +33,7 @@ from .lines import LineProtocol
 from .maildir import IncomingMessage
 from .policy import Client, Listener, Verdict, decide, decide_sender
 from .popauth import PopAuthRegistry
-from .queue import Envelope, enqueue, queue_dir
+from .queue import Entry, Recipient, enqueue, queue_dir
 from .state import StateError
 
 log = Logger()
@@ -58,6 +58,7 @@ class SMTPFactory(ServerFactory):
     auth: Authenticator
     popauth: PopAuthRegistry
     listener: Listener = Listener.MTA
+    queued: Callable[[], object] = lambda: None  # tells the outbound queue to look
 
     noisy = False  # the connection log lines say more
 
@@ -393,18 +394,19 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         message_id = self.message_id
         relay = None
         if tx.relay:
-            envelope = Envelope(
+            now = self.factory.clock.seconds()
+            entry = Entry(
                 id=message_id,
                 sender=tx.sender,
-                recipients=tuple(tx.relay.values()),
                 offset=self.return_path_size,
-                received=self.factory.clock.seconds(),
+                received=now,
+                recipients=[Recipient(a, next_attempt=now) for a in tx.relay.values()],
                 client=self.peer_ip,
                 account=self.account.address if self.account else None,
             )
 
             def relay(path: Path) -> None:
-                enqueue(queue_dir(mail_dir), path, envelope)
+                enqueue(queue_dir(mail_dir), path, entry)
 
         d = deferToThreadPool(
             self.factory.reactor, self.factory.pool, message.commit, mail_dir, accounts, relay
@@ -421,6 +423,8 @@ class SMTPServer(LineProtocol, TimeoutMixin):
                 relayed=list(tx.relay.values()),
                 client=self.peer_ip,
             )
+            if tx.relay:
+                self.factory.queued()
             return (250, f"2.0.0 Ok: queued as {message_id}")
 
         def failed(f: Any) -> Reply:

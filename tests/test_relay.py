@@ -128,7 +128,7 @@ def test_authenticated_relay_is_queued_durably(unit, s):
     [envelope] = queued(unit)
     assert envelope["id"] == reply.split()[-1]
     assert envelope["sender"] == "alice@example.test"
-    assert envelope["recipients"] == ["x@far.test"]
+    assert [r["address"] for r in envelope["recipients"]] == ["x@far.test"]
     assert envelope["account"] == "alice@example.test"
     data = (unit.mail_dir / ".queue" / f"{envelope['id']}.msg").read_bytes()
     sent = data[envelope["offset"] :]

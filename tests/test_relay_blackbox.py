@@ -204,7 +204,7 @@ def test_pop_login_authorises_only_its_own_ip(untrusted):
     [(envelope, message)] = queue(server)
     assert envelope["version"] == 1
     assert envelope["sender"] == ALICE
-    assert envelope["recipients"] == [FAR]
+    assert [r["address"] for r in envelope["recipients"]] == [FAR]
     assert envelope["client"] == "127.0.0.2"
     assert envelope["account"] is None  # POP-authorised, not authenticated
     assert message.startswith(f"Return-Path: <{ALICE}>\n".encode())
@@ -515,7 +515,7 @@ def test_swaks_auth_relays(untrusted, tmp_path, mechanism, listener):
     assert f"-> AUTH {mechanism}" in out, out
     assert "<-  235 2.7.0 Authentication successful" in out, out
     [(envelope, message)] = queue(server)
-    assert envelope["recipients"] == [FAR]
+    assert [r["address"] for r in envelope["recipients"]] == [FAR]
     assert envelope["sender"] == ALICE
     assert envelope["client"] == "127.0.0.7"
     assert envelope["account"] == ALICE
@@ -611,7 +611,7 @@ def test_mpop_then_msmtp_pop_before_smtp(untrusted, tmp_path):
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     [(envelope, queued)] = queue(server)
     assert envelope["client"] == "127.0.0.8"
-    assert envelope["recipients"] == [FAR]
+    assert [r["address"] for r in envelope["recipients"]] == [FAR]
     assert envelope["account"] is None
     assert queued.endswith(message)
     assert b"Received: from client.far.test ([127.0.0.8])\n" in queued
