@@ -53,6 +53,11 @@ class RelaySection:
     sender_must_match_login: bool
     smarthost: str
     queue_lifetime: int
+    smarthost_username: str
+    smarthost_password: str = attrs.field(repr=False)
+    timeout: int
+    max_connections: int
+    max_connections_per_destination: int
 
 
 @attrs.frozen
@@ -222,6 +227,11 @@ SPEC: _Spec = {
         "sender_must_match_login": ("yes", _bool),
         "smarthost": ("", _smarthost),
         "queue_lifetime": ("432000", _count(0)),
+        "smarthost_username": ("", str.strip),
+        "smarthost_password": ("", str.strip),
+        "timeout": ("300", _count(1)),
+        "max_connections": ("20", _count(1)),
+        "max_connections_per_destination": ("4", _count(1)),
     },
     "limits": {
         "auth_failures": ("10", _count(1)),

@@ -12,6 +12,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.names.client import createResolver
 from twisted.python.threadpool import ThreadPool
 
 from .accounts import AccountStore
@@ -19,6 +20,7 @@ from .auth import Authenticator
 from .config import Config
 from .guard import Guard
 from .maildir import clean_spool
+from .outbound import Outbound
 from .policy import Listener
 from .pop3 import POP3Factory
 from .popauth import PopAuthRegistry
@@ -66,16 +68,18 @@ class PoolService(Service):
 
 
 @attrs.define(eq=False)
-class AccountsService(Service):
-    store: AccountStore
+class Running(Service):
+    """Starts and stops a part that has start() and stop() with the service."""
+
+    part: Any
 
     def startService(self) -> None:
         super().startService()
-        self.store.start()
+        self.part.start()
 
     def stopService(self) -> None:
         super().stopService()
-        self.store.stop()
+        self.part.stop()
 
 
 @attrs.define(eq=False)
@@ -145,7 +149,7 @@ def build(config: Config, reactor: Any) -> MultiService:
     pool = ThreadPool(minthreads=1, maxthreads=8, name="mailbox")
     PoolService(pool).setServiceParent(top)
     accounts = AccountStore(m.accounts, m.aliases, m.domains, dict(m.domain_aliases), clock=reactor)
-    AccountsService(accounts).setServiceParent(top)
+    Running(accounts).setServiceParent(top)
     StateService(state, reactor, config.limits.auth_failure_window).setServiceParent(top)
     if not accounts.directory.hashes:
         log.warn(
@@ -166,8 +170,15 @@ def build(config: Config, reactor: Any) -> MultiService:
     cost = accounts.directory.typical_cost or m.bcrypt_rounds
     reactor.callWhenRunning(pool.callInThread, checker.dummy_hash, cost)
 
+    outbound = Outbound(
+        config, queue_dir(m.mail_dir), reactor, reactor, pool, directory, createResolver()
+    )
+    Running(outbound).setServiceParent(top)
+
     def smtp(listener: Listener) -> SMTPFactory:
-        return SMTPFactory(config, directory, reactor, reactor, pool, auth, popauth, listener)
+        return SMTPFactory(
+            config, directory, reactor, reactor, pool, auth, popauth, listener, outbound.wake
+        )
 
     for i, desc in enumerate(config.smtp.listen):
         ListenerService(reactor, desc, smtp(Listener.MTA), f"smtp-{i}").setServiceParent(top)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import os
 import shutil
 import signal
@@ -41,7 +42,11 @@ class MailServer:
         self.proc: subprocess.Popen | None = None
         (home / "etc").mkdir(parents=True, exist_ok=True)
         self.config = home / "etc" / "mailbox.ini"
-        self.config.write_text(
+        # Relayed mail goes to a loopback port where nothing listens unless a
+        # test starts a capture server there: no test mail ever leaves the box.
+        self.smarthost_port = free_port()
+        config = configparser.ConfigParser(interpolation=None)
+        config.read_string(
             "[mailbox]\n"
             "hostname = mail.example.test\n"
             "domains = example.test other.test\n"
@@ -52,8 +57,13 @@ class MailServer:
             f"submission = tcp:{self.submission_port}:interface=127.0.0.1\n"
             "max_message_size = 1000000\n"
             "[pop3]\n"
-            f"listen = tcp:{self.pop3_port}:interface=127.0.0.1\n" + extra
+            f"listen = tcp:{self.pop3_port}:interface=127.0.0.1\n"
+            "[relay]\n"
+            f"smarthost = 127.0.0.1:{self.smarthost_port}\n"
         )
+        config.read_string(extra)  # a second source: its keys override
+        with self.config.open("w") as f:
+            config.write(f)
         self.accounts = home / "etc" / "accounts"
         self.aliases = home / "etc" / "aliases"
         self.accounts.write_text("")

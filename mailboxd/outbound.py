@@ -1,0 +1,418 @@
+"""The outbound queue runner: delivers queued mail, retries, bounces.
+
+One entry is worked on by one delivery at a time. Its due recipients are
+grouped by destination (the smarthost, or the recipient's domain) and each
+group goes in one SMTP transaction. Every outcome is written to the entry's
+envelope before the next step, so a crash re-sends at most the transaction
+that was in flight and never forgets a recipient.
+"""
+
+from __future__ import annotations
+
+import collections
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.mail.smtp import ESMTPSender, ESMTPSenderFactory, SMTPClientError
+from twisted.python.threadpool import ThreadPool
+
+from . import queue
+from .accounts import Account, Directory
+from .addresses import parse_mailbox
+from .bounce import Failure, build_dsn
+from .config import Config
+from .maildir import IncomingMessage
+from .queue import Entry, Recipient
+from .routes import Hop, RouteError, destination, mx_hosts, parse_smarthost
+
+log = Logger()
+
+# Minutes after each failed attempt; then hourly until queue_lifetime.
+BACKOFF = (60, 300, 900, 1800, 3600)
+BAD_HOST_SECONDS = 300
+
+
+def backoff(attempts: int) -> int:
+    return BACKOFF[min(attempts, len(BACKOFF)) - 1] if attempts > 0 else 0
+
+
+@attrs.frozen
+class Outcome:
+    """What one recipient's attempt came to."""
+
+    address: str
+    code: int  # the SMTP reply code, or 0 when no server answered for it
+    text: str
+    status: str  # RFC 3463
+    remote: str | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+
+class _Sender(ESMTPSender):
+    """Twisted's sender, with dot-stuffing that holds across chunk boundaries."""
+
+    _line_start = True
+
+    def transformChunk(self, chunk: bytes) -> bytes:
+        self.resetTimeout()
+        if self._line_start and chunk.startswith(b"."):
+            chunk = b"." + chunk
+        self._line_start = chunk.endswith(b"\n")
+        return chunk.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+
+
+class _SenderFactory(ESMTPSenderFactory):
+    protocol = _Sender
+    clock: Any = None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        p = super().buildProtocol(addr)
+        if self.clock is not None:
+            p.callLater = self.clock.callLater  # the client's timeouts on our clock
+        return p
+
+
+def _text(value: bytes | str) -> str:
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return " ".join(text.split())[:500]
+
+
+def _status(code: int, text: str) -> str:
+    words = text.split()
+    if words and words[0].count(".") == 2 and words[0][0] in "245":
+        return words[0]
+    return f"{str(code)[0] if code else 4}.0.0"
+
+
+def outcomes_of(result: Any, recipients: list[str], remote: str) -> list[Outcome]:
+    """Per-recipient outcomes of an ESMTPSenderFactory result or failure."""
+    if isinstance(result, tuple):  # (accepted count, [(address, code, reply)])
+        _count, addresses = result
+        data_code, data_text = 250, ""
+    elif isinstance(result, SMTPClientError) and result.code > 0:
+        addresses = result.addresses or []
+        data_code, data_text = result.code, _text(result.resp)
+    else:  # no SMTP answer at all: refused, timed out, TLS failed, not SMTP
+        return [
+            Outcome(r, 0, _text(str(result)) or type(result).__name__, "4.4.1") for r in recipients
+        ]
+    by_address = {_text(a).lower(): (c, _text(t)) for a, c, t in addresses}
+    outcomes = []
+    for r in recipients:
+        code, text = by_address.get(r.lower(), (data_code, data_text))
+        if 200 <= code < 300 and not (200 <= data_code < 300) and data_code > 0:
+            code, text = data_code, data_text  # accepted at RCPT, refused at DATA
+        if code <= 0:
+            code, text = 451, text or "no reply"
+        outcomes.append(Outcome(r, code, f"{code} {text}", _status(code, text), remote))
+    return outcomes
+
+
+@attrs.define(eq=False)
+class Outbound:
+    """Delivers what is in the queue directory; see the module docstring."""
+
+    config: Config
+    directory: Path
+    clock: Any
+    reactor: Any
+    pool: ThreadPool
+    accounts: Callable[[], Directory]
+    resolver: Any
+    mx_port: int = 25
+    connect: Callable[[Hop, Any], Deferred] | None = None
+    interval: float = 1.0
+    entries: dict[str, Entry] = attrs.field(factory=dict)
+    _busy: set[str] = attrs.field(factory=set)
+    _active: collections.Counter = attrs.field(factory=collections.Counter)
+    _bad_hosts: dict[str, float] = attrs.field(factory=dict)
+    _loop: LoopingCall | None = None
+    _scanning: bool = False
+    _rescan: bool = True
+
+    # --- running ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=True)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def wake(self) -> None:
+        """New mail was queued: look at the directory on the next turn."""
+        self._rescan = True
+        self.clock.callLater(0, self.tick)
+
+    def tick(self) -> None:
+        flush = self.directory / queue.FLUSH
+        if flush.exists():
+            flush.unlink(missing_ok=True)
+            self._rescan = True
+            for entry in self.entries.values():
+                for r in entry.recipients:
+                    if not r.done:
+                        r.next_attempt = 0
+            log.info("queue flush: every deferred recipient is tried now")
+        if self._rescan and not self._scanning:
+            self._rescan = False
+            self._scanning = True
+            self._thread(self._scan).addCallbacks(self._scanned, self._scan_failed)
+            return
+        self._dispatch()
+
+    def _thread(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        return deferToThreadPool(self.reactor, self.pool, f, *args)
+
+    def _scan(self) -> tuple[dict[str, Entry], list[tuple[str, str]]]:
+        """Read every envelope not already known (blocking)."""
+        found: dict[str, Entry] = {}
+        corrupt = []
+        for path in queue.entry_paths(self.directory):
+            entry_id = path.stem
+            if entry_id in self.entries:
+                found[entry_id] = self.entries[entry_id]
+                continue
+            try:
+                found[entry_id] = queue.load(path)
+            except FileNotFoundError:
+                continue
+            except (queue.CorruptEntry, OSError) as e:
+                moved = queue.move_corrupt(self.directory, path)
+                corrupt.append((str(moved), str(e)))
+        return found, corrupt
+
+    def _scanned(self, result: tuple[dict[str, Entry], list[tuple[str, str]]]) -> None:
+        self._scanning = False
+        found, corrupt = result
+        for path, why in corrupt:
+            log.error("queue: moved unreadable entry to {path}: {why}", path=path, why=why)
+        # Entries deleted behind our back (mailboxctl queue delete) are dropped,
+        # unless a delivery is under way: it finds out when it saves.
+        for entry_id in list(self.entries):
+            if entry_id not in found and entry_id not in self._busy:
+                del self.entries[entry_id]
+        for entry_id, entry in found.items():
+            self.entries.setdefault(entry_id, entry)
+        self._dispatch()
+
+    def _scan_failed(self, f: Any) -> None:
+        self._scanning = False
+        log.failure("queue: cannot read {directory}", f, directory=str(self.directory))
+
+    def _dispatch(self) -> None:
+        now = self.clock.seconds()
+        for entry_id, entry in list(self.entries.items()):
+            if entry_id in self._busy or not entry.due(now):
+                continue
+            if sum(self._active.values()) >= self.config.relay.max_connections:
+                return
+            self._busy.add(entry_id)
+            d = ensureDeferred(self._work(entry))
+            d.addErrback(lambda f, e=entry: log.failure("queue: {id} failed", f, id=e.id))
+            d.addBoth(lambda _, i=entry_id: self._busy.discard(i))
+
+    # --- one entry --------------------------------------------------------------
+
+    async def _work(self, entry: Entry) -> None:
+        now = self.clock.seconds()
+        smarthost = self.config.relay.smarthost
+        groups: dict[str, list[Recipient]] = collections.defaultdict(list)
+        for r in entry.due(now):
+            groups[destination(r.address, smarthost)].append(r)
+        for dest, recipients in groups.items():
+            if self._active[dest] >= self.config.relay.max_connections_per_destination:
+                continue  # the next tick tries again
+            self._active[dest] += 1
+            try:
+                outcomes = await self._deliver(entry, dest, [r.address for r in recipients])
+            finally:
+                self._active[dest] -= 1
+                if self._active[dest] <= 0:
+                    del self._active[dest]
+            self._record(entry, recipients, outcomes)
+            if not await self._save(entry):
+                return
+        if entry.done:
+            await self._finish(entry)
+
+    def _record(self, entry: Entry, recipients: list[Recipient], outcomes: list[Outcome]) -> None:
+        now = self.clock.seconds()
+        lifetime = self.config.relay.queue_lifetime
+        for r, o in zip(recipients, outcomes, strict=True):
+            r.attempts += 1
+            if o.delivered:
+                r.status, r.last_error, r.status_code = "delivered", "", ""
+            elif o.permanent or now - entry.received >= lifetime:
+                r.status, r.last_error = "failed", o.text
+                r.status_code = o.status if o.permanent else "4.4.7"
+            else:
+                r.status, r.last_error, r.status_code = "deferred", o.text, o.status
+                r.next_attempt = now + backoff(r.attempts)
+            log.info(
+                "queue {id}: {rcpt} {status} after attempt {n} via {remote}: {reply}",
+                id=entry.id,
+                rcpt=r.address,
+                status=r.status,
+                n=r.attempts,
+                remote=o.remote or "-",
+                reply=o.text or "ok",
+            )
+
+    async def _save(self, entry: Entry) -> bool:
+        if not (self.directory / f"{entry.id}.json").exists():
+            log.info("queue {id} was deleted during delivery", id=entry.id)
+            self.entries.pop(entry.id, None)
+            return False
+        await self._thread(queue.save, self.directory, entry)
+        return True
+
+    async def _deliver(self, entry: Entry, dest: str, recipients: list[str]) -> list[Outcome]:
+        smarthost = self.config.relay.smarthost
+        try:
+            if smarthost:
+                hops = [parse_smarthost(smarthost)]
+            else:
+                hosts = await mx_hosts(self.resolver, dest)
+                hops = [Hop(h, self.mx_port) for h in hosts]
+        except RouteError as e:
+            code = 550 if e.permanent else 451
+            return [Outcome(r, code, f"{code} {e.status} {e.text}", e.status) for r in recipients]
+        now = self.clock.seconds()
+        good = [h for h in hops if self._bad_hosts.get(h.host, 0) <= now]
+        outcomes: list[Outcome] = []
+        for hop in good or hops:  # a bad host is skipped for a while, unless all are bad
+            outcomes = await self._send(entry, hop, recipients)
+            if any(o.code for o in outcomes):
+                return outcomes  # a server answered: its answers stand
+            self._bad_hosts[hop.host] = now + BAD_HOST_SECONDS
+        return outcomes
+
+    async def _send(self, entry: Entry, hop: Hop, recipients: list[str]) -> list[Outcome]:
+        relay = self.config.relay
+        message = open(self.directory / f"{entry.id}.msg", "rb")  # noqa: SIM115
+        try:
+            message.seek(entry.offset)
+            result: Deferred = Deferred()
+            factory = _SenderFactory(
+                relay.smarthost_username.encode() or None,
+                relay.smarthost_password.encode() or None,
+                entry.sender,
+                recipients,
+                message,
+                result,
+                retries=0,
+                timeout=relay.timeout,
+                heloFallback=True,
+                requireAuthentication=bool(relay.smarthost and relay.smarthost_username),
+                requireTransportSecurity=False,
+                hostname=self.config.mailbox.hostname.encode(),
+            )
+            factory.clock = self.clock
+            connecting = (self.connect or self._connect)(hop, factory)
+            connecting.addErrback(lambda f: result.called or result.errback(f))
+            try:
+                value = await result
+            except Exception as e:  # noqa: BLE001 - every failure becomes an outcome
+                value = e
+            return outcomes_of(value, recipients, hop.host)
+        finally:
+            message.close()
+
+    def _connect(self, hop: Hop, factory: Any) -> Deferred:
+        endpoint = HostnameEndpoint(
+            self.reactor, hop.host, hop.port, timeout=self.config.relay.timeout
+        )
+        return endpoint.connect(factory)
+
+    # --- the end of an entry ------------------------------------------------------
+
+    async def _finish(self, entry: Entry) -> None:
+        failed = [r for r in entry.recipients if r.status == "failed"]
+        if failed:
+            await self._bounce(entry, failed)
+        await self._thread(queue.remove, self.directory, entry.id)
+        self.entries.pop(entry.id, None)
+        log.info("queue {id} done", id=entry.id)
+
+    async def _bounce(self, entry: Entry, failed: list[Recipient]) -> None:
+        directory = self.accounts()
+        to = entry.sender
+        if not to:
+            # Never bounce a bounce; tell the postmaster, if there is one.
+            to = f"postmaster@{self.config.mailbox.domains[0]}"
+            if not directory.resolve(parse_mailbox(to)):  # type: ignore[arg-type]
+                log.warn(
+                    "queue {id}: a bounce could not be delivered to {rcpts}; dropped "
+                    "(no postmaster account or alias)",
+                    id=entry.id,
+                    rcpts=[r.address for r in failed],
+                )
+                return
+        original = await self._thread(self._read_original, entry)
+        failures = [Failure(r.address, r.status_code or "5.0.0", r.last_error) for r in failed]
+        bounce_id = secrets.token_hex(6).upper()
+        dsn = build_dsn(
+            hostname=self.config.mailbox.hostname,
+            original_sender=entry.sender,
+            failures=failures,
+            original=original,
+            arrival=entry.received,
+            now=self.clock.seconds(),
+            message_id=bounce_id,
+            to=to,
+        )
+        address = parse_mailbox(to)
+        local = directory.resolve(address) if address else ()
+        if local:
+            await self._thread(self._deliver_locally, dsn, local)
+            log.info(
+                "queue {id}: bounce {bounce} delivered to {to}",
+                id=entry.id,
+                bounce=bounce_id,
+                to=to,
+            )
+        elif address is not None and not directory.is_local_domain(address.domain):
+            now = self.clock.seconds()
+            bounce = Entry(bounce_id, "", 0, now, [Recipient(to, next_attempt=now)], client="")
+            await self._thread(queue.enqueue_bytes, self.directory, dsn, bounce)
+            self.entries[bounce_id] = bounce
+            log.info(
+                "queue {id}: bounce {bounce} queued for {to}", id=entry.id, bounce=bounce_id, to=to
+            )
+        else:
+            log.warn("queue {id}: no mailbox for the bounce to {to}; dropped", id=entry.id, to=to)
+
+    def _read_original(self, entry: Entry) -> bytes:
+        with open(self.directory / f"{entry.id}.msg", "rb") as f:
+            f.seek(entry.offset)
+            return f.read(256 * 1024)  # the headers are what the bounce shows
+
+    def _deliver_locally(self, data: bytes, accounts: tuple[Account, ...]) -> None:
+        mail_dir = self.config.mailbox.mail_dir
+        message = IncomingMessage(mail_dir / ".incoming", self.config.mailbox.hostname)
+        try:
+            message.write_line(b"Return-Path: <>")
+            for line in data.split(b"\n")[:-1]:
+                message.write_line(line)
+        except BaseException:
+            message.discard()
+            raise
+        message.commit(mail_dir, accounts)
