@@ -87,23 +87,37 @@ class Directory:
 
     def resolve(self, address: Address) -> tuple[Account, ...]:
         """The local accounts mail for `address` goes to; empty if none."""
+        return self.expand(address)[0]
+
+    def expand(self, address: Address) -> tuple[tuple[Account, ...], tuple[str, ...]]:
+        """The local accounts and the remote addresses (forwarding aliases)
+        that mail for `address` goes to."""
         found: dict[str, Account] = {}
-        self._resolve(address, found, set(), 0)
-        return tuple(found.values())
+        remote: dict[str, str] = {}
+        self._resolve(address, found, remote, set(), 0)
+        return tuple(found.values()), tuple(remote.values())
 
     def _resolve(
-        self, address: Address, found: dict[str, Account], seen: set[str], depth: int
+        self,
+        address: Address,
+        found: dict[str, Account],
+        remote: dict[str, str],
+        seen: set[str],
+        depth: int,
     ) -> None:
         c = self.canonical(address)
+        if c is None:
+            remote.setdefault(address.key, str(address))
+            return
         # `seen` keeps loops and fan-out linear; the depth cap bounds long chains.
-        if c is None or c.key in seen or depth > MAX_ALIAS_DEPTH:
+        if c.key in seen or depth > MAX_ALIAS_DEPTH:
             return
         seen.add(c.key)
         if c.key in self.aliases:
             for target in self.aliases[c.key]:
                 parsed = parse_mailbox(target)
                 if parsed is not None:
-                    self._resolve(parsed, found, seen, depth + 1)
+                    self._resolve(parsed, found, remote, seen, depth + 1)
             return
         account = self.account(c)
         if account is not None:
@@ -182,17 +196,8 @@ def parse_aliases(
             parsed = parse_mailbox(target)
             if parsed is None:
                 problems.append(Problem(path, number, f"{target!r} is not a mail address"))
-            elif not is_local(parsed.domain):
-                # Forwarding off the box needs the outbound queue.
-                problems.append(
-                    Problem(
-                        path,
-                        number,
-                        f"{target}: remote alias targets are not delivered yet; skipped",
-                    )
-                )
             else:
-                good.append(target)
+                good.append(target)  # a remote target forwards through the queue
         if good:
             aliases[key(alias)] = tuple(good)
     return aliases, problems

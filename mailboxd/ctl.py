@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import bcrypt
 
-from . import accounts
+from . import accounts, queue
 from .addresses import parse_mailbox
 from .config import Config, ConfigError, load
 from .state import SQLiteStateStore, StateError, normalise_ip, state_path
@@ -125,6 +125,37 @@ def popauth(config: Config, args: argparse.Namespace) -> None:
     print(f"revoked {ip}")
 
 
+def queue_command(config: Config, args: argparse.Namespace) -> None:
+    directory = queue.queue_dir(config.mailbox.mail_dir)
+    now = time.time()
+    if args.action == "list":
+        for path in queue.entry_paths(directory):
+            try:
+                entry = queue.load(path)
+            except (queue.CorruptEntry, OSError) as e:
+                print(f"{path.stem}\tunreadable: {e}")
+                continue
+            age = int(now - entry.received)
+            print(f"{entry.id}\tage {age // 3600}h{age % 3600 // 60:02d}m\tfrom <{entry.sender}>")
+            for r in entry.recipients:
+                line = f"\t{r.address}\t{r.status}\tattempts {r.attempts}"
+                if not r.done:
+                    line += f"\tnext {_when(max(r.next_attempt, now))}"
+                if r.last_error:
+                    line += f"\tlast error: {r.last_error}"
+                print(line)
+        return
+    if args.action == "flush":
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / queue.FLUSH).touch()
+        print("the running server tries every queued recipient within a second or two")
+        return
+    if not queue.remove(directory, args.id):
+        raise SystemExit(f"mailboxctl: no queued message {args.id}")
+    _state(config).note(now, f"deleted queued message {args.id}")
+    print(f"deleted {args.id}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mailboxctl", description=__doc__)
     p.add_argument("--config", default="etc/mailbox.ini", help="config file (default: %(default)s)")
@@ -147,6 +178,11 @@ def parser() -> argparse.ArgumentParser:
         cact = c.add_subparsers(dest="action", required=True)
         cact.add_parser("list", help=f"list the {text}")
         cact.add_parser(verb, help=f"{verb} one IP").add_argument("ip")
+    q = sub.add_parser("queue", help="the outbound queue")
+    qact = q.add_subparsers(dest="action", required=True)
+    qact.add_parser("list", help="list queued messages and their recipients")
+    qact.add_parser("flush", help="try every deferred recipient now")
+    qact.add_parser("delete", help="drop a queued message").add_argument("id")
     return p
 
 
@@ -157,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         raise SystemExit(f"mailboxctl: {e}") from None
     try:
-        {"user": user, "blocked": blocked, "popauth": popauth}[args.command](config, args)
+        commands = {"user": user, "blocked": blocked, "popauth": popauth, "queue": queue_command}
+        commands[args.command](config, args)
     except OSError as e:
         raise SystemExit(f"mailboxctl: {e.filename or ''}: {e.strerror}") from None
     except StateError as e:

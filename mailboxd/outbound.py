@@ -144,6 +144,8 @@ class Outbound:
     _loop: LoopingCall | None = None
     _scanning: bool = False
     _rescan: bool = True
+    _ticks: int = 0
+    rescan_every: int = 5  # ticks: notices `mailboxctl queue delete` and stray files
 
     # --- running ------------------------------------------------------------
 
@@ -162,6 +164,9 @@ class Outbound:
         self.clock.callLater(0, self.tick)
 
     def tick(self) -> None:
+        self._ticks += 1
+        if self._ticks % self.rescan_every == 0:
+            self._rescan = True
         flush = self.directory / queue.FLUSH
         if flush.exists():
             flush.unlink(missing_ok=True)
@@ -232,6 +237,10 @@ class Outbound:
     # --- one entry --------------------------------------------------------------
 
     async def _work(self, entry: Entry) -> None:
+        if not (self.directory / f"{entry.id}.msg").exists():
+            log.info("queue {id} was deleted", id=entry.id)
+            self.entries.pop(entry.id, None)
+            return
         now = self.clock.seconds()
         smarthost = self.config.relay.smarthost
         groups: dict[str, list[Recipient]] = collections.defaultdict(list)

@@ -35,6 +35,7 @@ class Decision:
     code: int
     text: str
     accounts: tuple[Account, ...] = ()
+    forwards: tuple[str, ...] = ()  # remote targets of forwarding aliases
 
 
 @attrs.frozen
@@ -70,12 +71,12 @@ def decide(client: Client, directory: Directory, rcpt: Address) -> Decision:
     if client.listener is Listener.SUBMISSION and not client.authorised:
         return Decision(Verdict.REJECT, 530, "5.7.0 Authentication required")
     if directory.is_local_domain(rcpt.domain):
-        accounts = directory.resolve(rcpt)
-        if not accounts:
+        accounts, forwards = directory.expand(rcpt)
+        if not accounts and not forwards:
             return Decision(
                 Verdict.REJECT, 550, f"5.1.1 <{rcpt}>: Recipient address rejected: User unknown"
             )
-        return Decision(Verdict.LOCAL, 250, "2.1.5 Ok", accounts)
+        return Decision(Verdict.LOCAL, 250, "2.1.5 Ok", accounts, forwards)
     if not client.authorised:
         return Decision(Verdict.REJECT, 554, f"5.7.1 <{rcpt}>: Relay access denied")
     return Decision(Verdict.RELAY, 250, "2.1.5 Ok")

@@ -306,6 +306,8 @@ class SMTPServer(LineProtocol, TimeoutMixin):
             self.tx.accounts.setdefault(account.address, account)
         if decision.verdict is Verdict.RELAY:
             self.tx.relay.setdefault(rcpt.key, str(rcpt))
+        for target in decision.forwards:  # forwarding aliases keep the envelope sender
+            self.tx.relay.setdefault(target.lower(), target)
         return (decision.code, decision.text)
 
     def smtp_DATA(self, arg: str) -> Reply:

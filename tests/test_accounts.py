@@ -172,21 +172,36 @@ def test_parse_aliases_skips_bad_lines_with_their_numbers():
             "sales@example.test: alice@example.test, not-an-address, bob@far.test",  # 7 partly
             "team@example.org: alice@example.test bob@other.test",  # 8 good, space separated
             "",  # 9
-            "only-remote@example.test: someone@far.test",  # 10 nothing left
+            "only-remote@example.test: someone@far.test",  # 10 good: forwards
         ]
     )
     aliases, problems = parse_aliases(text, path, is_local)
     assert aliases == {
         "postmaster@example.test": ("alice@example.test",),
-        "sales@example.test": ("alice@example.test",),
+        "sales@example.test": ("alice@example.test", "bob@far.test"),
         "team@example.org": ("alice@example.test", "bob@other.test"),
+        "only-remote@example.test": ("someone@far.test",),
     }
-    assert [p.line for p in problems] == [3, 4, 5, 6, 7, 7, 10]
+    assert [p.line for p in problems] == [3, 4, 5, 6, 7]
     for p in problems:
         assert str(p).startswith(f"{path}:{p.line}: ") and "\n" not in str(p)
 
 
 # --- alias resolution ---------------------------------------------------------
+
+
+def test_forwarding_alias_expands_to_remote_targets(tmp_path):
+    d, _ = load(
+        tmp_path,
+        f"alice@example.test:{H1}\n",
+        "fwd@example.test: alice@example.test, Far@Far.test\nchain@example.org: fwd@example.test\n",
+    )
+    assert d.expand(addr("chain@example.test")) == (
+        (acct("alice@example.test"),),
+        ("Far@far.test",),
+    )
+    assert d.resolve(addr("fwd@example.test")) == (acct("alice@example.test"),)
+
 
 ACCOUNTS = f"alice@example.test:{H1}\nbob@other.test:{H2}\n"
 

@@ -408,3 +408,17 @@ def test_a_broken_state_store_gets_a_temporary_refusal(unit):
         "421 4.3.0 mail.example.test Error: service unavailable, try again later"
     ]
     assert POP(unit).greeting == ["-ERR [SYS/TEMP] service unavailable, try again later"]
+
+
+def test_forwarding_alias_queues_the_remote_target_with_the_original_sender(unit, s):
+    aliases = unit.config.mailbox.aliases
+    aliases.write_text(aliases.read_text() + "fwd@example.test: alice@example.test, Out@Far.test\n")
+    unit.store.reload()
+    assert s.cmd("MAIL FROM:<stranger@elsewhere.test>") == "250 2.1.0 Ok"
+    assert s.cmd("RCPT TO:<fwd@example.test>") == "250 2.1.5 Ok"
+    s.cmd("DATA")
+    assert s.send("Subject: fwd\r\n\r\nhi\r\n.\r\n")[0].startswith("250 ")
+    [envelope] = queued(unit)
+    assert envelope["sender"] == "stranger@elsewhere.test"
+    assert [r["address"] for r in envelope["recipients"]] == ["Out@far.test"]
+    assert len(s.delivered("alice@example.test")) == 1
