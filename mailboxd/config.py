@@ -163,8 +163,10 @@ def _endpoints(text: str) -> tuple[str, ...]:
 
     found = []
     for word in text.split():
+        # tls:PORT:... is ours: TCP under implicit TLS with the [tls] certificate.
+        parsed = "tcp:" + word[4:] if word.startswith("tls:") else word
         try:
-            serverFromString(_ParseOnlyReactor(), word)
+            serverFromString(_ParseOnlyReactor(), parsed)
         except Exception as e:  # parsers raise ValueError, KeyError, TypeError...
             raise _Invalid(
                 f"Twisted server endpoint strings such as tcp:2525:interface=127.0.0.1; "
@@ -315,6 +317,20 @@ def _check(config: Config) -> None:
             f"{config.path}: [mailbox] domains is empty: expected at least one domain"
         )
     t = config.tls
+    implicit = [
+        (section, e)
+        for section, endpoints in (
+            ("smtp", config.smtp.listen + config.smtp.submission),
+            ("pop3", config.pop3.listen),
+        )
+        for e in endpoints
+        if e.startswith("tls:")
+    ]
+    if implicit and t.certificate is None:
+        section, e = implicit[0]
+        raise ConfigError(
+            f"{config.path}: [{section}] {e!r} needs [tls] certificate and private_key"
+        )
     if (t.certificate is None) != (t.private_key is None):
         raise ConfigError(
             f"{config.path}: [tls] certificate and private_key: expected both set or both empty"

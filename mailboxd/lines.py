@@ -103,6 +103,12 @@ class LineProtocol(Protocol):
             log.failure("unhandled error in protocol handler", failure)
         self.internalError()
 
+    def discard_input(self) -> None:
+        """Drop everything received but not yet handled (plaintext before TLS)."""
+        self._buffer = b""
+        self._pos = 0
+        self._discarding = False
+
     def connectionLost(self, reason: Any = None) -> None:
         self._closed = True
         self._buffer = b""

@@ -24,22 +24,15 @@ from .lines import LineProtocol
 from .maildir import Mailbox, MailboxLocked, dot_stuff, maildir_path, read_message
 from .popauth import PopAuthRegistry
 from .state import StateError
+from .tls import ServerTLS, tls_connection
 
 log = Logger()
 
 Reply = str | bytes  # a one-line reply, or a full multi-line response
 LINE_MAX = 255  # RFC 2449 §4: command lines up to 255 octets, CRLF included
 
-CAPABILITIES = (
-    "USER",
-    "UIDL",
-    "TOP",
-    "RESP-CODES",
-    "AUTH-RESP-CODE",
-    "PIPELINING",
-    "SASL PLAIN",
-    "IMPLEMENTATION Mailbox",
-)
+CAPABILITIES = ("UIDL", "TOP", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING")
+TLS_REQUIRED = "-ERR [AUTH] Authentication needs TLS here: send STLS first"
 
 AUTH_FAILED = "-ERR [AUTH] Authentication failed"
 
@@ -52,6 +45,7 @@ class POP3Factory(ServerFactory):
     clock: IReactorTime
     reactor: Any
     pool: ThreadPool
+    tls: ServerTLS | None = None  # offered as STLS when set
 
     noisy = False  # the connection log lines say more
 
@@ -167,12 +161,43 @@ class POP3Server(LineProtocol, TimeoutMixin):
 
     # --- AUTHORIZATION state -------------------------------------------------
 
+    @property
+    def secure(self) -> bool:
+        return tls_connection(self.transport) is not None
+
+    @property
+    def auth_allowed(self) -> bool:
+        return self.secure or not self.factory.config.smtp.require_tls_for_auth
+
     def pop_CAPA(self, arg: str) -> bytes:
-        return multiline("+OK Capability list follows", list(CAPABILITIES))
+        caps = list(CAPABILITIES)
+        if self.factory.tls is not None and not self.secure and not self.in_transaction():
+            caps.append("STLS")
+        if self.auth_allowed and not self.in_transaction():
+            caps += ["USER", "SASL PLAIN"]
+        return multiline("+OK Capability list follows", caps + ["IMPLEMENTATION Mailbox"])
+
+    def pop_STLS(self, arg: str) -> Reply | None:
+        if self.factory.tls is None:
+            return "-ERR TLS not available"
+        if self.in_transaction():
+            return "-ERR STLS is only allowed before login"
+        if self.secure:
+            return "-ERR TLS already active"
+        self.sendLine("+OK Begin TLS negotiation")
+        # RFC 2595 §4 and the STARTTLS injection attacks: forget what was said in
+        # plaintext, including anything pipelined behind STLS.
+        self.discard_input()
+        self.username, self.sasl = None, None
+        self.transport.startTLS(self.factory.tls)
+        log.info("pop3 STLS from {client}", client=self.peer_ip)
+        return None
 
     def pop_USER(self, arg: str) -> Reply:
         if self.in_transaction():
             return "-ERR already authenticated"
+        if not self.auth_allowed:
+            return TLS_REQUIRED
         if not arg.strip():
             return "-ERR USER needs a user name (your full mail address)"
         self.username = arg.strip()
@@ -181,6 +206,8 @@ class POP3Server(LineProtocol, TimeoutMixin):
     def pop_PASS(self, arg: str) -> Reply | Deferred:
         if self.in_transaction():
             return "-ERR already authenticated"
+        if not self.auth_allowed:
+            return TLS_REQUIRED
         if self.username is None:
             return "-ERR send USER first"
         if not arg:
@@ -194,6 +221,8 @@ class POP3Server(LineProtocol, TimeoutMixin):
     def pop_AUTH(self, arg: str) -> Reply | Deferred:
         if self.in_transaction():
             return "-ERR already authenticated"
+        if not self.auth_allowed:
+            return TLS_REQUIRED
         mechanism, _, initial = arg.strip().partition(" ")
         if not mechanism:
             return multiline("+OK SASL mechanisms follow", ["PLAIN"])
@@ -343,9 +372,6 @@ class POP3Server(LineProtocol, TimeoutMixin):
 
     def pop_NOOP(self, arg: str) -> Reply:
         return "+OK" if self.mailbox is not None else "-ERR not authenticated"
-
-    def pop_STLS(self, arg: str) -> Reply:
-        return "-ERR TLS not available"
 
     def pop_QUIT(self, arg: str) -> Deferred | None:
         mailbox = self.mailbox

@@ -28,6 +28,7 @@ from .queue import queue_dir, remove_unacknowledged
 from .realm import BcryptChecker, MailboxRealm, make_portal
 from .smtp import SMTPFactory
 from .state import SQLiteStateStore, StateError, state_path
+from .tls import IMPLICIT_PREFIX, ServerTLS, TLSConfigError, implicit_endpoint, wrap_implicit
 
 log = Logger()
 
@@ -35,8 +36,20 @@ log = Logger()
 class ListenerService(StreamServerEndpointService):
     """An endpoint service that stops start-up with one line if it cannot listen."""
 
-    def __init__(self, reactor: Any, description: str, factory: ServerFactory, name: str) -> None:
-        super().__init__(serverFromString(reactor, description), factory)
+    def __init__(
+        self,
+        reactor: Any,
+        description: str,
+        factory: ServerFactory,
+        name: str,
+        tls: ServerTLS | None = None,
+    ) -> None:
+        if description.startswith(IMPLICIT_PREFIX) and tls is not None:
+            endpoint = implicit_endpoint(reactor, description)
+            factory = wrap_implicit(tls, factory)
+        else:
+            endpoint = serverFromString(reactor, description)
+        super().__init__(endpoint, factory)
         self.description = description
         self.setName(name)
         # Fail at start-up rather than log and run without the listener.
@@ -166,6 +179,12 @@ def build(config: Config, reactor: Any) -> MultiService:
         make_portal(MailboxRealm(directory), checker), Guard(state, reactor, config.limits)
     )
     popauth = PopAuthRegistry(state, reactor, config.relay.pop_before_smtp_ttl)
+    tls = None
+    if config.tls.certificate is not None and config.tls.private_key is not None:
+        try:
+            tls = ServerTLS(config.tls.certificate, config.tls.private_key, reactor)
+        except TLSConfigError as e:
+            raise SystemExit(f"mailbox: {e}") from None
     # Make the unknown-user hash before the first login needs it (see BcryptChecker).
     cost = accounts.directory.typical_cost or m.bcrypt_rounds
     reactor.callWhenRunning(pool.callInThread, checker.dummy_hash, cost)
@@ -177,16 +196,15 @@ def build(config: Config, reactor: Any) -> MultiService:
 
     def smtp(listener: Listener) -> SMTPFactory:
         return SMTPFactory(
-            config, directory, reactor, reactor, pool, auth, popauth, listener, outbound.wake
+            config, directory, reactor, reactor, pool, auth, popauth, listener, outbound.wake, tls
         )
 
-    for i, desc in enumerate(config.smtp.listen):
-        ListenerService(reactor, desc, smtp(Listener.MTA), f"smtp-{i}").setServiceParent(top)
-    for i, desc in enumerate(config.smtp.submission):
-        ListenerService(
-            reactor, desc, smtp(Listener.SUBMISSION), f"submission-{i}"
-        ).setServiceParent(top)
-    pop3 = POP3Factory(config, auth, popauth, reactor, reactor, pool)
-    for i, desc in enumerate(config.pop3.listen):
-        ListenerService(reactor, desc, pop3, f"pop3-{i}").setServiceParent(top)
+    pop3 = POP3Factory(config, auth, popauth, reactor, reactor, pool, tls)
+    for name, descriptions, factory in (
+        ("smtp", config.smtp.listen, smtp(Listener.MTA)),
+        ("submission", config.smtp.submission, smtp(Listener.SUBMISSION)),
+        ("pop3", config.pop3.listen, pop3),
+    ):
+        for i, desc in enumerate(descriptions):
+            ListenerService(reactor, desc, factory, f"{name}-{i}", tls).setServiceParent(top)
     return top

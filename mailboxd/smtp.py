@@ -35,6 +35,7 @@ from .policy import Client, Listener, Verdict, decide, decide_sender
 from .popauth import PopAuthRegistry
 from .queue import Entry, Recipient, enqueue, queue_dir
 from .state import StateError
+from .tls import ServerTLS, describe, tls_connection
 
 log = Logger()
 
@@ -59,6 +60,7 @@ class SMTPFactory(ServerFactory):
     popauth: PopAuthRegistry
     listener: Listener = Listener.MTA
     queued: Callable[[], object] = lambda: None  # tells the outbound queue to look
+    tls: ServerTLS | None = None  # offered as STARTTLS when set
 
     noisy = False  # the connection log lines say more
 
@@ -209,18 +211,28 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         return (250, "\n".join(self.extensions()))
 
     def extensions(self) -> list[str]:
-        return [
-            f"{self.hostname} Hello {arg_safe(self.helo or '')} [{self.peer_ip}]",
-            "PIPELINING",
-            f"SIZE {self.factory.config.smtp.max_message_size}",
-            "8BITMIME",
-            "ENHANCEDSTATUSCODES",
-        ] + (
-            []
-            if self.factory.config.smtp.require_tls_for_auth
-            # AUTH= too: Outlook Express and other old clients look only for that form.
-            else ["AUTH PLAIN LOGIN", "AUTH=PLAIN LOGIN"]
+        return (
+            [
+                f"{self.hostname} Hello {arg_safe(self.helo or '')} [{self.peer_ip}]",
+                "PIPELINING",
+                f"SIZE {self.factory.config.smtp.max_message_size}",
+                "8BITMIME",
+                "ENHANCEDSTATUSCODES",
+            ]
+            + (["STARTTLS"] if self.factory.tls and not self.secure else [])
+            + (
+                # AUTH= too: Outlook Express and other old clients look only for that form.
+                ["AUTH PLAIN LOGIN", "AUTH=PLAIN LOGIN"] if self.auth_allowed else []
+            )
         )
+
+    @property
+    def secure(self) -> bool:
+        return tls_connection(self.transport) is not None
+
+    @property
+    def auth_allowed(self) -> bool:
+        return self.secure or not self.factory.config.smtp.require_tls_for_auth
 
     def smtp_HELO(self, arg: str) -> Reply:
         if not arg:
@@ -343,12 +355,16 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         assert self.tx is not None
         ip = self.peer_ip
         literal = f"IPv6:{ip}" if ":" in ip else ip
-        # RFC 3848: ESMTPA marks an authenticated session.
-        proto = ("ESMTPA" if self.account else "ESMTP") if self.esmtp else "SMTP"
+        # RFC 3848: ESMTPS marks TLS, ESMTPA authentication, ESMTPSA both.
+        tls = describe(self.transport)
+        proto = "ESMTP" + ("S" if tls else "") + ("A" if self.account else "")
+        if not self.esmtp:
+            proto = "SMTP" if not tls else "SMTPS"
         rcpt = f"\n\tfor <{self.tx.recipients[0]}>" if len(self.tx.recipients) == 1 else ""
+        using = f"\n\t(using {tls})" if tls else ""
         now = format_datetime(_now(self.factory.clock))
         return (
-            f"Received: from {arg_safe(self.helo or 'unknown')} ([{literal}])\n"
+            f"Received: from {arg_safe(self.helo or 'unknown')} ([{literal}]){using}\n"
             f"\tby {self.hostname} (Mailbox) with {proto} id {self.message_id}{rcpt};\n"
             f"\t{now}"
         )
@@ -464,7 +480,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
     # --- AUTH (RFC 4954): PLAIN (RFC 4616) and LOGIN -------------------------
 
     def smtp_AUTH(self, arg: str) -> Reply | Deferred:
-        if self.factory.config.smtp.require_tls_for_auth:
+        if not self.auth_allowed:
             return (538, "5.7.11 Encryption required for requested authentication mechanism")
         if not self.esmtp:
             return (503, "5.5.1 Error: send EHLO first")
@@ -530,8 +546,21 @@ class SMTPServer(LineProtocol, TimeoutMixin):
             return None
         return (535, "5.7.8 Authentication credentials invalid")
 
-    def smtp_STARTTLS(self, arg: str) -> Reply:
-        return (502, "5.5.1 Error: TLS not available")
+    def smtp_STARTTLS(self, arg: str) -> Reply | None:
+        if self.factory.tls is None:
+            return (502, "5.5.1 Error: TLS not available")
+        if self.secure:
+            return (503, "5.5.1 Error: TLS already active")
+        if arg:
+            return (501, "5.5.4 Syntax: STARTTLS")
+        self.reply((220, "2.0.0 Ready to start TLS"))
+        # RFC 3207 §4.2: forget everything said in plaintext, including any
+        # commands the client (or an attacker) sent behind STARTTLS.
+        self.discard_input()
+        self.helo, self.esmtp, self.tx, self.account, self.sasl = None, False, None, None, None
+        self.transport.startTLS(self.factory.tls)
+        log.info("smtp STARTTLS from {client}", client=self.peer_ip)
+        return None
 
 
 def parse_path(arg: str, keyword: str) -> tuple[str, dict[str, str | None]] | None:
