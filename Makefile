@@ -21,8 +21,10 @@ install: $(VENV)/.installed
 
 run: install
 	@mkdir -p mailbox
+	@$(BIN)/mailboxctl --config $(CONFIG) tls self-signed
 	@echo
-	@echo "Mailbox on 127.0.0.1: SMTP 2525, submission 2587, POP3 1110; mail in mailbox/."
+	@echo "Mailbox on 127.0.0.1: SMTP 2525 (STARTTLS), SMTPS 2465, submission 2587,"
+	@echo "POP3 1110 (STLS), POP3S 1995; mail in mailbox/."
 	@echo "Add an account (the user name is the full address):"
 	@echo "    $(BIN)/mailboxctl --config $(CONFIG) user add you@example.test"
 	@echo "Then point a mail client at 127.0.0.1: POP3 port 1110, SMTP port 2525,"

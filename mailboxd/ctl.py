@@ -15,6 +15,7 @@ from . import accounts, queue
 from .addresses import parse_mailbox
 from .config import Config, ConfigError, load
 from .state import SQLiteStateStore, StateError, normalise_ip, state_path
+from .tls import make_self_signed
 
 
 def _address(config: Config, text: str) -> accounts.Address:
@@ -156,6 +157,18 @@ def queue_command(config: Config, args: argparse.Namespace) -> None:
     print(f"deleted {args.id}")
 
 
+def tls_command(config: Config, args: argparse.Namespace) -> None:
+    cert, key = config.tls.certificate, config.tls.private_key
+    if cert is None or key is None:
+        raise SystemExit(
+            f"mailboxctl: {config.path}: [tls] certificate and private_key are not set"
+        )
+    if make_self_signed(config.mailbox.hostname, cert, key):
+        print(f"created a self-signed certificate for {config.mailbox.hostname} in {cert}")
+    else:
+        print(f"{cert} exists; left as it is")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mailboxctl", description=__doc__)
     p.add_argument("--config", default="etc/mailbox.ini", help="config file (default: %(default)s)")
@@ -183,6 +196,9 @@ def parser() -> argparse.ArgumentParser:
     qact.add_parser("list", help="list queued messages and their recipients")
     qact.add_parser("flush", help="try every deferred recipient now")
     qact.add_parser("delete", help="drop a queued message").add_argument("id")
+    t = sub.add_parser("tls", help="TLS certificates")
+    tact = t.add_subparsers(dest="action", required=True)
+    tact.add_parser("self-signed", help="create a self-signed certificate where [tls] points")
     return p
 
 
@@ -193,7 +209,13 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         raise SystemExit(f"mailboxctl: {e}") from None
     try:
-        commands = {"user": user, "blocked": blocked, "popauth": popauth, "queue": queue_command}
+        commands = {
+            "user": user,
+            "blocked": blocked,
+            "popauth": popauth,
+            "queue": queue_command,
+            "tls": tls_command,
+        }
         commands[args.command](config, args)
     except OSError as e:
         raise SystemExit(f"mailboxctl: {e.filename or ''}: {e.strerror}") from None
