@@ -33,11 +33,16 @@ def _hash(password: str) -> str:
 class MailServer:
     """One appliance in its own home directory, run as a real twistd process."""
 
-    def __init__(self, home: Path, extra: str = "") -> None:
+    def __init__(self, home: Path, extra: str = "", tls: bool = False) -> None:
         self.home = home
         self.smtp_port = free_port()
         self.submission_port = free_port()
         self.pop3_port = free_port()
+        # With tls=True: STARTTLS/STLS on the ports above, and implicit TLS here.
+        self.smtps_port = free_port() if tls else None
+        self.pop3s_port = free_port() if tls else None
+        self.certificate = home / "etc" / "cert.pem"
+        self.private_key = home / "etc" / "key.pem"
         self.log_path = home / "twistd.log"
         self.proc: subprocess.Popen | None = None
         (home / "etc").mkdir(parents=True, exist_ok=True)
@@ -61,7 +66,20 @@ class MailServer:
             "[relay]\n"
             f"smarthost = 127.0.0.1:{self.smarthost_port}\n"
         )
-        config.read_string(extra)  # a second source: its keys override
+        if tls:
+            from mailboxd.tls import make_self_signed
+
+            make_self_signed("mail.example.test", self.certificate, self.private_key)
+            config.read_string(
+                "[smtp]\n"
+                f"listen = tcp:{self.smtp_port}:interface=127.0.0.1"
+                f" tls:{self.smtps_port}:interface=127.0.0.1\n"
+                "[pop3]\n"
+                f"listen = tcp:{self.pop3_port}:interface=127.0.0.1"
+                f" tls:{self.pop3s_port}:interface=127.0.0.1\n"
+                f"[tls]\ncertificate = {self.certificate}\nprivate_key = {self.private_key}\n"
+            )
+        config.read_string(extra)  # a later source: its keys override
         with self.config.open("w") as f:
             config.write(f)
         self.accounts = home / "etc" / "accounts"
@@ -89,7 +107,14 @@ class MailServer:
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 30
-        for port in (self.smtp_port, self.submission_port, self.pop3_port):
+        ports = (
+            self.smtp_port,
+            self.submission_port,
+            self.pop3_port,
+            self.smtps_port,
+            self.pop3s_port,
+        )
+        for port in (p for p in ports if p is not None):
             while True:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"twistd exited {self.proc.returncode}:\n{self.log()}")
@@ -145,12 +170,36 @@ def server(tmp_path: Path):
 
 
 @pytest.fixture
+def tls_server(tmp_path: Path):
+    """Like `server`, with a self-signed certificate: STARTTLS, STLS, SMTPS, POP3S."""
+    s = MailServer(tmp_path, tls=True)
+    s.add_user("alice@example.test", "alice pw")
+    s.add_user("bob@other.test", "bob pw")
+    s.start()
+    yield s
+    s.stop()
+    log = s.log()
+    assert "Traceback" not in log, log
+    assert "alice pw" not in log and "bob pw" not in log, "a password reached the log"
+
+
+def client_tls_context():
+    """An ssl.SSLContext for test clients that trusts the self-signed certificate."""
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+@pytest.fixture
 def make_server(tmp_path: Path):
     """Build (not start) servers with extra config; all are stopped afterwards."""
     made: list[MailServer] = []
 
-    def make(extra: str = "", name: str = "s") -> MailServer:
-        s = MailServer(tmp_path / f"{name}{len(made)}", extra)
+    def make(extra: str = "", name: str = "s", tls: bool = False) -> MailServer:
+        s = MailServer(tmp_path / f"{name}{len(made)}", extra, tls=tls)
         made.append(s)
         return s
 
