@@ -10,6 +10,7 @@ that was in flight and never forgets a recipient.
 from __future__ import annotations
 
 import collections
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -18,10 +19,12 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import connectionDone
+from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.mail.smtp import ESMTPSender, ESMTPSenderFactory, SMTPClientError
+from twisted.mail.smtp import ESMTPSender, ESMTPSenderFactory, SMTPClientError, SMTPConnectError
 from twisted.python.threadpool import ThreadPool
 
 from . import queue
@@ -35,7 +38,7 @@ from .routes import Hop, RouteError, destination, mx_hosts, parse_smarthost
 
 log = Logger()
 
-# Minutes after each failed attempt; then hourly until queue_lifetime.
+# Seconds to wait after each failed attempt; then hourly until queue_lifetime.
 BACKOFF = (60, 300, 900, 1800, 3600)
 BAD_HOST_SECONDS = 300
 
@@ -64,9 +67,21 @@ class Outcome:
 
 
 class _Sender(ESMTPSender):
-    """Twisted's sender, with dot-stuffing that holds across chunk boundaries."""
+    """Twisted's sender, with dot-stuffing that holds across chunk boundaries,
+    and an end to the attempt when the server hangs up."""
 
     _line_start = True
+
+    def connectionLost(self, reason: Any = connectionDone) -> None:
+        super().connectionLost(reason)
+        # Only a Connector calls the factory's clientConnectionLost; through an
+        # endpoint nothing would, and the attempt would wait for ever.
+        factory = self.factory
+        result = getattr(factory, "result", None)
+        if not factory.sendFinished and result is not None and not result.called:
+            factory.sendFinished = True
+            error = SMTPConnectError(-1, f"connection lost: {reason.getErrorMessage()}")
+            result.errback(error)
 
     def transformChunk(self, chunk: bytes) -> bytes:
         self.resetTimeout()
@@ -92,11 +107,17 @@ def _text(value: bytes | str) -> str:
     return " ".join(text.split())[:500]
 
 
+_ENHANCED = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
+
+
 def _status(code: int, text: str) -> str:
+    """The reply's RFC 3463 code if it gives a well-formed one of the reply's
+    class (the bounce builder takes nothing else), else X.0.0."""
+    kind = str(code)[0] if 200 <= code < 600 else "4"
     words = text.split()
-    if words and words[0].count(".") == 2 and words[0][0] in "245":
+    if words and _ENHANCED.fullmatch(words[0]) and words[0][0] == kind:
         return words[0]
-    return f"{str(code)[0] if code else 4}.0.0"
+    return f"{kind}.0.0"
 
 
 def outcomes_of(result: Any, recipients: list[str], remote: str) -> list[Outcome]:
@@ -142,6 +163,10 @@ class Outbound:
     _active: collections.Counter = attrs.field(factory=collections.Counter)
     _bad_hosts: dict[str, float] = attrs.field(factory=dict)
     _loop: LoopingCall | None = None
+    _client_tls: Any = attrs.field(
+        factory=lambda: CertificateOptions(raiseMinimumTo=TLSVersion.TLSv1_2)
+    )
+    _finish_after: dict[str, float] = attrs.field(factory=dict)
     _scanning: bool = False
     _rescan: bool = True
     _ticks: int = 0
@@ -225,12 +250,20 @@ class Outbound:
     def _dispatch(self) -> None:
         now = self.clock.seconds()
         for entry_id, entry in list(self.entries.items()):
-            if entry_id in self._busy or not entry.due(now):
+            if entry_id in self._busy:
                 continue
-            if sum(self._active.values()) >= self.config.relay.max_connections:
+            if entry.done:  # all answered, but not yet finished (a crash, a failed bounce)
+                if self._finish_after.get(entry_id, 0) > now:
+                    continue
+                work = self._finish(entry)
+            elif not entry.due(now):
+                continue
+            elif sum(self._active.values()) >= self.config.relay.max_connections:
                 return
+            else:
+                work = self._work(entry)
             self._busy.add(entry_id)
-            d = ensureDeferred(self._work(entry))
+            d = ensureDeferred(work)
             d.addErrback(lambda f, e=entry: log.failure("queue: {id} failed", f, id=e.id))
             d.addBoth(lambda _, i=entry_id: self._busy.discard(i))
 
@@ -267,6 +300,7 @@ class Outbound:
         lifetime = self.config.relay.queue_lifetime
         for r, o in zip(recipients, outcomes, strict=True):
             r.attempts += 1
+            r.remote = o.remote or ""
             if o.delivered:
                 r.status, r.last_error, r.status_code = "delivered", "", ""
             elif o.permanent or now - entry.received >= lifetime:
@@ -305,13 +339,16 @@ class Outbound:
             code = 550 if e.permanent else 451
             return [Outcome(r, code, f"{code} {e.status} {e.text}", e.status) for r in recipients]
         now = self.clock.seconds()
-        good = [h for h in hops if self._bad_hosts.get(h.host, 0) <= now]
+        for host, until in list(self._bad_hosts.items()):
+            if until <= now:
+                del self._bad_hosts[host]
+        good = [h for h in hops if h.host not in self._bad_hosts]
         outcomes: list[Outcome] = []
         for hop in good or hops:  # a bad host is skipped for a while, unless all are bad
             outcomes = await self._send(entry, hop, recipients)
             if any(o.code for o in outcomes):
                 return outcomes  # a server answered: its answers stand
-            self._bad_hosts[hop.host] = now + BAD_HOST_SECONDS
+            self._bad_hosts[hop.host] = self.clock.seconds() + BAD_HOST_SECONDS  # from the failure
         return outcomes
 
     async def _send(self, entry: Entry, hop: Hop, recipients: list[str]) -> list[Outcome]:
@@ -332,8 +369,13 @@ class Outbound:
                 heloFallback=True,
                 requireAuthentication=bool(relay.smarthost and relay.smarthost_username),
                 requireTransportSecurity=False,
-                hostname=self.config.mailbox.hostname.encode(),
             )
+            # Our name in EHLO/HELO. (ESMTPSenderFactory's `hostname` is the
+            # *server's* name for TLS verification, and must be text.)
+            factory.domain = self.config.mailbox.hostname.encode()
+            # STARTTLS whenever the other side offers it, without verification,
+            # as MTAs do between themselves (RFC 7435 opportunistic security).
+            factory._contextFactory = self._client_tls
             factory.clock = self.clock
             connecting = (self.connect or self._connect)(hop, factory)
             connecting.addErrback(lambda f: result.called or result.errback(f))
@@ -356,9 +398,16 @@ class Outbound:
     async def _finish(self, entry: Entry) -> None:
         failed = [r for r in entry.recipients if r.status == "failed"]
         if failed:
-            await self._bounce(entry, failed)
+            try:
+                await self._bounce(entry, failed)
+            except Exception:
+                # Keep the entry: the bounce is tried again in a minute.
+                log.failure("queue {id}: cannot send the bounce; trying again later", id=entry.id)
+                self._finish_after[entry.id] = self.clock.seconds() + 60
+                return
         await self._thread(queue.remove, self.directory, entry.id)
         self.entries.pop(entry.id, None)
+        self._finish_after.pop(entry.id, None)
         log.info("queue {id} done", id=entry.id)
 
     async def _bounce(self, entry: Entry, failed: list[Recipient]) -> None:
@@ -376,7 +425,10 @@ class Outbound:
                 )
                 return
         original = await self._thread(self._read_original, entry)
-        failures = [Failure(r.address, r.status_code or "5.0.0", r.last_error) for r in failed]
+        failures = [
+            Failure(r.address, r.status_code or "5.0.0", r.last_error, r.remote or None)
+            for r in failed
+        ]
         bounce_id = secrets.token_hex(6).upper()
         dsn = build_dsn(
             hostname=self.config.mailbox.hostname,

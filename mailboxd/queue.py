@@ -22,6 +22,7 @@ Layout, one message per id under ``<mail_dir>/.queue/``::
                     next_attempt  Unix time of the next attempt
                     last_error    the last failure's reply or reason, or ""
                     status_code   RFC 3463 code of a failure, e.g. "5.1.1", or ""
+                    remote        the host that gave the last answer, or ""
     corrupt/    entries that could not be parsed, moved aside for the operator
     .flush      present when `mailboxctl queue flush` asks for an immediate retry
 
@@ -45,6 +46,7 @@ from .maildir import fsync_dir, link_or_copy
 QUEUE_DIR = ".queue"
 FLUSH = ".flush"
 DONE = ("delivered", "failed")
+STATUSES = ("pending", "deferred", *DONE)
 
 
 class CorruptEntry(ValueError):
@@ -59,6 +61,7 @@ class Recipient:
     next_attempt: float = 0.0
     last_error: str = ""
     status_code: str = ""
+    remote: str = ""  # the server that gave the last answer
 
     @property
     def done(self) -> bool:
@@ -88,9 +91,42 @@ class Entry:
             entry = cls(**data)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise CorruptEntry(str(e)) from None
-        if not isinstance(entry.id, str) or not entry.recipients:
-            raise CorruptEntry("no id or no recipients")
+        problem = entry.problem()
+        if problem:
+            raise CorruptEntry(problem)
         return entry
+
+    def problem(self) -> str | None:
+        """What is wrong with a parsed envelope's field types, if anything.
+
+        JSON from disk may be valid and still wrong; one bad entry must not
+        stop the runner, so it is refused here and moved aside."""
+        checks = [
+            (self.id, str, "id"),
+            (self.sender, str, "sender"),
+            (self.client, str, "client"),
+            (self.account, (str, type(None)), "account"),
+            (self.offset, int, "offset"),
+            (self.received, (int, float), "received"),
+        ]
+        for r in self.recipients:
+            checks += [
+                (r.address, str, "address"),
+                (r.status, str, "status"),
+                (r.attempts, int, "attempts"),
+                (r.next_attempt, (int, float), "next_attempt"),
+                (r.last_error, str, "last_error"),
+                (r.status_code, str, "status_code"),
+                (r.remote, str, "remote"),
+            ]
+        for value, kind, name in checks:
+            if isinstance(value, bool) or not isinstance(value, kind):
+                return f"{name} has the wrong type"
+        if not self.id or not self.recipients or self.offset < 0:
+            return "no id, no recipients or a negative offset"
+        if any(r.status not in STATUSES for r in self.recipients):
+            return "unknown recipient status"
+        return None
 
     def due(self, now: float) -> list[Recipient]:
         return [r for r in self.recipients if not r.done and r.next_attempt <= now]
@@ -159,7 +195,10 @@ def load(path: Path) -> Entry:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise CorruptEntry(str(e)) from None
-    return Entry.from_json(text)
+    entry = Entry.from_json(text)
+    if entry.id != path.stem:
+        raise CorruptEntry(f"its id {entry.id!r} is not its file name")
+    return entry
 
 
 def entry_paths(directory: Path) -> list[Path]:

@@ -52,7 +52,7 @@ def order_mx(answers: list[Any], domain: str) -> list[str]:
     records.sort(key=lambda r: r.preference)
     hosts: list[str] = []
     for r in records:
-        name = str(r.name).rstrip(".")
+        name = str(r.name).rstrip(".").lower()  # DNS names compare without case
         if name not in hosts:
             hosts.append(name)
     return hosts
@@ -66,10 +66,20 @@ async def mx_hosts(resolver: Any, domain: str) -> list[str]:
         raise RouteError("5.1.2", f"{domain}: no such domain (NXDOMAIN)", permanent=True) from None
     except dns_error.DNSServerError:
         raise RouteError("4.4.3", f"{domain}: DNS server failure (SERVFAIL)", False) from None
+    except (
+        dns_error.DNSQueryRefusedError,
+        dns_error.DNSFormatError,
+        dns_error.DNSNotImplementedError,
+        dns_error.DNSUnknownError,
+    ) as e:
+        # The resolver did not answer: not a reason to use the implicit MX.
+        raise RouteError(
+            "4.4.3", f"{domain}: DNS lookup failed: {type(e).__name__}", False
+        ) from None
     except dns_error.DomainError:
         return [domain]  # no MX records of that name: fall back to its address
     except Exception as e:  # timeouts, refused queries, unreachable resolvers
         raise RouteError(
-            "4.4.3", f"{domain}: DNS lookup failed: {e or type(e).__name__}", False
+            "4.4.3", f"{domain}: DNS lookup failed: {str(e) or type(e).__name__}", False
         ) from None
     return order_mx(answers, domain)

@@ -1,0 +1,982 @@
+"""The outbound queue runner against scripted SMTP servers, all in memory.
+
+`Net.connect` stands in for the TCP endpoint: it builds the sender's protocol
+and joins it to a `FakeSMTP` server with twisted.test.iosim transports; bytes
+move only when a test pumps. Like a real endpoint, it never calls the
+factory's clientConnectionLost. DNS is a `FakeResolver`, time a task.Clock,
+the thread pool a SyncPool.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import unit_config
+from test_routes import FakeResolver
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.logger import globalLogPublisher
+from twisted.names import error as dns_error
+from twisted.protocols.basic import LineReceiver
+from twisted.test import iosim
+
+from mailboxd import queue
+from mailboxd.outbound import BAD_HOST_SECONDS, Outbound, _Sender, backoff
+from mailboxd.queue import Entry, Recipient
+from mailboxd.routes import Hop
+
+HANG = "<hang>"  # the server says nothing
+CLOSE = "<close>"  # the server drops the connection
+
+DEFAULT = {
+    "greeting": "220 mx.far.test ESMTP ready",
+    "ehlo": "250-mx.far.test hello\r\n250-PIPELINING\r\n250 8BITMIME",
+    "helo": "250 mx.far.test",
+    "mail": "250 2.1.0 sender ok",
+    "rcpt": "250 2.1.5 recipient ok",
+    "data": "354 end with <CRLF>.<CRLF>",
+    "eod": "250 2.0.0 queued as 123",
+    "rset": "250 2.0.0 reset",
+    "quit": "221 2.0.0 bye",
+}
+
+
+# --- the fake network ---------------------------------------------------------
+
+
+class Session:
+    """What one server connection received."""
+
+    def __init__(self, hop: Hop) -> None:
+        self.hop = hop
+        self.commands: list[bytes] = []
+        self.helo: bytes | None = None
+        self.sender: bytes | None = None
+        self.recipients: list[bytes] = []  # every RCPT TO
+        self.accepted: list[bytes] = []  # the ones answered 2xx
+        self.data: bytes | None = None  # the wire bytes before the final ".\r\n"
+        self.accepted_data = False  # answered 2xx at the end of the data
+        self.open = True
+
+    @property
+    def delivered(self) -> bool:
+        return self.accepted_data
+
+
+class FakeSMTP(LineReceiver):
+    """An SMTP server that answers from a script: stage -> reply, HANG or CLOSE.
+    "rcpt" may also be a dict: address -> reply (default for the others)."""
+
+    delimiter = b"\r\n"
+    MAX_LENGTH = 1 << 20
+
+    def __init__(self, script: dict, session: Session, net: Net) -> None:
+        self.script = script
+        self.session = session
+        self.net = net
+        self.buffer = b""
+
+    def answer(self, stage: str, key: str | None = None) -> str:
+        reply = self.script.get(stage, DEFAULT[stage])
+        if isinstance(reply, dict):
+            reply = reply.get(key, DEFAULT[stage])
+        if reply == CLOSE:
+            self.transport.loseConnection()
+        elif reply != HANG:
+            self.transport.write(reply.encode() + b"\r\n")
+        return reply
+
+    def connectionMade(self) -> None:
+        self.answer("greeting")
+
+    def connectionLost(self, reason=None) -> None:
+        self.session.open = False
+        self.net.open -= 1
+
+    def lineReceived(self, line: bytes) -> None:
+        s = self.session
+        s.commands.append(line)
+        verb = line.split(b" ", 1)[0].upper()
+        if verb == b"EHLO":
+            s.helo = line[5:]
+            self.answer("ehlo")
+        elif verb == b"HELO":
+            s.helo = line[5:]
+            self.answer("helo")
+        elif line.upper().startswith(b"MAIL FROM:"):
+            s.sender = line[10:].split(b" ")[0].strip(b"<>")
+            self.answer("mail")
+        elif line.upper().startswith(b"RCPT TO:"):
+            address = line[8:].split(b" ")[0].strip(b"<>")
+            s.recipients.append(address)
+            if self.answer("rcpt", address.decode()).startswith("2"):
+                s.accepted.append(address)
+        elif verb == b"DATA":
+            if self.answer("data").startswith("354"):
+                self.setRawMode()
+        elif verb == b"RSET":
+            self.answer("rset")
+        elif verb == b"QUIT":
+            self.answer("quit")
+            self.transport.loseConnection()
+        else:
+            self.transport.write(b"500 5.5.2 what?\r\n")
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self.script.get("drop_in_data"):
+            self.transport.loseConnection()
+            return
+        self.buffer += data
+        if self.buffer == b".\r\n" or self.buffer.endswith(b"\r\n.\r\n"):
+            self.session.data, self.buffer = self.buffer[:-3], b""
+            self.setLineMode()
+            self.session.accepted_data = self.answer("eod").startswith("2")
+
+
+class Transport(iosim.FakeTransport):
+    def reportDisconnect(self) -> None:
+        # As a real transport does: stop the producer (the message being sent)
+        # before telling the protocol.
+        if self.producer is not None:
+            producer, self.producer = self.producer, None
+            producer.stopProducing()
+        super().reportDisconnect()
+
+
+class Pump(iosim.IOPump):
+    def pump(self, debug=False, advanceClock=True):
+        # A server's hang-up reaches the client before any more of its data
+        # goes out (iosim would first drain a producing client).
+        if self.serverIO.disconnecting and not self.serverIO.disconnected:
+            data = self.serverIO.getOutBuffer()
+            if data:
+                self.clientIO.bufferReceived(data)
+            self.serverIO.disconnected = True
+            self.clientIO.disconnecting = True
+            self.clientIO.reportDisconnect()
+            return True
+        return super().pump(debug, advanceClock)
+
+
+class Host:
+    """A mail server: one script per connection (the last one repeats)."""
+
+    def __init__(self, scripts: list[dict]) -> None:
+        self.scripts = scripts or [{}]
+        self.sessions: list[Session] = []
+
+    def next_script(self) -> dict:
+        return self.scripts.pop(0) if len(self.scripts) > 1 else self.scripts[0]
+
+    @property
+    def delivered(self) -> list[Session]:
+        return [s for s in self.sessions if s.delivered]
+
+
+class Net:
+    def __init__(self) -> None:
+        self.hosts: dict[str, Host] = {}
+        self.attempts: list[Hop] = []
+        self.pumps: list[iosim.IOPump] = []
+        self.open = 0
+        self.most_open = 0
+
+    def add(self, name: str, *scripts: dict) -> Host:
+        self.hosts[name] = Host(list(scripts))
+        return self.hosts[name]
+
+    def connect(self, hop: Hop, factory) -> defer.Deferred:
+        self.attempts.append(hop)
+        host = self.hosts.get(hop.host)
+        if host is None:
+            return defer.fail(ConnectionRefusedError(f"{hop.host}:{hop.port}"))
+        try:  # as the endpoint's wrapping factory does
+            client = factory.buildProtocol(IPv4Address("TCP", "192.0.2.25", hop.port))
+        except Exception:
+            return defer.fail()
+        session = Session(hop)
+        host.sessions.append(session)
+        server = FakeSMTP(host.next_script(), session, self)
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        server_io = Transport(server, isServer=True)
+        client_io = Transport(client, isServer=False)
+        server.makeConnection(server_io)
+        client.makeConnection(client_io)
+        pump = Pump(client, server, client_io, server_io, debug=False)
+        self.pumps.append(pump)
+        return defer.succeed(client)
+
+    def pump(self) -> None:
+        """Move bytes until every connection is quiet (new ones included)."""
+        moved = True
+        while moved:
+            moved = False
+            for p in list(self.pumps):
+                if p.flush():
+                    moved = True
+                if p.serverIO.disconnected and p.clientIO.disconnected:
+                    self.pumps.remove(p)
+
+    @property
+    def sessions(self) -> list[Session]:
+        return [s for h in self.hosts.values() for s in h.sessions]
+
+
+# --- the runner under test ----------------------------------------------------
+
+SMARTHOST = "[relay]\nsmarthost = 127.0.0.1:2525\n"
+RETURN_PATH = b"Return-Path: <alice@example.test>\n"
+MESSAGE = b"From: alice@example.test\nTo: someone\nSubject: hello\n\nHi there.\n"
+
+
+class Runner:
+    def __init__(self, unit, tmp_path: Path, extra: str, dns: dict, events: list) -> None:
+        self.unit = unit
+        self.config = unit_config(tmp_path, extra)
+        self.dir = queue.queue_dir(self.config.mailbox.mail_dir)
+        self.clock = unit.clock
+        self.net = Net()
+        self.resolver = FakeResolver(dns)
+        self.events = events
+        self.outbound = Outbound(
+            self.config,
+            self.dir,
+            unit.clock,
+            unit.reactor,
+            unit.pool,
+            accounts=lambda: unit.store.directory,
+            resolver=self.resolver,
+            mx_port=25,
+            connect=self.net.connect,
+        )
+
+    def enqueue(
+        self,
+        entry_id: str,
+        recipients: list[str],
+        sender: str = "alice@example.test",
+        message: bytes = MESSAGE,
+        received: float | None = None,
+    ) -> Entry:
+        return_path = f"Return-Path: <{sender}>\n".encode()
+        entry = Entry(
+            entry_id,
+            sender,
+            len(return_path),
+            self.clock.seconds() if received is None else received,
+            [Recipient(r) for r in recipients],
+            client="192.0.2.7",
+        )
+        queue.enqueue_bytes(self.dir, return_path + message, entry)
+        return entry
+
+    def start(self) -> None:
+        self.outbound.start()
+        self.net.pump()
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.net.pump()
+
+    def wake(self) -> None:
+        self.outbound.wake()
+        self.advance(0)
+
+    def envelope(self, entry_id: str) -> dict:
+        return json.loads((self.dir / f"{entry_id}.json").read_text())
+
+    def recipient(self, entry_id: str, address: str) -> dict:
+        (r,) = [r for r in self.envelope(entry_id)["recipients"] if r["address"] == address]
+        return r
+
+    def exists(self, entry_id: str) -> bool:
+        return (self.dir / f"{entry_id}.json").exists() or (self.dir / f"{entry_id}.msg").exists()
+
+    def queued(self) -> list[str]:
+        return [p.stem for p in queue.entry_paths(self.dir)]
+
+    def inbox(self, address: str) -> list[bytes]:
+        local, domain = address.split("@")
+        new = self.config.mailbox.mail_dir / domain / local / "new"
+        return [p.read_bytes() for p in sorted(new.iterdir())] if new.is_dir() else []
+
+    def logged(self, text: str) -> bool:
+        from twisted.logger import formatEvent
+
+        return any(text in formatEvent(e) for e in self.events)
+
+    def failures(self) -> list:
+        return [e for e in self.events if "log_failure" in e]
+
+
+@pytest.fixture
+def events():
+    seen: list = []
+    globalLogPublisher.addObserver(seen.append)
+    yield seen
+    globalLogPublisher.removeObserver(seen.append)
+
+
+@pytest.fixture
+def make(unit, tmp_path, events):
+    made: list[Runner] = []
+
+    def make(extra: str = "", dns: dict | None = None) -> Runner:
+        runner = Runner(unit, tmp_path, extra, dns or {}, events)
+        made.append(runner)
+        return runner
+
+    yield make
+    for runner in made:
+        runner.outbound.stop()
+        assert not runner.failures(), [e.get("log_failure") for e in runner.failures()]
+
+
+def stuffed(message: bytes) -> bytes:
+    """`message` (LF line ends) as it must be on the wire before the final dot."""
+    lines = message.split(b"\n")
+    assert lines[-1] == b""
+    return b"".join(
+        (b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines[:-1]
+    )
+
+
+# --- _Sender.transformChunk ------------------------------------------------------
+
+
+def sender() -> _Sender:
+    return _Sender(None, None, None, b"mail.example.test")
+
+
+@pytest.mark.parametrize(
+    "chunks, wire",
+    [
+        ([b".x\n"], b"..x\r\n"),
+        ([b"a\n.b\n..c\n"], b"a\r\n..b\r\n...c\r\n"),
+        ([b"abc\n", b".def\n"], b"abc\r\n..def\r\n"),
+        ([b"abc", b".def\n"], b"abc.def\r\n"),
+        ([b"a\n", b"\n", b".z\n"], b"a\r\n\r\n..z\r\n"),
+        ([b"a\n.", b"b\n"], b"a\r\n..b\r\n"),
+        ([b"a\n", b".", b".\n", b"x\n"], b"a\r\n...\r\nx\r\n"),
+        ([b"no dot\n", b"x.y\n.\n"], b"no dot\r\nx.y\r\n..\r\n"),
+    ],
+)
+def test_transform_chunk_stuffs_dots_across_chunks(chunks, wire):
+    s = sender()
+    assert b"".join(s.transformChunk(c) for c in chunks) == wire
+
+
+def test_each_connection_starts_at_a_line_start():
+    first = sender()
+    first.transformChunk(b"ends mid-line")
+    assert sender().transformChunk(b".top\n") == b"..top\r\n"
+
+
+# --- delivery via the smarthost ------------------------------------------------
+
+
+def test_smarthost_delivery_is_byte_exact(make):
+    r = make(SMARTHOST)
+    smarthost = r.net.add("127.0.0.1")
+    # A line starting with "." right at the 16 KiB chunk boundary of the sender.
+    head = b"From: alice@example.test\nTo: x@far.test\nSubject: dots\n\n.first body line\n"
+    filler_len = 16384 - len(head) - 1
+    filler = b"".join(b"%-63d\n" % i for i in range(filler_len // 64))
+    filler += b"y" * (filler_len - len(filler))
+    message = head + filler + b"\n" + b".at the boundary\n..two\n.\nlast line\n"
+    assert message[16383:16385] == b"\n."
+    r.enqueue("E1", ["x@far.test", "y@else.test", "z@far.test"], message=message)
+    r.start()
+
+    (s,) = smarthost.sessions
+    assert s.hop == Hop("127.0.0.1", 2525)
+    assert s.helo == b"mail.example.test"
+    assert s.sender == b"alice@example.test"
+    assert s.recipients == [b"x@far.test", b"y@else.test", b"z@far.test"]
+    assert s.data == stuffed(message)
+    assert b"\r\n..at the boundary\r\n" in s.data
+    assert b"Return-Path" not in s.data
+    assert s.commands[-1] == b"QUIT" and not s.open
+    assert r.net.attempts == [Hop("127.0.0.1", 2525)]
+    assert r.resolver.queries == []  # a smarthost needs no MX lookup
+    assert not r.exists("E1") and r.outbound.entries == {}
+    assert r.clock.getDelayedCalls() == [r.outbound._loop.call]  # no timeout left behind
+
+
+def test_smarthost_message_without_a_final_line_end(make):
+    r = make(SMARTHOST)
+    smarthost = r.net.add("127.0.0.1")
+    r.enqueue("E1", ["x@far.test"], message=b"Subject: x\n\n.no newline at the end")
+    r.start()
+    (s,) = smarthost.sessions
+    assert s.data == b"Subject: x\r\n\r\n..no newline at the end\r\n"
+
+
+def test_one_transaction_per_domain_through_mx(make):
+    r = make(dns={"far.test": [(10, "mx.far.test")], "else.test": [(10, "mx.else.test")]})
+    far = r.net.add("mx.far.test")
+    other = r.net.add("mx.else.test")
+    r.enqueue("E1", ["a@far.test", "b@else.test", "c@FAR.test"])
+    r.start()
+    (f,) = far.sessions
+    assert f.recipients == [b"a@far.test", b"c@FAR.test"]
+    assert f.data == stuffed(MESSAGE)
+    (o,) = other.sessions
+    assert o.recipients == [b"b@else.test"]
+    assert sorted(r.resolver.queries) == ["else.test", "far.test"]
+    assert not r.exists("E1")
+
+
+# --- routes ---------------------------------------------------------------------
+
+
+def test_mx_preference_order(make):
+    r = make(dns={"far.test": [(30, "mx3.far.test"), (10, "mx1.far.test"), (20, "mx2.far.test")]})
+    for name in ("mx1.far.test", "mx2.far.test", "mx3.far.test"):
+        r.net.add(name)
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    assert r.net.attempts == [Hop("mx1.far.test", 25)]
+    assert len(r.net.hosts["mx1.far.test"].delivered) == 1
+
+
+def test_no_mx_goes_to_the_domain_itself(make):
+    r = make(dns={"far.test": []})
+    host = r.net.add("far.test")
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    assert r.net.attempts == [Hop("far.test", 25)]
+    assert len(host.delivered) == 1
+
+
+def bounce_of(r: Runner, address: str = "alice@example.test") -> bytes:
+    (dsn,) = r.inbox(address)
+    assert dsn.startswith(b"Return-Path: <>\n")
+    assert b"Content-Type: multipart/report; report-type=delivery-status;" in dsn
+    return dsn
+
+
+def test_null_mx_fails_permanently_and_bounces(make):
+    r = make(dns={"far.test": [(0, b".")]})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    assert r.net.attempts == []
+    assert not r.exists("E1")
+    dsn = bounce_of(r)
+    assert b"Final-Recipient: rfc822; a@far.test" in dsn
+    assert b"Status: 5.1.10" in dsn
+    assert b"null MX" in dsn
+
+
+def test_nxdomain_fails_permanently(make):
+    r = make(dns={})  # every domain is NXDOMAIN
+    r.enqueue("E1", ["a@nowhere.test"])
+    r.start()
+    assert r.net.attempts == []
+    dsn = bounce_of(r)
+    assert b"Status: 5.1.2" in dsn and b"NXDOMAIN" in dsn
+    assert not r.exists("E1")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [dns_error.DNSServerError("far.test"), dns_error.DNSQueryTimeoutError(1), defer.TimeoutError()],
+    ids=["SERVFAIL", "DNSQueryTimeoutError", "TimeoutError"],
+)
+def test_dns_trouble_defers(make, error):
+    r = make(dns={"far.test": error})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    assert r.net.attempts == []
+    rcpt = r.recipient("E1", "a@far.test")
+    assert rcpt["status"] == "deferred"
+    assert rcpt["status_code"] == "4.4.3"
+    assert rcpt["last_error"].startswith("451 4.4.3 far.test: DNS")
+    assert rcpt["next_attempt"] == 60
+    assert r.inbox("alice@example.test") == []
+    # The next attempt finds the DNS working again.
+    r.resolver.answers["far.test"] = [(10, "mx.far.test")]
+    host = r.net.add("mx.far.test")
+    r.advance(60)
+    assert len(host.delivered) == 1 and not r.exists("E1")
+
+
+def test_refused_mx_is_marked_bad_and_skipped_for_a_while(make):
+    r = make(dns={"far.test": [(10, "mx1.far.test"), (20, "mx2.far.test")]})
+    mx2 = r.net.add("mx2.far.test")  # mx1 refuses connections
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    assert r.net.attempts == [Hop("mx1.far.test", 25), Hop("mx2.far.test", 25)]
+    assert len(mx2.delivered) == 1 and not r.exists("E1")
+
+    r.advance(BAD_HOST_SECONDS - 10)
+    r.enqueue("E2", ["b@far.test"])
+    r.wake()
+    assert r.net.attempts[2:] == [Hop("mx2.far.test", 25)]  # mx1 skipped
+    assert len(mx2.delivered) == 2 and not r.exists("E2")
+
+    r.advance(10)  # the bad mark has run out
+    r.enqueue("E3", ["c@far.test"])
+    r.wake()
+    assert r.net.attempts[3:] == [Hop("mx1.far.test", 25), Hop("mx2.far.test", 25)]
+    assert len(mx2.delivered) == 3
+
+
+def test_the_retry_of_the_same_entry_skips_the_refused_mx(make):
+    r = make(dns={"far.test": [(10, "mx1.far.test"), (20, "mx2.far.test")]})
+    mx2 = r.net.add("mx2.far.test", {"rcpt": "451 4.3.0 later"}, {})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    assert [h.host for h in r.net.attempts] == ["mx1.far.test", "mx2.far.test"]
+    assert r.recipient("E1", "a@far.test")["last_error"] == "451 4.3.0 later"
+    r.advance(60)
+    assert [h.host for h in r.net.attempts[2:]] == ["mx2.far.test"]
+    assert len(mx2.delivered) == 1 and not r.exists("E1")
+
+
+def test_a_hanging_mx_is_marked_bad_from_when_it_timed_out(make):
+    # The mark runs BAD_HOST_SECONDS from the failure, not from the start of
+    # the attempt: else a host that takes the whole (default, 300 s) timeout
+    # to fail would never be skipped.
+    r = make(dns={"far.test": [(10, "mx1.far.test"), (20, "mx2.far.test")]})
+    assert r.config.relay.timeout == BAD_HOST_SECONDS
+    mx1 = r.net.add("mx1.far.test", {"greeting": HANG})
+    mx2 = r.net.add("mx2.far.test")
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    r.advance(BAD_HOST_SECONDS)
+    assert not mx1.sessions[0].open
+    assert len(mx2.delivered) == 1 and not r.exists("E1")
+    r.enqueue("E2", ["b@far.test"])
+    r.wake()
+    assert len(mx1.sessions) == 1, "mx1 was tried again right after it timed out"
+    assert len(mx2.delivered) == 2 and not r.exists("E2")
+
+
+def test_every_mx_refusing_defers(make):
+    r = make(dns={"far.test": [(10, "mx1.far.test"), (20, "mx2.far.test")]})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    rcpt = r.recipient("E1", "a@far.test")
+    assert rcpt["status"] == "deferred" and rcpt["status_code"] == "4.4.1"
+    assert "mx2.far.test" in rcpt["last_error"]
+    # All are bad now: the next attempt tries them all anyway.
+    r.advance(60)
+    assert [h.host for h in r.net.attempts] == ["mx1.far.test", "mx2.far.test"] * 2
+
+
+def test_a_server_that_is_not_smtp_is_skipped_like_a_refusal(make):
+    r = make(dns={"far.test": [(10, "web.far.test"), (20, "mx.far.test")]})
+    web = r.net.add("web.far.test", {"greeting": "HTTP/1.1 400 Bad Request"})
+    mx = r.net.add("mx.far.test")
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    assert len(web.sessions) == 1 and not web.sessions[0].open
+    assert web.sessions[0].sender is None
+    assert len(mx.delivered) == 1 and not r.exists("E1")
+
+
+def test_a_smarthost_that_is_not_smtp_defers(make):
+    r = make(SMARTHOST)
+    r.net.add("127.0.0.1", {"greeting": "HTTP/1.1 400 Bad Request"})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    rcpt = r.recipient("E1", "a@far.test")
+    assert rcpt["status"] == "deferred" and rcpt["status_code"] == "4.4.1"
+    assert "HTTP/1.1 400 Bad Request" in rcpt["last_error"]
+
+
+# --- temporary failures and back-off -----------------------------------------------
+
+
+def test_backoff_schedule():
+    assert [backoff(n) for n in range(8)] == [0, 60, 300, 900, 1800, 3600, 3600, 3600]
+
+
+@pytest.mark.parametrize("stage", ["mail", "rcpt", "eod"])
+def test_4xx_backs_off_60_then_300_seconds_then_delivers(make, stage):
+    r = make(SMARTHOST)
+    temporary = {stage: "451 4.3.0 try again later"}
+    host = r.net.add("127.0.0.1", temporary, temporary, {})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    rcpt = r.recipient("E1", "a@far.test")
+    assert rcpt["status"] == "deferred"
+    assert rcpt["attempts"] == 1
+    assert rcpt["next_attempt"] == 60
+    assert rcpt["last_error"] == "451 4.3.0 try again later"
+    assert rcpt["status_code"] == "4.3.0"
+
+    r.advance(59)
+    assert len(host.sessions) == 1
+    r.advance(1)
+    assert len(host.sessions) == 2
+    rcpt = r.recipient("E1", "a@far.test")
+    assert rcpt["attempts"] == 2 and rcpt["next_attempt"] == 60 + 300
+
+    r.advance(299)
+    assert len(host.sessions) == 2
+    r.advance(1)
+    assert len(host.sessions) == 3 and len(host.delivered) == 1
+    assert host.delivered[0].data == stuffed(MESSAGE)
+    assert not r.exists("E1")
+    assert r.inbox("alice@example.test") == []
+
+
+def test_4xx_greeting_defers(make):
+    r = make(SMARTHOST)
+    r.net.add("127.0.0.1", {"greeting": "421 4.3.2 too busy"})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    rcpt = r.recipient("E1", "a@far.test")
+    assert rcpt["status"] == "deferred" and rcpt["last_error"] == "421 4.3.2 too busy"
+
+
+# --- permanent failures and bounces ------------------------------------------------------
+
+
+def test_5xx_at_rcpt_fails_that_recipient_only_and_bounces_to_a_local_sender(make):
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1", {"rcpt": {"b@far.test": "550 5.1.1 <b@far.test>: no such user"}})
+    r.enqueue("E1", ["a@far.test", "b@far.test", "c@else.test"])
+    r.start()
+    (s,) = host.sessions
+    assert s.accepted == [b"a@far.test", b"c@else.test"]
+    assert s.data == stuffed(MESSAGE)
+    assert not r.exists("E1")
+    dsn = bounce_of(r)
+    assert b"Final-Recipient: rfc822; b@far.test" in dsn
+    assert b"Status: 5.1.1" in dsn
+    assert b"no such user" in dsn
+    assert b"a@far.test" not in dsn and b"c@else.test" not in dsn
+    assert b"Subject: hello" in dsn  # the original's headers
+    assert b"Hi there." not in dsn  # not its body
+    assert r.queued() == []
+
+
+def test_5xx_at_end_of_data_fails_every_recipient(make):
+    r = make(SMARTHOST)
+    r.net.add("127.0.0.1", {"eod": "552 5.3.4 message too big"})
+    r.enqueue("E1", ["a@far.test", "b@far.test"])
+    r.start()
+    dsn = bounce_of(r)
+    assert b"Final-Recipient: rfc822; a@far.test" in dsn
+    assert b"Final-Recipient: rfc822; b@far.test" in dsn
+    assert dsn.count(b"Status: 5.3.4") == 2
+    assert not r.exists("E1")
+
+
+@pytest.mark.parametrize(
+    "reply, status",
+    [
+        ("550 5.7.1: relaying denied", b"5.0.0"),  # not quite an enhanced code
+        ("550 5.x.1 odd", b"5.0.0"),
+        ("550 2.1.5 wrong class", b"5.0.0"),  # a 5xx reply is a 5.x.x status
+        ("554 no enhanced code at all", b"5.0.0"),
+        ("550 5.1.1 fine", b"5.1.1"),
+    ],
+)
+def test_the_bounce_status_comes_only_from_a_well_formed_enhanced_code(make, reply, status):
+    # The reply text is the remote server's: whatever it says, the bounce goes out.
+    r = make(SMARTHOST)
+    r.net.add("127.0.0.1", {"rcpt": reply})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    assert not r.exists("E1")
+    dsn = bounce_of(r)
+    assert b"Status: " + status + b"\n" in dsn
+
+
+def test_a_4xx_reply_with_a_5xx_enhanced_code_is_still_temporary(make):
+    r = make(SMARTHOST)
+    r.net.add("127.0.0.1", {"rcpt": "451 5.7.1 greylisted"})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    rcpt = r.recipient("E1", "a@far.test")
+    assert rcpt["status"] == "deferred"
+    assert rcpt["status_code"] == "4.0.0"
+
+
+def test_mixed_outcomes_keep_the_entry_until_all_are_done(make):
+    r = make(dns={"far.test": [(10, "mx.far.test")], "else.test": [(10, "mx.else.test")]})
+    r.net.add("mx.far.test")
+    other = r.net.add("mx.else.test", {"rcpt": "450 4.2.1 mailbox busy"}, {})
+    r.enqueue("E1", ["a@far.test", "b@else.test"])
+    r.start()
+    assert r.recipient("E1", "a@far.test")["status"] == "delivered"
+    assert r.recipient("E1", "b@else.test")["status"] == "deferred"
+    assert (r.dir / "E1.msg").exists()
+    r.advance(60)
+    assert len(other.delivered) == 1
+    assert not r.exists("E1") and r.inbox("alice@example.test") == []
+
+
+def test_a_remote_senders_bounce_is_queued_with_the_null_sender(make):
+    r = make(dns={"far.test": [(10, "mx.far.test")], "sender.test": [(10, "mx.sender.test")]})
+    r.net.add("mx.far.test", {"rcpt": "550 5.1.1 no such user"})
+    back = r.net.add("mx.sender.test")
+    r.enqueue("E1", ["a@far.test"], sender="zed@sender.test")
+    r.start()
+    assert not r.exists("E1")
+    (bounce_id,) = r.queued()
+    envelope = r.envelope(bounce_id)
+    assert envelope["sender"] == "" and envelope["offset"] == 0
+    assert [x["address"] for x in envelope["recipients"]] == ["zed@sender.test"]
+    data = (r.dir / f"{bounce_id}.msg").read_bytes()
+    assert b"To: <zed@sender.test>" in data and b"Final-Recipient: rfc822; a@far.test" in data
+    # The next tick sends it, from <>.
+    r.advance(1)
+    (s,) = back.sessions
+    assert s.sender == b"" and s.recipients == [b"zed@sender.test"]
+    assert s.data == stuffed(data)
+    assert r.queued() == []
+
+
+def add_postmaster(unit) -> None:
+    aliases = unit.config.mailbox.aliases
+    aliases.write_text(aliases.read_text() + "postmaster@example.test: alice@example.test\n")
+    unit.store.reload()
+
+
+def test_a_failed_bounce_goes_to_the_postmaster(make, unit):
+    add_postmaster(unit)
+    r = make(SMARTHOST)
+    r.net.add("127.0.0.1", {"rcpt": "550 5.1.1 no such user"})
+    r.enqueue("B1", ["zed@sender.test"], sender="", message=b"Subject: a bounce\n\nx\n")
+    r.start()
+    assert not r.exists("B1") and r.queued() == []
+    dsn = bounce_of(r)
+    assert b"To: <postmaster@example.test>" in dsn
+    assert b"Final-Recipient: rfc822; zed@sender.test" in dsn
+    assert b"Subject: a bounce" in dsn
+    assert len(r.net.attempts) == 1  # never bounced back out
+
+
+def test_a_failed_bounce_without_a_postmaster_is_logged_and_dropped(make):
+    r = make(SMARTHOST)
+    r.net.add("127.0.0.1", {"rcpt": "550 5.1.1 no such user"})
+    r.enqueue("B1", ["zed@sender.test"], sender="")
+    r.start()
+    assert not r.exists("B1") and r.queued() == []
+    assert r.inbox("alice@example.test") == [] and r.inbox("bob@other.test") == []
+    assert len(r.net.attempts) == 1
+    assert r.logged("a bounce could not be delivered to ['zed@sender.test']; dropped")
+
+
+def test_queue_lifetime_expiry_fails_with_4_4_7_and_bounces(make):
+    r = make(SMARTHOST + "queue_lifetime = 3600\n")
+    r.net.add("127.0.0.1", {"rcpt": "451 4.3.0 try later"})
+    r.advance(10_000)
+    r.enqueue("E1", ["a@far.test"], received=10_000 - 3500)
+    r.start()
+    assert r.recipient("E1", "a@far.test")["status"] == "deferred"
+    r.advance(60)  # 3560 s old: still deferred
+    assert r.recipient("E1", "a@far.test")["status"] == "deferred"
+    assert r.inbox("alice@example.test") == []
+    r.advance(300)  # 3860 s old: given up
+    assert not r.exists("E1")
+    dsn = bounce_of(r)
+    assert b"Final-Recipient: rfc822; a@far.test" in dsn
+    assert b"Status: 4.4.7" in dsn
+    assert b"451 4.3.0 try later" in dsn
+
+
+# --- servers that hang or go away ------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["greeting", "ehlo", "mail", "rcpt", "data", "eod"])
+def test_a_hanging_server_times_out_and_defers(make, stage):
+    r = make(SMARTHOST + "timeout = 30\n")
+    host = r.net.add("127.0.0.1", {stage: HANG}, {})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    assert host.sessions[0].open
+    assert "E1" in r.outbound._busy
+    assert r.recipient("E1", "a@far.test")["status"] == "pending"
+    r.advance(29)
+    assert host.sessions[0].open and r.recipient("E1", "a@far.test")["attempts"] == 0
+    r.advance(1)
+    assert not host.sessions[0].open
+    rcpt = r.recipient("E1", "a@far.test")
+    assert rcpt["status"] == "deferred" and rcpt["status_code"] == "4.4.1"
+    assert "Timeout" in rcpt["last_error"]
+    assert rcpt["next_attempt"] == 30 + 60
+    assert "E1" not in r.outbound._busy
+    r.advance(60)
+    assert len(host.delivered) == 1 and not r.exists("E1")
+
+
+@pytest.mark.parametrize("stage", ["greeting", "ehlo", "mail", "rcpt", "data"])
+def test_a_dropped_connection_defers(make, stage):
+    r = make(SMARTHOST + "timeout = 30\n")
+    host = r.net.add("127.0.0.1", {stage: CLOSE}, {})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    assert not host.sessions[0].open
+    rcpt = r.recipient("E1", "a@far.test")
+    assert rcpt["status"] == "deferred", "the delivery must not wait for ever"
+    assert rcpt["status_code"] == "4.4.1"
+    assert rcpt["next_attempt"] == 60
+    assert "E1" not in r.outbound._busy
+    r.advance(60)
+    assert len(host.delivered) == 1 and not r.exists("E1")
+
+
+def test_a_connection_dropped_mid_message_defers(make):
+    r = make(SMARTHOST + "timeout = 30\n")
+    host = r.net.add("127.0.0.1", {"drop_in_data": True}, {})
+    message = b"Subject: big\n\n" + (b"x" * 63 + b"\n") * 2000
+    r.enqueue("E1", ["a@far.test"], message=message)
+    r.start()
+    assert not host.sessions[0].open and not host.sessions[0].delivered
+    rcpt = r.recipient("E1", "a@far.test")
+    assert rcpt["status"] == "deferred" and rcpt["status_code"] == "4.4.1"
+    assert "E1" not in r.outbound._busy
+    r.advance(60)
+    assert host.delivered[0].data == stuffed(message)
+
+
+# --- the queue directory --------------------------------------------------------
+
+
+def test_a_corrupt_envelope_is_moved_aside_and_the_rest_delivers(make, events):
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1")
+    r.enqueue("A1", ["a@far.test"])
+    r.dir.joinpath("B2.json").write_text("{not json")
+    r.dir.joinpath("B2.msg").write_bytes(b"Subject: x\n\n")
+    r.enqueue("C3", ["c@far.test"])
+    r.start()
+    assert [s.recipients for s in host.delivered] == [[b"a@far.test"], [b"c@far.test"]]
+    assert (r.dir / "corrupt" / "B2.json").read_text() == "{not json"
+    assert (r.dir / "corrupt" / "B2.msg").exists()
+    assert r.queued() == [] and not (r.dir / "B2.msg").exists()
+    assert r.logged("moved unreadable entry")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("next_attempt", "soon"),  # breaks the due check: the runner's loop stops
+        ("received", None),  # breaks the expiry check: retried every tick
+        ("address", 5),  # breaks the sender: retried every tick
+    ],
+)
+def test_an_envelope_with_wrong_types_is_corrupt_too(make, field, value):
+    # Valid JSON with a field of the wrong type is as unreadable as bad JSON:
+    # it must go to corrupt/, not stop or spin the runner.
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1", {"rcpt": {"a@far.test": "451 4.3.0 later"}})
+    r.enqueue("A1", ["a@far.test"])
+    envelope = r.envelope("A1")
+    if field == "received":
+        envelope[field] = value
+    else:
+        envelope["recipients"][0][field] = value
+    r.dir.joinpath("A1.json").write_text(json.dumps(envelope))
+    r.enqueue("C3", ["c@far.test"])
+    r.start()
+    for _ in range(5):
+        r.advance(1)
+    assert r.outbound._loop.running
+    assert [s.recipients for s in host.sessions] == [[b"c@far.test"]]
+    assert len(host.delivered) == 1
+    assert (r.dir / "corrupt" / "A1.json").exists()
+    assert (r.dir / "corrupt" / "A1.msg").exists()
+    assert r.queued() == []
+
+
+def test_flush_makes_deferred_recipients_due_at_once(make):
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1", {"rcpt": "451 4.3.0 later"}, {})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    assert r.recipient("E1", "a@far.test")["next_attempt"] == 60
+    r.advance(5)
+    assert len(host.sessions) == 1
+    (r.dir / queue.FLUSH).touch()
+    r.advance(1)
+    assert not (r.dir / queue.FLUSH).exists()
+    assert len(host.delivered) == 1 and not r.exists("E1")
+
+
+def test_an_entry_deleted_while_deferred_is_dropped(make):
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1", {"rcpt": "451 4.3.0 later"}, {})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    assert queue.remove(r.dir, "E1")
+    r.advance(60)
+    r.advance(60)
+    assert len(host.sessions) == 1
+    assert "E1" not in r.outbound.entries
+    assert r.inbox("alice@example.test") == []
+
+
+def test_an_entry_deleted_while_deferred_and_due_before_a_rescan(make):
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1", {"rcpt": "451 4.3.0 later"}, {})
+    r.outbound.rescan_every = 10_000
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    assert queue.remove(r.dir, "E1")
+    r.advance(60)
+    assert len(host.sessions) == 1
+    assert "E1" not in r.outbound.entries
+    assert r.logged("queue E1 was deleted")
+
+
+def test_an_entry_deleted_during_delivery_is_not_written_back(make):
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1", {"rcpt": "451 4.3.0 later"})
+    r.enqueue("E1", ["a@far.test"])
+    r.outbound.start()  # connected, nothing said yet
+    assert queue.remove(r.dir, "E1")
+    r.net.pump()
+    assert len(host.sessions) == 1
+    assert not r.exists("E1") and "E1" not in r.outbound.entries
+    assert r.logged("queue E1 was deleted during delivery")
+
+
+def test_max_connections_per_destination(make):
+    r = make(
+        "[relay]\nmax_connections_per_destination = 2\n",
+        dns={"far.test": [(10, "mx.far.test")], "else.test": [(10, "mx.else.test")]},
+    )
+    far = r.net.add("mx.far.test")
+    other = r.net.add("mx.else.test")
+    for i in range(5):
+        r.enqueue(f"E{i}", [f"u{i}@far.test"])
+    r.enqueue("X", ["x@else.test"])
+    r.outbound.start()  # connections are made but not pumped
+    assert len(far.sessions) == 2
+    assert len(other.sessions) == 1
+    r.net.pump()
+    assert r.net.most_open == 3
+    r.advance(1)
+    assert len(far.sessions) == 4
+    r.advance(1)
+    r.advance(1)
+    assert len(far.delivered) == 5 and len(other.delivered) == 1
+    assert r.queued() == []
+    assert r.net.most_open == 3
+
+
+def test_max_connections(make):
+    r = make("[relay]\nmax_connections = 1\n")
+    r.enqueue("E1", ["a@far.test"])
+    r.enqueue("E2", ["b@else.test"])
+    r.resolver.answers.update(
+        {"far.test": [(10, "mx.far.test")], "else.test": [(10, "mx.else.test")]}
+    )
+    r.net.add("mx.far.test")
+    r.net.add("mx.else.test")
+    r.outbound.start()
+    assert len(r.net.attempts) == 1
+    r.net.pump()
+    r.advance(1)
+    assert len(r.net.attempts) == 2 and r.queued() == []
+    assert r.net.most_open == 1
