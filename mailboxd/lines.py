@@ -18,12 +18,15 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 log = Logger()
 
 
+@implementer(IHandshakeListener)
 class LineProtocol(Protocol):
     max_line = 512
     strict_crlf = False
@@ -33,6 +36,9 @@ class LineProtocol(Protocol):
     _busy = False
     _closed = False
     known_errors: tuple[type[BaseException], ...] = ()
+    # True from STARTTLS (or an implicit-TLS connect) until the handshake is
+    # done: nothing can be said to the peer then, so a timeout aborts.
+    tls_pending = False
 
     def dataReceived(self, data: bytes) -> None:
         # Consumed lines are dropped here, once per read, not once per line.
@@ -102,6 +108,31 @@ class LineProtocol(Protocol):
         else:
             log.failure("unhandled error in protocol handler", failure)
         self.internalError()
+
+    def handshakeCompleted(self) -> None:
+        self.tls_pending = False
+
+    def hang_up(self, last_words: str) -> None:
+        """Send a last line and close once it is written."""
+        self.sendLine(last_words)
+        self._closed = True
+        if not self.tls_pending:
+            # Else the idle timer stays: a peer that never completes the TLS
+            # handshake would otherwise hold the connection for ever.
+            self.setTimeout(None)
+        self.transport.loseConnection()
+
+    def timeoutConnection(self) -> None:
+        if self._closed:  # the last words never left: the TLS handshake never finished
+            self.transport.abortConnection()
+            return
+        self.idle()
+        if self.tls_pending:  # nothing can reach a peer that never finished its handshake
+            self.transport.abortConnection()
+
+    def idle(self) -> None:
+        """The peer was silent for too long: say so and close."""
+        raise NotImplementedError
 
     def discard_input(self) -> None:
         """Drop everything received but not yet handled (plaintext before TLS)."""

@@ -74,6 +74,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.callLater = self.factory.clock.callLater
+        self.tls_pending = tls_connection(self.transport) is not None  # implicit TLS
         self.peer_ip = getattr(self.transport.getPeer(), "host", "unknown")
         self.username: str | None = None
         self.account: Any = None
@@ -107,12 +108,9 @@ class POP3Server(LineProtocol, TimeoutMixin):
         return None
 
     def close(self, reply: str) -> None:
-        self.sendLine(reply)
-        self._closed = True
-        self.setTimeout(None)
-        self.transport.loseConnection()
+        self.hang_up(reply)
 
-    def timeoutConnection(self) -> None:
+    def idle(self) -> None:
         # RFC 1939 §3: autologout closes without entering the UPDATE state.
         log.info("pop3 timeout for {client}", client=self.peer_ip)
         self.close("-ERR autologout timer expired, closing")
@@ -189,6 +187,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
         # plaintext, including anything pipelined behind STLS.
         self.discard_input()
         self.username, self.sasl = None, None
+        self.tls_pending = True
         self.transport.startTLS(self.factory.tls)
         log.info("pop3 STLS from {client}", client=self.peer_ip)
         return None

@@ -89,6 +89,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
     def connectionMade(self) -> None:
         cfg = self.factory.config
         self.callLater = self.factory.clock.callLater
+        self.tls_pending = tls_connection(self.transport) is not None  # implicit TLS
         self.hostname = cfg.mailbox.hostname
         peer = self.transport.getPeer()
         self.peer_ip = getattr(peer, "host", "unknown")
@@ -137,10 +138,11 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         self.sendLine(f"{code} {lines[-1]}")
 
     def close(self, reply: Reply) -> None:
-        self.reply(reply)
-        self._closed = True
-        self.setTimeout(None)
-        self.transport.loseConnection()
+        code, text = reply
+        lines = text.split("\n")
+        for line in lines[:-1]:
+            self.sendLine(f"{code}-{line}")
+        self.hang_up(f"{code} {lines[-1]}")
 
     def answer(self, reply: Reply | Deferred | None) -> Deferred | None:
         if isinstance(reply, Deferred):
@@ -158,7 +160,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         self.reply(reply)
         return None
 
-    def timeoutConnection(self) -> None:
+    def idle(self) -> None:
         log.info("smtp timeout for {client}", client=self.peer_ip)
         self.close((421, f"4.4.2 {self.hostname} Error: timeout exceeded"))
 
@@ -558,6 +560,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         # commands the client (or an attacker) sent behind STARTTLS.
         self.discard_input()
         self.helo, self.esmtp, self.tx, self.account, self.sasl = None, False, None, None, None
+        self.tls_pending = True
         self.transport.startTLS(self.factory.tls)
         log.info("smtp STARTTLS from {client}", client=self.peer_ip)
         return None

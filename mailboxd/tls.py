@@ -16,9 +16,14 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IOpenSSLContextFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 log = Logger()
 
@@ -61,6 +66,7 @@ def _context(certificate: Path, private_key: Path) -> SSL.Context:
     return ctx
 
 
+@implementer(IOpenSSLContextFactory)
 class ServerTLS:
     """An OpenSSL context factory for servers that reloads changed files."""
 

@@ -419,7 +419,16 @@ def test_fetchmail_uidl_keep(server, tmp_path):
         "  sslproto ''\n"
         f'  mda "cat >> {out}"\n',
     )
-    cmd = [fetchmail, "--nodetach", "--fetchmailrc", str(rc), "--idfile", str(ids)]
+    cmd = [
+        fetchmail,
+        "--nodetach",
+        "--fetchmailrc",
+        str(rc),
+        "--pidfile",
+        str(tmp_path / "fetchmail.pid"),
+        "--idfile",
+        str(ids),
+    ]
 
     def subjects() -> list[bytes]:
         if not out.exists():
@@ -461,7 +470,16 @@ def test_locked_mailbox_reported_to_clients(server, tmp_path):
     holder = pop_login(server)
     try:
         proc = run(
-            [fetchmail, "--nodetach", "--fetchmailrc", str(rc), "--idfile", str(tmp_path / "ids")],
+            [
+                fetchmail,
+                "--nodetach",
+                "--fetchmailrc",
+                str(rc),
+                "--pidfile",
+                str(tmp_path / "fetchmail.pid"),
+                "--idfile",
+                str(tmp_path / "ids"),
+            ],
             env,
             ok=(9,),  # fetchmail: PS_LOCKBUSY, from the [IN-USE] response code
         )
@@ -475,7 +493,19 @@ def test_locked_mailbox_reported_to_clients(server, tmp_path):
     assert not delivered.exists()
     assert not mbox.exists()
     # Once the holder has quit, the same clients get through.
-    run([fetchmail, "--nodetach", "--fetchmailrc", str(rc), "--idfile", str(tmp_path / "ids")], env)
+    run(
+        [
+            fetchmail,
+            "--nodetach",
+            "--fetchmailrc",
+            str(rc),
+            "--pidfile",
+            str(tmp_path / "fetchmail.pid"),
+            "--idfile",
+            str(tmp_path / "ids"),
+        ],
+        env,
+    )
     assert b"Subject: locked" in delivered.read_bytes()
 
 
