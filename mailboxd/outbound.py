@@ -167,6 +167,7 @@ class Outbound:
         factory=lambda: CertificateOptions(raiseMinimumTo=TLSVersion.TLSv1_2)
     )
     _finish_after: dict[str, float] = attrs.field(factory=dict)
+    _redispatch: bool = False
     _scanning: bool = False
     _rescan: bool = True
     _ticks: int = 0
@@ -256,7 +257,7 @@ class Outbound:
                 if self._finish_after.get(entry_id, 0) > now:
                     continue
                 work = self._finish(entry)
-            elif not entry.due(now):
+            elif not entry.due(now) or not self._has_room(entry, now):
                 continue
             elif sum(self._active.values()) >= self.config.relay.max_connections:
                 return
@@ -265,7 +266,23 @@ class Outbound:
             self._busy.add(entry_id)
             d = ensureDeferred(work)
             d.addErrback(lambda f, e=entry: log.failure("queue: {id} failed", f, id=e.id))
-            d.addBoth(lambda _, i=entry_id: self._busy.discard(i))
+            d.addBoth(self._done, entry_id)
+
+    def _has_room(self, entry: Entry, now: float) -> bool:
+        limit = self.config.relay.max_connections_per_destination
+        smarthost = self.config.relay.smarthost
+        return any(self._active[destination(r.address, smarthost)] < limit for r in entry.due(now))
+
+    def _done(self, _: object, entry_id: str) -> None:
+        self._busy.discard(entry_id)
+        # A finished delivery frees a connection: hand it on now, not at the next tick.
+        if not self._redispatch:
+            self._redispatch = True
+            self.clock.callLater(0, self._dispatch_again)
+
+    def _dispatch_again(self) -> None:
+        self._redispatch = False
+        self._dispatch()
 
     # --- one entry --------------------------------------------------------------
 
@@ -281,7 +298,7 @@ class Outbound:
             groups[destination(r.address, smarthost)].append(r)
         for dest, recipients in groups.items():
             if self._active[dest] >= self.config.relay.max_connections_per_destination:
-                continue  # the next tick tries again
+                continue  # tried again when a connection there is free
             self._active[dest] += 1
             try:
                 outcomes = await self._deliver(entry, dest, [r.address for r in recipients])

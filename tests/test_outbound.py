@@ -403,6 +403,7 @@ def test_smarthost_delivery_is_byte_exact(make):
     assert r.net.attempts == [Hop("127.0.0.1", 2525)]
     assert r.resolver.queries == []  # a smarthost needs no MX lookup
     assert not r.exists("E1") and r.outbound.entries == {}
+    r.clock.advance(0)  # the hand-on to the next delivery
     assert r.clock.getDelayedCalls() == [r.outbound._loop.call]  # no timeout left behind
 
 
