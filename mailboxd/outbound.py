@@ -185,9 +185,16 @@ class Outbound:
             self._loop.stop()
 
     def wake(self) -> None:
-        """New mail was queued: look at the directory on the next turn."""
+        """Look at the directory on the next turn."""
         self._rescan = True
         self.clock.callLater(0, self.tick)
+
+    def add(self, entry: Entry) -> None:
+        """The SMTP server queued `entry` (already on disk): deliver it soon."""
+        self.entries.setdefault(entry.id, entry)
+        if not self._redispatch:
+            self._redispatch = True
+            self.clock.callLater(0, self._dispatch_again)
 
     def tick(self) -> None:
         self._ticks += 1
@@ -250,7 +257,13 @@ class Outbound:
 
     def _dispatch(self) -> None:
         now = self.clock.seconds()
+        relay = self.config.relay
         for entry_id, entry in list(self.entries.items()):
+            if sum(self._active.values()) >= relay.max_connections or (
+                relay.smarthost
+                and self._active[relay.smarthost] >= relay.max_connections_per_destination
+            ):
+                return  # every slot is taken: a finished delivery calls again
             if entry_id in self._busy:
                 continue
             if entry.done:  # all answered, but not yet finished (a crash, a failed bounce)
@@ -259,8 +272,6 @@ class Outbound:
                 work = self._finish(entry)
             elif not entry.due(now) or not self._has_room(entry, now):
                 continue
-            elif sum(self._active.values()) >= self.config.relay.max_connections:
-                return
             else:
                 work = self._work(entry)
             self._busy.add(entry_id)

@@ -196,7 +196,7 @@ def build(config: Config, reactor: Any) -> MultiService:
 
     def smtp(listener: Listener) -> SMTPFactory:
         return SMTPFactory(
-            config, directory, reactor, reactor, pool, auth, popauth, listener, outbound.wake, tls
+            config, directory, reactor, reactor, pool, auth, popauth, listener, outbound.add, tls
         )
 
     pop3 = POP3Factory(config, auth, popauth, reactor, reactor, pool, tls)

@@ -59,7 +59,7 @@ class SMTPFactory(ServerFactory):
     auth: Authenticator
     popauth: PopAuthRegistry
     listener: Listener = Listener.MTA
-    queued: Callable[[], object] = lambda: None  # tells the outbound queue to look
+    queued: Callable[[Entry], object] = lambda entry: None  # hands new entries to the queue
     tls: ServerTLS | None = None  # offered as STARTTLS when set
 
     noisy = False  # the connection log lines say more
@@ -412,7 +412,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         accounts = tuple(tx.accounts.values())
         mail_dir = self.factory.config.mailbox.mail_dir
         message_id = self.message_id
-        relay = None
+        relay = entry = None
         if tx.relay:
             now = self.factory.clock.seconds()
             entry = Entry(
@@ -443,8 +443,8 @@ class SMTPServer(LineProtocol, TimeoutMixin):
                 relayed=list(tx.relay.values()),
                 client=self.peer_ip,
             )
-            if tx.relay:
-                self.factory.queued()
+            if entry is not None:
+                self.factory.queued(entry)
             return (250, f"2.0.0 Ok: queued as {message_id}")
 
         def failed(f: Any) -> Reply:
