@@ -16,6 +16,8 @@ import bcrypt
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+ALICE, ALICE_PW = "alice@example.test", "alice pw"
+BOB, BOB_PW = "bob@other.test", "bob pw"
 TWISTD = Path(sys.executable).parent / "twistd"
 MAILBOXCTL = Path(sys.executable).parent / "mailboxctl"
 
@@ -141,6 +143,17 @@ class MailServer:
         if hasattr(self, "log_file"):
             self.log_file.close()
 
+    def add_test_accounts(self) -> MailServer:
+        self.add_user(ALICE, ALICE_PW)
+        self.add_user(BOB, BOB_PW)
+        return self
+
+    def check_log(self) -> None:
+        """No traceback and no password of the test accounts in the log."""
+        log = self.log()
+        assert "Traceback" not in log, log
+        assert ALICE_PW not in log and BOB_PW not in log, "a password reached the log"
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -158,29 +171,19 @@ class MailServer:
 @pytest.fixture
 def server(tmp_path: Path):
     """A running server with alice@example.test (password 'alice pw')."""
-    s = MailServer(tmp_path)
-    s.add_user("alice@example.test", "alice pw")
-    s.add_user("bob@other.test", "bob pw")
-    s.start()
+    s = MailServer(tmp_path).add_test_accounts().start()
     yield s
     s.stop()
-    log = s.log()
-    assert "Traceback" not in log, log
-    assert "alice pw" not in log and "bob pw" not in log, "a password reached the log"
+    s.check_log()
 
 
 @pytest.fixture
 def tls_server(tmp_path: Path):
     """Like `server`, with a self-signed certificate: STARTTLS, STLS, SMTPS, POP3S."""
-    s = MailServer(tmp_path, tls=True)
-    s.add_user("alice@example.test", "alice pw")
-    s.add_user("bob@other.test", "bob pw")
-    s.start()
+    s = MailServer(tmp_path, tls=True).add_test_accounts().start()
     yield s
     s.stop()
-    log = s.log()
-    assert "Traceback" not in log, log
-    assert "alice pw" not in log and "bob pw" not in log, "a password reached the log"
+    s.check_log()
 
 
 def client_tls_context():
@@ -220,6 +223,20 @@ def tool_env(tmp_path: Path) -> dict[str, str]:
     env["HOME"] = str(home)
     env["FETCHMAILHOME"] = str(home)
     return env
+
+
+def ctl(server: MailServer, *args: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
+    """Run mailboxctl against `server`'s config; assert its exit status."""
+    proc = subprocess.run(
+        [str(MAILBOXCTL), "--config", "etc/mailbox.ini", *args],
+        cwd=server.home,
+        env=server.env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode in ok, (args, proc.returncode, proc.stdout, proc.stderr)
+    return proc
 
 
 def need(tool: str) -> str:

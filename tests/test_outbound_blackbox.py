@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import MAILBOXCTL, MailServer, need, tool_env
+from conftest import MailServer, ctl, need, tool_env
 from test_blackbox import wait_for
 
 CAPTURE = Path(__file__).resolve().parent / "capture_smtp.py"
@@ -100,8 +100,7 @@ def relay(make_server):
 
     def start(extra: str = "", capture: bool = True, aliases: str = ""):
         server = make_server(extra)
-        server.add_user(ALICE, ALICE_PW)
-        server.add_user(BOB, BOB_PW)
+        server.add_test_accounts()
         server.aliases.write_text(aliases)
         cap = Capture(server.home, server.smarthost_port)
         made.append((server, cap))
@@ -114,25 +113,10 @@ def relay(make_server):
     for server, cap in made:
         server.stop()
         cap.stop()
-        log = server.log()
-        assert "Traceback" not in log, log
-        assert ALICE_PW not in log and BOB_PW not in log, "a password reached the log"
+        server.check_log()
 
 
 # --- helpers ----------------------------------------------------------------------
-
-
-def ctl(server: MailServer, *args: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [str(MAILBOXCTL), "--config", "etc/mailbox.ini", *args],
-        cwd=server.home,
-        env=server.env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert proc.returncode in ok, (args, proc.returncode, proc.stdout, proc.stderr)
-    return proc
 
 
 def queue_dir(server: MailServer) -> Path:

@@ -54,17 +54,14 @@ def start(make_server):
 
     def start(extra: str = "") -> MailServer:
         s = make_server("[mailbox]\ntrusted_networks =\n" + extra, tls=True)
-        s.add_user(ALICE, ALICE_PW)
-        s.add_user(BOB, BOB_PW)
+        s.add_test_accounts()
         started.append(s)
         return s.start()
 
     yield start
     for s in started:
         s.stop()
-        log = s.log()
-        assert "Traceback" not in log, log
-        assert ALICE_PW not in log and BOB_PW not in log, "a password reached the log"
+        s.check_log()
 
 
 # --- helpers --------------------------------------------------------------------
