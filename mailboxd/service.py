@@ -149,8 +149,28 @@ def _prepare_mail_dir(config: Config) -> None:
         log.info("removed {count} unacknowledged spool files left by a crash", count=stale)
 
 
+@attrs.define(eq=False)
+class Appliance:
+    """The assembled parts, for the service and for mailboxd.testing."""
+
+    service: MultiService
+    accounts: AccountStore
+    state: SQLiteStateStore
+    outbound: Outbound
+    smtp: SMTPFactory
+    submission: SMTPFactory
+    pop3: POP3Factory
+    listeners: list[ListenerService]
+
+
 def build(config: Config, reactor: Any) -> MultiService:
     """The whole appliance: thread pool, state, accounts, and one service per endpoint."""
+    return assemble(config, reactor).service
+
+
+def assemble(config: Config, reactor: Any, clock: Any = None) -> Appliance:
+    """Build every part; `clock` (default: the reactor) times everything that is timed."""
+    clock = clock or reactor
     top = MultiService()
     m = config.mailbox
     _prepare_mail_dir(config)
@@ -161,9 +181,9 @@ def build(config: Config, reactor: Any) -> MultiService:
 
     pool = ThreadPool(minthreads=1, maxthreads=8, name="mailbox")
     PoolService(pool).setServiceParent(top)
-    accounts = AccountStore(m.accounts, m.aliases, m.domains, dict(m.domain_aliases), clock=reactor)
+    accounts = AccountStore(m.accounts, m.aliases, m.domains, dict(m.domain_aliases), clock=clock)
     Running(accounts).setServiceParent(top)
-    StateService(state, reactor, config.limits.auth_failure_window).setServiceParent(top)
+    StateService(state, clock, config.limits.auth_failure_window).setServiceParent(top)
     if not accounts.directory.hashes:
         log.warn(
             "no accounts yet: add one with 'mailboxctl --config {config} user add you@{domain}'",
@@ -176,13 +196,13 @@ def build(config: Config, reactor: Any) -> MultiService:
 
     checker = BcryptChecker(directory, reactor, pool, rounds=m.bcrypt_rounds)
     auth = Authenticator(
-        make_portal(MailboxRealm(directory), checker), Guard(state, reactor, config.limits)
+        make_portal(MailboxRealm(directory), checker), Guard(state, clock, config.limits)
     )
-    popauth = PopAuthRegistry(state, reactor, config.relay.pop_before_smtp_ttl)
+    popauth = PopAuthRegistry(state, clock, config.relay.pop_before_smtp_ttl)
     tls = None
     if config.tls.certificate is not None and config.tls.private_key is not None:
         try:
-            tls = ServerTLS(config.tls.certificate, config.tls.private_key, reactor)
+            tls = ServerTLS(config.tls.certificate, config.tls.private_key, clock)
         except TLSConfigError as e:
             raise SystemExit(f"mailbox: {e}") from None
     # Make the unknown-user hash before the first login needs it (see BcryptChecker).
@@ -190,21 +210,25 @@ def build(config: Config, reactor: Any) -> MultiService:
     reactor.callWhenRunning(pool.callInThread, checker.dummy_hash, cost)
 
     outbound = Outbound(
-        config, queue_dir(m.mail_dir), reactor, reactor, pool, directory, createResolver()
+        config, queue_dir(m.mail_dir), clock, reactor, pool, directory, createResolver()
     )
     Running(outbound).setServiceParent(top)
 
     def smtp(listener: Listener) -> SMTPFactory:
         return SMTPFactory(
-            config, directory, reactor, reactor, pool, auth, popauth, listener, outbound.add, tls
+            config, directory, clock, reactor, pool, auth, popauth, listener, outbound.add, tls
         )
 
-    pop3 = POP3Factory(config, auth, popauth, reactor, reactor, pool, tls)
+    mta, submission = smtp(Listener.MTA), smtp(Listener.SUBMISSION)
+    pop3 = POP3Factory(config, auth, popauth, clock, reactor, pool, tls)
+    listeners = []
     for name, descriptions, factory in (
-        ("smtp", config.smtp.listen, smtp(Listener.MTA)),
-        ("submission", config.smtp.submission, smtp(Listener.SUBMISSION)),
+        ("smtp", config.smtp.listen, mta),
+        ("submission", config.smtp.submission, submission),
         ("pop3", config.pop3.listen, pop3),
     ):
         for i, desc in enumerate(descriptions):
-            ListenerService(reactor, desc, factory, f"{name}-{i}", tls).setServiceParent(top)
-    return top
+            listener = ListenerService(reactor, desc, factory, f"{name}-{i}", tls)
+            listener.setServiceParent(top)
+            listeners.append(listener)
+    return Appliance(top, accounts, state, outbound, mta, submission, pop3, listeners)
