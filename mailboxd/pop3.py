@@ -19,6 +19,8 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.threadpool import ThreadPool
 
 from .auth import Authenticator, AuthResult, Outcome, SASLError, decode_plain
+from .faults import Faults
+from .faults import apply as apply_fault
 from .guard import refusal
 from .lines import LineProtocol
 from .maildir import Mailbox, MailboxLocked, dot_stuff, maildir_path, read_message
@@ -46,6 +48,7 @@ class POP3Factory(ServerFactory):
     reactor: Any
     pool: ThreadPool
     tls: ServerTLS | None = None  # offered as STLS when set
+    faults: Faults | None = None  # test-only fault injection (mailboxd.testing)
 
     noisy = False  # the connection log lines say more
 
@@ -149,6 +152,11 @@ class POP3Server(LineProtocol, TimeoutMixin):
         handler = getattr(self, f"pop_{verb.upper()}", None) if verb.isalpha() else None
         if handler is None:
             return self.answer("-ERR unknown command")
+        faults = self.factory.faults
+        rule = faults.take(f"pop3.{verb.upper()}", arg.strip()) if faults else None
+        if rule is not None:
+            reply = apply_fault(rule, self.transport, self.factory.clock, lambda: handler(arg))
+            return self.answer(reply)
         return self.answer(handler(arg))
 
     def in_transaction(self) -> bool:

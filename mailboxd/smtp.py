@@ -28,6 +28,8 @@ from .accounts import Account, Directory
 from .addresses import Address, parse_mailbox
 from .auth import Authenticator, AuthResult, Outcome, SASLError, b64decode, decode_plain
 from .config import Config
+from .faults import Faults
+from .faults import apply as apply_fault
 from .guard import refusal
 from .lines import LineProtocol
 from .maildir import IncomingMessage
@@ -61,6 +63,8 @@ class SMTPFactory(ServerFactory):
     listener: Listener = Listener.MTA
     queued: Callable[[Entry], object] = lambda entry: None  # hands new entries to the queue
     tls: ServerTLS | None = None  # offered as STARTTLS when set
+    delivered: Callable[[Delivery], object] | None = None  # told of each accepted message
+    faults: Faults | None = None  # test-only fault injection (mailboxd.testing)
 
     noisy = False  # the connection log lines say more
 
@@ -71,6 +75,20 @@ class SMTPFactory(ServerFactory):
         p = SMTPServer()
         p.factory = self
         return p
+
+
+@attrs.frozen
+class Delivery:
+    """An accepted message, as told to an observer (mailboxd.testing)."""
+
+    id: str
+    sender: str  # "" for <>
+    recipients: tuple[str, ...]  # as given at RCPT
+    accounts: tuple[str, ...]  # local accounts it was delivered to
+    paths: tuple[Path, ...]  # the Maildir files, in `accounts` order
+    relayed: tuple[str, ...]  # handed to the outbound queue
+    account: str | None  # the authenticated account
+    tls: str | None  # "TLSv1.3 TLS_AES_256_GCM_SHA384", or None
 
 
 @attrs.define
@@ -202,6 +220,13 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         handler = getattr(self, f"smtp_{verb.upper()}", None) if verb.isalpha() else None
         if handler is None:
             return self.answer((500, "5.5.1 Error: command not recognized"))
+        faults = self.factory.faults
+        rule = faults.take(f"smtp.{verb.upper()}", arg.strip()) if faults else None
+        if rule is not None:
+            reply = apply_fault(
+                rule, self.transport, self.factory.clock, lambda: handler(arg.strip())
+            )
+            return self.answer(reply)
         return self.answer(handler(arg.strip()))
 
     # --- commands -----------------------------------------------------------
@@ -445,6 +470,19 @@ class SMTPServer(LineProtocol, TimeoutMixin):
             )
             if entry is not None:
                 self.factory.queued(entry)
+            if self.factory.delivered is not None:
+                self.factory.delivered(
+                    Delivery(
+                        message_id,
+                        tx.sender,
+                        tuple(str(r) for r in tx.recipients),
+                        tuple(a.address for a in accounts),
+                        tuple(paths),
+                        tuple(tx.relay.values()),
+                        self.account.address if self.account else None,
+                        describe(self.transport),
+                    )
+                )
             return (250, f"2.0.0 Ok: queued as {message_id}")
 
         def failed(f: Any) -> Reply:

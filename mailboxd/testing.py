@@ -1,0 +1,564 @@
+"""Mailbox as a test fixture: a real server, in-process, for other projects' tests.
+
+    from mailboxd.testing import MailServer
+
+    with MailServer(domains=["example.test"]) as server:
+        server.add_account("alice@example.test", "secret")
+        ...  # send with smtplib to server.smtp_port, read with poplib on server.pop3_port
+        message = server.wait_for_message(to="alice@example.test", subject="hello")
+
+Twisted's reactor cannot be restarted, so one reactor runs in a background
+thread for the life of the process; every MailServer starts and stops on it,
+one after another or several at once. Listeners bind port 0 on 127.0.0.1, so
+ports never collide (pytest-xdist workers included). Mail the server would
+relay to other domains is captured (`server.outbound`) instead of leaving the
+machine. Time is the server's own: `advance(seconds)` moves POP-before-SMTP
+expiry, blocks, retries and timeouts forward.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import fnmatch
+import shutil
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import attrs
+import bcrypt
+from twisted.internet.defer import DeferredList
+from twisted.internet.protocol import ServerFactory
+
+from . import accounts as accounts_file
+from .addresses import parse_mailbox
+from .config import SPEC, parse
+from .faults import Faults
+from .lines import LineProtocol
+from .maildir import IncomingMessage, maildir_path
+
+__all__ = ["MailServer", "Message", "ShiftedClock"]
+
+# Keys MailServer manages itself; everything else in the contract may be overridden.
+_MANAGED = {"listen", "submission", "accounts", "aliases", "mail_dir", "certificate", "private_key"}
+
+
+def _override_names() -> dict[str, tuple[str, str]]:
+    names: dict[str, tuple[str, str]] = {}
+    for section, keys in SPEC.items():
+        for key in keys:
+            if key in _MANAGED:
+                continue
+            if key in names:  # idle_timeout is in [smtp] and [pop3]
+                names[f"{section}_{key}"] = (section, key)
+            else:
+                names[key] = (section, key)
+    return names
+
+
+OVERRIDES = _override_names()
+
+_reactor_lock = threading.Lock()
+_reactor_thread: threading.Thread | None = None
+
+
+def _reactor() -> Any:
+    """The global reactor, running in a daemon thread (started once per process)."""
+    global _reactor_thread
+    from twisted.internet import reactor
+
+    with _reactor_lock:
+        if _reactor_thread is None:
+            _reactor_thread = threading.Thread(
+                target=reactor.run,
+                kwargs={"installSignalHandlers": False},
+                name="mailbox-reactor",
+                daemon=True,
+            )
+            _reactor_thread.start()
+    return reactor
+
+
+def _call(f: Callable[..., Any], *args: Any) -> Any:
+    """Run `f` in the reactor thread and wait for it (and its Deferred)."""
+    from twisted.internet.threads import blockingCallFromThread
+
+    return blockingCallFromThread(_reactor(), f, *args)
+
+
+class _ShiftedCall:
+    def __init__(self, clock: ShiftedClock, due: float, f: Callable, args: tuple, kw: dict) -> None:
+        self.clock, self.due, self.f, self.args, self.kw = clock, due, f, args, kw
+        self.called = self.cancelled = False
+        self._call = clock.reactor.callLater(max(0.0, due - clock.seconds()), self._fire)
+
+    def _fire(self) -> None:
+        self.called = True
+        self.clock.calls.discard(self)
+        self.f(*self.args, **self.kw)
+
+    def getTime(self) -> float:
+        return self.due
+
+    def reset(self, seconds: float) -> None:
+        self.due = self.clock.seconds() + seconds
+        self._call.reset(max(0.0, seconds))
+
+    def delay(self, seconds: float) -> None:
+        self.reset(self.due - self.clock.seconds() + seconds)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.clock.calls.discard(self)
+        self._call.cancel()
+
+    def active(self) -> bool:
+        return self._call.active()
+
+
+class ShiftedClock:
+    """Real time plus an offset that tests move forward; an IReactorTime."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.offset = 0.0
+        self.calls: set[_ShiftedCall] = set()
+
+    def seconds(self) -> float:
+        return self.reactor.seconds() + self.offset
+
+    def callLater(self, delay: float, f: Callable, *args: Any, **kw: Any) -> _ShiftedCall:
+        call = _ShiftedCall(self, self.seconds() + delay, f, args, kw)
+        self.calls.add(call)
+        return call
+
+    def getDelayedCalls(self) -> list[_ShiftedCall]:
+        return [c for c in self.calls if c.active()]
+
+    def advance(self, seconds: float) -> None:
+        """Jump forward: whatever falls due runs now, in order."""
+        self.offset += seconds
+        for call in sorted(self.getDelayedCalls(), key=lambda c: c.due):
+            call._call.reset(max(0.0, call.due - self.seconds()))
+
+    def rewind(self) -> None:
+        """Back to real time (pending calls keep their remaining delay)."""
+        for call in self.getDelayedCalls():
+            call.due -= self.offset
+        self.offset = 0.0
+
+
+@attrs.frozen
+class Message:
+    """A message the server received, or relayed (then captured)."""
+
+    envelope_from: str  # "" for <>
+    recipients: tuple[str, ...]
+    raw: bytes  # as stored (LF line ends), or as sent on for a captured one (CRLF)
+    account: str | None = None  # the mailbox it is in; None for a captured one
+    authenticated: str | None = None  # the account that sent it with AUTH, if any
+    tls: str | None = None  # the TLS version and cipher it arrived over, if any
+
+    @property
+    def message(self) -> EmailMessage:
+        return email.message_from_bytes(self.raw, policy=email.policy.default)  # type: ignore[return-value]
+
+    @property
+    def subject(self) -> str:
+        return str(self.message.get("Subject", ""))
+
+    def __repr__(self) -> str:
+        to = ", ".join(self.recipients)
+        return f"<Message from <{self.envelope_from}> to {to}: {self.subject!r}>"
+
+
+class _Capture(LineProtocol):
+    """A minimal SMTP receiver standing in for the world: relayed mail lands here."""
+
+    max_line = 1000
+
+    def connectionMade(self) -> None:
+        self.sender: str | None = None
+        self.rcpts: list[str] = []
+        self.data: list[bytes] | None = None
+        self.sendLine("220 capture ESMTP")
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.data is not None:
+            if line == b".":
+                self.factory.captured(  # type: ignore[attr-defined]
+                    Message(self.sender or "", tuple(self.rcpts), b"\r\n".join(self.data) + b"\r\n")
+                )
+                self.data, self.sender, self.rcpts = None, None, []
+                self.sendLine("250 2.0.0 captured")
+            else:
+                self.data.append(line[1:] if line.startswith(b".") else line)
+            return
+        verb = line[:4].upper()
+        arg = line.decode("latin-1").partition(":")[2].strip().strip("<>")
+        if verb == b"MAIL":
+            self.sender = arg.split(">")[0]
+            self.sendLine("250 2.1.0 Ok")
+        elif verb == b"RCPT":
+            self.rcpts.append(arg.split(">")[0])
+            self.sendLine("250 2.1.5 Ok")
+        elif verb == b"DATA":
+            self.data = []
+            self.strict_crlf = True
+            self.sendLine("354 go ahead")
+        elif verb == b"QUIT":
+            self.sendLine("221 2.0.0 Bye")
+            self.transport.loseConnection()
+        else:
+            self.sendLine("250 capture")
+
+    def lineTooLong(self) -> None:
+        self.sendLine("500 line too long")
+
+    def internalError(self) -> None:
+        self.transport.loseConnection()
+
+
+class MailServer:
+    """A real Mailbox server for a test; see the module docstring."""
+
+    host = "127.0.0.1"
+
+    def __init__(
+        self,
+        domains: Iterable[str] = ("example.test",),
+        *,
+        tls: bool = False,
+        **overrides: Any,
+    ) -> None:
+        unknown = sorted(set(overrides) - set(OVERRIDES))
+        if unknown:
+            raise TypeError(
+                f"MailServer: unknown config override(s) {', '.join(unknown)}; "
+                f"valid names: {', '.join(sorted(OVERRIDES))}"
+            )
+        self.domains = tuple(d.lower() for d in domains)
+        if not self.domains:
+            raise ValueError("MailServer: give at least one domain")
+        self.tls = tls
+        self.overrides = {"trusted_networks": "", "bcrypt_rounds": 4, **overrides}
+        self.faults = Faults()
+        self.outbound: list[Message] = []
+        self._inbound: list[Message] = []
+        self._cond = threading.Condition()
+        self._running = False
+        self.home: Path | None = None
+        self.smtp_port = self.submission_port = self.pop3_port = 0
+        self.smtps_port: int | None = None
+        self.pop3s_port: int | None = None
+
+    # --- life -------------------------------------------------------------------
+
+    def __enter__(self) -> MailServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> MailServer:
+        if self._running:
+            return self
+        reactor = _reactor()
+        self.home = Path(tempfile.mkdtemp(prefix="mailbox-test-"))
+        self.clock = ShiftedClock(reactor)
+        try:
+            self._capture_port = _call(self._start_capture, reactor)
+            self.config = parse(self._ini(), self.home / "mailbox.ini")
+            _call(self._start_server, reactor)
+        except BaseException:
+            self._running = True
+            self.stop()
+            raise
+        self._running = True
+        return self
+
+    def stop(self) -> None:
+        if not self._running:
+            return
+        self._running = False
+        try:
+            if getattr(self, "appliance", None) is not None:
+                _call(self.appliance.service.stopService)
+            if getattr(self, "_capture", None) is not None:
+                _call(self._capture.stopListening)
+        finally:
+            self.appliance = None
+            if self.home is not None:
+                shutil.rmtree(self.home, ignore_errors=True)
+
+    def _ini(self) -> str:
+        assert self.home is not None
+        values: dict[str, dict[str, str]] = {s: {} for s in SPEC}
+        m = values["mailbox"]
+        m["hostname"] = f"mail.{self.domains[0]}"
+        m["domains"] = " ".join(self.domains)
+        m["accounts"] = str(self.home / "accounts")
+        m["aliases"] = str(self.home / "aliases")
+        m["mail_dir"] = str(self.home / "mailbox")
+        tcp = "tcp:0:interface=127.0.0.1"
+        values["smtp"]["listen"] = tcp
+        values["smtp"]["submission"] = tcp
+        values["pop3"]["listen"] = tcp
+        values["relay"]["smarthost"] = f"127.0.0.1:{self._capture_port}"
+        if self.tls:
+            from .tls import make_self_signed
+
+            self.certificate = self.home / "cert.pem"
+            make_self_signed(m["hostname"], self.certificate, self.home / "key.pem")
+            values["tls"]["certificate"] = str(self.certificate)
+            values["tls"]["private_key"] = str(self.home / "key.pem")
+            values["smtp"]["listen"] += " tls:0:interface=127.0.0.1"
+            values["pop3"]["listen"] += " tls:0:interface=127.0.0.1"
+        for name, value in self.overrides.items():
+            section, key = OVERRIDES[name]
+            if isinstance(value, bool):
+                value = "yes" if value else "no"
+            elif isinstance(value, (list, tuple)):
+                value = " ".join(str(v) for v in value)
+            values[section][key] = str(value)
+        for path in (self.home / "accounts", self.home / "aliases"):
+            path.touch(mode=0o600)
+        return "".join(
+            f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
+            for section, keys in values.items()
+        )
+
+    def _start_capture(self, reactor: Any) -> int:
+        factory = ServerFactory.forProtocol(_Capture)
+        factory.captured = self._captured  # type: ignore[attr-defined]
+        factory.noisy = False
+        self._capture = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        return self._capture.getHost().port
+
+    def _start_server(self, reactor: Any) -> Any:
+        from .service import assemble
+
+        self.appliance = appliance = assemble(self.config, reactor, self.clock)
+        for factory in (appliance.smtp, appliance.submission):
+            factory.delivered = self._delivered
+            factory.faults = self.faults
+        appliance.pop3.faults = self.faults
+        appliance.service.privilegedStartService()
+        appliance.service.startService()
+        waiting = [listener._waitingForPort for listener in appliance.listeners]
+
+        def ports(results: list) -> None:
+            found = {}
+            for listener, (ok, port) in zip(appliance.listeners, results, strict=True):
+                if not ok:
+                    raise RuntimeError(f"cannot listen: {port.getErrorMessage()}")
+                found[listener.name] = port.getHost().port
+            self.smtp_port = found["smtp-0"]
+            self.submission_port = found["submission-0"]
+            self.pop3_port = found["pop3-0"]
+            self.smtps_port = found.get("smtp-1")
+            self.pop3s_port = found.get("pop3-1")
+
+        return DeferredList(waiting, consumeErrors=True).addCallback(ports)
+
+    def _running_or_raise(self) -> None:
+        if not self._running:
+            raise RuntimeError("this MailServer is not running: call start() or use `with`")
+
+    # --- accounts -----------------------------------------------------------------
+
+    def _local(self, address: str) -> accounts_file.Address:
+        parsed = parse_mailbox(address)
+        if parsed is None:
+            raise ValueError(f"{address!r} is not a mail address")
+        domain = self.config.canonical_domain(parsed.domain) if self._running else None
+        if domain is None:
+            raise ValueError(f"{address}: {parsed.domain} is not one of {', '.join(self.domains)}")
+        return accounts_file.Address(parsed.local.lower(), domain)
+
+    def add_account(self, address: str, password: str) -> None:
+        """Create the account (or set its password); usable at once on both protocols."""
+        self._running_or_raise()
+        target = self._local(address)
+        rounds = self.config.mailbox.bcrypt_rounds
+        hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds))
+        path = self.config.mailbox.accounts
+        exists = target.key in accounts_file.listed(path)
+        accounts_file.set_hash(path, target, hashed, must_exist=exists)
+        _call(self.appliance.accounts.reload)
+
+    def remove_account(self, address: str) -> None:
+        """Delete the account and its mailbox; adding it again starts empty."""
+        self._running_or_raise()
+        target = self._local(address)
+        accounts_file.remove(self.config.mailbox.accounts, target)
+        _call(self.appliance.accounts.reload)
+        account = accounts_file.Account(target.key, target.domain, target.local)
+        shutil.rmtree(maildir_path(self.config.mailbox.mail_dir, account), ignore_errors=True)
+        with self._cond:
+            self._inbound = [m for m in self._inbound if m.account != target.key]
+
+    def accounts(self) -> list[str]:
+        self._running_or_raise()
+        return accounts_file.listed(self.config.mailbox.accounts)
+
+    # --- mail -----------------------------------------------------------------------
+
+    def _delivered(self, delivery: Any) -> None:
+        """Told by the SMTP server, in the reactor thread, of each accepted message."""
+        arrived = [
+            Message(
+                delivery.sender,
+                delivery.recipients,
+                path.read_bytes(),
+                account,
+                delivery.account,
+                delivery.tls,
+            )
+            for account, path in zip(delivery.accounts, delivery.paths, strict=True)
+        ]
+        with self._cond:
+            self._inbound.extend(arrived)
+            self._cond.notify_all()
+
+    def _captured(self, message: Message) -> None:
+        with self._cond:
+            self.outbound.append(message)
+            self._cond.notify_all()
+
+    def messages(self, address: str) -> list[Message]:
+        """What arrived for `address`'s mailbox, in arrival order."""
+        self._running_or_raise()
+        key = self._local(address).key
+        with self._cond:
+            return [m for m in self._inbound if m.account == key]
+
+    def deliver(self, address: str, raw: bytes, sender: str = "") -> Message:
+        """Put a message straight into a mailbox (for POP3 tests)."""
+        self._running_or_raise()
+        target = self._local(address)
+        account = accounts_file.Account(target.key, target.domain, target.local)
+        incoming = IncomingMessage(self.config.mailbox.mail_dir / ".incoming", "testing")
+        incoming.write_line(f"Return-Path: <{sender}>".encode())
+        for line in raw.replace(b"\r\n", b"\n").split(b"\n"):
+            incoming.write_line(line)
+        [path] = incoming.commit(self.config.mailbox.mail_dir, (account,))
+        message = Message(sender, (str(target),), path.read_bytes(), target.key)
+        with self._cond:
+            self._inbound.append(message)
+            self._cond.notify_all()
+        return message
+
+    def _find(
+        self,
+        outbound: bool,
+        to: str | None,
+        subject: str | None,
+        predicate: Callable[[Message], bool] | None,
+    ) -> Message | None:
+        pool = self.outbound if outbound else self._inbound
+        key = None
+        if to is not None:
+            key = to.lower() if outbound else self._local(to).key
+        for m in pool:
+            if key is not None:
+                where = [r.lower() for r in m.recipients] if outbound else [m.account]
+                if key not in where:
+                    continue
+            if subject is not None and not fnmatch.fnmatchcase(m.subject, subject):
+                continue
+            if predicate is not None and not predicate(m):
+                continue
+            return m
+        return None
+
+    def wait_for_message(
+        self,
+        to: str | None = None,
+        subject: str | None = None,
+        predicate: Callable[[Message], bool] | None = None,
+        timeout: float = 5.0,
+        *,
+        outbound: bool = False,
+    ) -> Message:
+        """The first message that matches (`subject` is a glob), waiting up to
+        `timeout` seconds; it wakes on delivery itself, without polling.
+        `outbound=True` looks at relayed (captured) mail instead."""
+        self._running_or_raise()
+        if to is not None and not outbound:
+            self._local(to)  # an address that is not local raises at once
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = self._find(outbound, to, subject, predicate)
+                if found is not None:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    arrived = self.outbound if outbound else self._inbound
+                    raise AssertionError(
+                        f"no message to={to!r} subject={subject!r} within {timeout} s; "
+                        f"arrived: {arrived!r}"
+                    )
+                self._cond.wait(left)
+
+    def assert_no_message(
+        self,
+        to: str | None = None,
+        subject: str | None = None,
+        predicate: Callable[[Message], bool] | None = None,
+        within: float = 0.5,
+        *,
+        outbound: bool = False,
+    ) -> None:
+        """Fail if a matching message arrives (or has arrived) within `within` seconds."""
+        try:
+            found = self.wait_for_message(to, subject, predicate, within, outbound=outbound)
+        except AssertionError:
+            return
+        raise AssertionError(f"unexpected message: {found!r}")
+
+    # --- time, state, TLS ---------------------------------------------------------
+
+    def advance(self, seconds: float) -> None:
+        """Move the server's clock forward (expiry, blocks, retries, timeouts)."""
+        self._running_or_raise()
+        _call(self.clock.advance, seconds)
+
+    def reset(self) -> None:
+        """Back to a fresh server: no mail, accounts, authorisations, blocks or faults."""
+        self._running_or_raise()
+        self.faults.clear()
+
+        def in_reactor() -> None:
+            state = self.appliance.state
+            for table in ("popauth", "failures", "blocks", "events"):
+                state.db.execute(f"DELETE FROM {table}")  # noqa: S608 - our table names
+            self.appliance.outbound.entries.clear()
+            self.clock.rewind()
+
+        _call(in_reactor)
+        m = self.config.mailbox
+        m.accounts.write_text("")
+        m.aliases.write_text("")
+        _call(self.appliance.accounts.reload)
+        for child in m.mail_dir.iterdir():
+            if child.name not in (".state", ".incoming"):
+                shutil.rmtree(child, ignore_errors=True)
+        with self._cond:
+            self._inbound.clear()
+            self.outbound.clear()
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """A client context that trusts this server's throwaway certificate."""
+        if not self.tls:
+            raise RuntimeError("this MailServer was started without tls=True")
+        ctx = ssl.create_default_context(cafile=str(self.certificate))
+        ctx.check_hostname = False  # clients connect to 127.0.0.1, not the hostname
+        return ctx
