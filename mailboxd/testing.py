@@ -225,16 +225,44 @@ class _Capture(LineProtocol):
         self.transport.loseConnection()
 
 
+def match_message(
+    m: Message,
+    to: str | None,
+    subject: str | None,
+    predicate: Callable[[Message], bool] | None,
+    outbound: bool,
+) -> bool:
+    """Does `m` match? `to` is a lower-case recipient (outbound) or mailbox key."""
+    if to is not None:
+        where = [r.lower() for r in m.recipients] if outbound else [m.account]
+        if to not in where:
+            return False
+    if subject is not None and not fnmatch.fnmatchcase(m.subject, subject):
+        return False
+    return predicate is None or bool(predicate(m))
+
+
 class MailServer:
-    """A real Mailbox server for a test; see the module docstring."""
+    """A real Mailbox server for a test; see the module docstring.
+
+    ``MailServer(process=True)`` gives the same API served by a child process.
+    """
 
     host = "127.0.0.1"
+
+    def __new__(cls, *args: Any, process: bool = False, **kwargs: Any) -> Any:
+        if process:
+            from .testing_remote import RemoteMailServer
+
+            return RemoteMailServer(*args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
         domains: Iterable[str] = ("example.test",),
         *,
         tls: bool = False,
+        process: bool = False,
         **overrides: Any,
     ) -> None:
         unknown = sorted(set(overrides) - set(OVERRIDES))
@@ -432,12 +460,25 @@ class MailServer:
             self.outbound.append(message)
             self._cond.notify_all()
 
-    def messages(self, address: str) -> list[Message]:
-        """What arrived for `address`'s mailbox, in arrival order."""
+    def messages(self, address: str | None = None) -> list[Message]:
+        """What arrived for `address`'s mailbox (or for any), in arrival order."""
         self._running_or_raise()
-        key = self._local(address).key
+        key = self._local(address).key if address is not None else None
         with self._cond:
-            return [m for m in self._inbound if m.account == key]
+            return [m for m in self._inbound if key is None or m.account == key]
+
+    def wait_change(
+        self, count: int, timeout: float, outbound: bool = False, to: str | None = None
+    ) -> int:
+        """Block until more than `count` messages are there (or `timeout`); how many."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                pool = self.outbound if outbound else self.messages(to)
+                left = deadline - time.monotonic()
+                if len(pool) > count or left <= 0:
+                    return len(pool)
+                self._cond.wait(left)
 
     def deliver(self, address: str, raw: bytes, sender: str = "") -> Message:
         """Put a message straight into a mailbox (for POP3 tests)."""
@@ -463,20 +504,8 @@ class MailServer:
         predicate: Callable[[Message], bool] | None,
     ) -> Message | None:
         pool = self.outbound if outbound else self._inbound
-        key = None
-        if to is not None:
-            key = to.lower() if outbound else self._local(to).key
-        for m in pool:
-            if key is not None:
-                where = [r.lower() for r in m.recipients] if outbound else [m.account]
-                if key not in where:
-                    continue
-            if subject is not None and not fnmatch.fnmatchcase(m.subject, subject):
-                continue
-            if predicate is not None and not predicate(m):
-                continue
-            return m
-        return None
+        key = None if to is None else to.lower() if outbound else self._local(to).key
+        return next((m for m in pool if match_message(m, key, subject, predicate, outbound)), None)
 
     def wait_for_message(
         self,
@@ -562,3 +591,9 @@ class MailServer:
         ctx = ssl.create_default_context(cafile=str(self.certificate))
         ctx.check_hostname = False  # clients connect to 127.0.0.1, not the hostname
         return ctx
+
+
+if __name__ == "__main__":
+    from .testing_remote import serve
+
+    serve()
