@@ -25,6 +25,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail.smtp import ESMTPSender, ESMTPSenderFactory, SMTPClientError, SMTPConnectError
+from twisted.names.client import createResolver
 from twisted.python.threadpool import ThreadPool
 
 from . import queue
@@ -361,6 +362,8 @@ class Outbound:
             if smarthost:
                 hops = [parse_smarthost(smarthost)]
             else:
+                if self.resolver is None:  # made on first use: it re-reads resolv.conf on a timer
+                    self.resolver = createResolver()
                 hosts = await mx_hosts(self.resolver, dest)
                 hops = [Hop(h, self.mx_port) for h in hosts]
         except RouteError as e:

@@ -12,7 +12,6 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.names.client import createResolver
 from twisted.python.threadpool import ThreadPool
 
 from .accounts import AccountStore
@@ -210,7 +209,7 @@ def assemble(config: Config, reactor: Any, clock: Any = None) -> Appliance:
     reactor.callWhenRunning(pool.callInThread, checker.dummy_hash, cost)
 
     outbound = Outbound(
-        config, queue_dir(m.mail_dir), clock, reactor, pool, directory, createResolver()
+        config, queue_dir(m.mail_dir), clock, reactor, pool, directory, resolver=None
     )
     Running(outbound).setServiceParent(top)
 

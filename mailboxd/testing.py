@@ -43,7 +43,7 @@ from .faults import Faults
 from .lines import LineProtocol
 from .maildir import IncomingMessage, maildir_path
 
-__all__ = ["MailServer", "Message", "ShiftedClock"]
+__all__ = ["MailServer", "Message", "ShiftedClock", "TwistedMailServer"]
 
 # Keys MailServer manages itself; everything else in the contract may be overridden.
 _MANAGED = {"listen", "submission", "accounts", "aliases", "mail_dir", "certificate", "private_key"}
@@ -317,9 +317,9 @@ class MailServer:
         self._running = False
         try:
             if getattr(self, "appliance", None) is not None:
-                _call(self.appliance.service.stopService)
+                self._in_reactor(self.appliance.service.stopService)
             if getattr(self, "_capture", None) is not None:
-                _call(self._capture.stopListening)
+                self._in_reactor(self._capture.stopListening)
         finally:
             self.appliance = None
             if self.home is not None:
@@ -395,6 +395,9 @@ class MailServer:
 
         return DeferredList(waiting, consumeErrors=True).addCallback(ports)
 
+    def _in_reactor(self, f: Callable[..., Any], *args: Any) -> Any:
+        return _call(f, *args)
+
     def _running_or_raise(self) -> None:
         if not self._running:
             raise RuntimeError("this MailServer is not running: call start() or use `with`")
@@ -419,14 +422,14 @@ class MailServer:
         path = self.config.mailbox.accounts
         exists = target.key in accounts_file.listed(path)
         accounts_file.set_hash(path, target, hashed, must_exist=exists)
-        _call(self.appliance.accounts.reload)
+        self._in_reactor(self.appliance.accounts.reload)
 
     def remove_account(self, address: str) -> None:
         """Delete the account and its mailbox; adding it again starts empty."""
         self._running_or_raise()
         target = self._local(address)
         accounts_file.remove(self.config.mailbox.accounts, target)
-        _call(self.appliance.accounts.reload)
+        self._in_reactor(self.appliance.accounts.reload)
         account = accounts_file.Account(target.key, target.domain, target.local)
         shutil.rmtree(maildir_path(self.config.mailbox.mail_dir, account), ignore_errors=True)
         with self._cond:
@@ -454,11 +457,13 @@ class MailServer:
         with self._cond:
             self._inbound.extend(arrived)
             self._cond.notify_all()
+        self._arrived()
 
     def _captured(self, message: Message) -> None:
         with self._cond:
             self.outbound.append(message)
             self._cond.notify_all()
+        self._arrived()
 
     def messages(self, address: str | None = None) -> list[Message]:
         """What arrived for `address`'s mailbox (or for any), in arrival order."""
@@ -494,7 +499,11 @@ class MailServer:
         with self._cond:
             self._inbound.append(message)
             self._cond.notify_all()
+        self._arrived()
         return message
+
+    def _arrived(self) -> None:
+        """A message arrived (waiters on the Condition are already woken)."""
 
     def _find(
         self,
@@ -558,7 +567,7 @@ class MailServer:
     def advance(self, seconds: float) -> None:
         """Move the server's clock forward (expiry, blocks, retries, timeouts)."""
         self._running_or_raise()
-        _call(self.clock.advance, seconds)
+        self._in_reactor(self.clock.advance, seconds)
 
     def reset(self) -> None:
         """Back to a fresh server: no mail, accounts, authorisations, blocks or faults."""
@@ -572,11 +581,11 @@ class MailServer:
             self.appliance.outbound.entries.clear()
             self.clock.rewind()
 
-        _call(in_reactor)
+        self._in_reactor(in_reactor)
         m = self.config.mailbox
         m.accounts.write_text("")
         m.aliases.write_text("")
-        _call(self.appliance.accounts.reload)
+        self._in_reactor(self.appliance.accounts.reload)
         for child in m.mail_dir.iterdir():
             if child.name not in (".state", ".incoming"):
                 shutil.rmtree(child, ignore_errors=True)
@@ -591,6 +600,109 @@ class MailServer:
         ctx = ssl.create_default_context(cafile=str(self.certificate))
         ctx.check_hostname = False  # clients connect to 127.0.0.1, not the hostname
         return ctx
+
+
+class TwistedMailServer(MailServer):
+    """For trial and other Twisted-native tests: runs on the test's own reactor.
+
+    `start()` and `stop()` return Deferreds, and so does `wait_for_message`;
+    the rest of the API is the same and answers at once.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._waiters: list[tuple[Any, Callable[[], Message | None]]] = []
+
+    def _in_reactor(self, f: Callable[..., Any], *args: Any) -> Any:
+        return f(*args)
+
+    def start(self) -> Any:  # a Deferred firing with the server
+        from twisted.internet import reactor
+
+        self.home = Path(tempfile.mkdtemp(prefix="mailbox-test-"))
+        self.clock = ShiftedClock(reactor)
+        self._capture_port = self._start_capture(reactor)
+        self.config = parse(self._ini(), self.home / "mailbox.ini")
+        self._running = True
+
+        def failed(f: Any) -> Any:
+            return self.stop().addCallback(lambda _: f)
+
+        return self._start_server(reactor).addCallbacks(lambda _: self, failed)
+
+    def stop(self) -> Any:  # a Deferred
+        from twisted.internet.defer import maybeDeferred
+
+        self._running = False
+        appliance, self.appliance = getattr(self, "appliance", None), None
+        d = (
+            maybeDeferred(appliance.service.stopService)
+            if appliance
+            else maybeDeferred(lambda: None)
+        )
+        if getattr(self, "_capture", None) is not None:
+            d.addCallback(lambda _: self._capture.stopListening())
+
+        def clean(result: Any) -> Any:
+            if self.home is not None:
+                shutil.rmtree(self.home, ignore_errors=True)
+            return result
+
+        return d.addBoth(clean)
+
+    def wait_for_message(  # type: ignore[override]
+        self,
+        to: str | None = None,
+        subject: str | None = None,
+        predicate: Callable[[Message], bool] | None = None,
+        timeout: float = 5.0,
+        *,
+        outbound: bool = False,
+    ) -> Any:
+        """A Deferred firing with the first matching message, or failing with
+        AssertionError after `timeout` seconds."""
+        from twisted.internet import reactor
+        from twisted.internet.defer import Deferred, succeed
+
+        self._running_or_raise()
+        if to is not None and not outbound:
+            self._local(to)
+
+        def find() -> Message | None:
+            return self._find(outbound, to, subject, predicate)
+
+        found = find()
+        if found is not None:
+            return succeed(found)
+        d: Deferred = Deferred()
+        waiter = (d, find)
+        self._waiters.append(waiter)
+
+        def expire() -> None:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+                arrived = self.outbound if outbound else self._inbound
+                d.errback(
+                    AssertionError(
+                        f"no message to={to!r} subject={subject!r} within {timeout} s; "
+                        f"arrived: {arrived!r}"
+                    )
+                )
+
+        timer = reactor.callLater(timeout, expire)
+        d.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+        return d
+
+    def _arrived(self) -> None:
+        for waiter in list(self._waiters):
+            d, find = waiter
+            found = find()
+            if found is not None:
+                self._waiters.remove(waiter)
+                d.callback(found)
 
 
 if __name__ == "__main__":
