@@ -36,6 +36,7 @@ from .config import Config
 from .maildir import IncomingMessage
 from .queue import Entry, Recipient
 from .routes import Hop, RouteError, destination, mx_hosts, parse_smarthost
+from .smtp import Delivery
 
 log = Logger()
 
@@ -159,6 +160,7 @@ class Outbound:
     mx_port: int = 25
     connect: Callable[[Hop, Any], Deferred] | None = None
     interval: float = 1.0
+    delivered: Callable[[Delivery], object] | None = None  # told of local bounces (testing)
     entries: dict[str, Entry] = attrs.field(factory=dict)
     _busy: set[str] = attrs.field(factory=set)
     _active: collections.Counter = attrs.field(factory=collections.Counter)
@@ -474,7 +476,20 @@ class Outbound:
         address = parse_mailbox(to)
         local = directory.resolve(address) if address else ()
         if local:
-            await self._thread(self._deliver_locally, dsn, local)
+            paths = await self._thread(self._deliver_locally, dsn, local)
+            if self.delivered is not None:
+                self.delivered(
+                    Delivery(
+                        bounce_id,
+                        "",
+                        (to,),
+                        tuple(a.address for a in local),
+                        tuple(paths),
+                        (),
+                        None,
+                        None,
+                    )
+                )
             log.info(
                 "queue {id}: bounce {bounce} delivered to {to}",
                 id=entry.id,
@@ -497,7 +512,7 @@ class Outbound:
             f.seek(entry.offset)
             return f.read(256 * 1024)  # the headers are what the bounce shows
 
-    def _deliver_locally(self, data: bytes, accounts: tuple[Account, ...]) -> None:
+    def _deliver_locally(self, data: bytes, accounts: tuple[Account, ...]) -> list[Path]:
         mail_dir = self.config.mailbox.mail_dir
         message = IncomingMessage(mail_dir / ".incoming", self.config.mailbox.hostname)
         try:
@@ -507,4 +522,4 @@ class Outbound:
         except BaseException:
             message.discard()
             raise
-        message.commit(mail_dir, accounts)
+        return message.commit(mail_dir, accounts)

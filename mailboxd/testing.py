@@ -298,6 +298,9 @@ class MailServer:
         if self._running:
             return self
         reactor = _reactor()
+        with self._cond:  # a restart is a new mail store: what arrived before is gone
+            self._inbound.clear()
+            self.outbound.clear()
         self.home = Path(tempfile.mkdtemp(prefix="mailbox-test-"))
         self.clock = ShiftedClock(reactor)
         try:
@@ -377,6 +380,7 @@ class MailServer:
             factory.delivered = self._delivered
             factory.faults = self.faults
         appliance.pop3.faults = self.faults
+        appliance.outbound.delivered = self._delivered  # bounces to local senders
         appliance.service.privilegedStartService()
         appliance.service.startService()
         waiting = [listener._waitingForPort for listener in appliance.listeners]
