@@ -4,6 +4,7 @@ answer, delay or drop a protocol command instead of the server."""
 from __future__ import annotations
 
 import fnmatch
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -13,11 +14,19 @@ from twisted.internet.task import deferLater
 
 Reply = Any  # an SMTP (code, text) tuple, or a POP3 line
 
+_PATH = re.compile(r"^(?:FROM|TO):\s*<?([^<>\s]*)>?", re.IGNORECASE)
+
+
+def _subjects(argument: str) -> list[str]:
+    """What `match` is tried on: the argument, and for MAIL and RCPT the address."""
+    found = _PATH.match(argument)
+    return [argument, found.group(1)] if found else [argument]
+
 
 @attrs.define
 class Rule:
     point: str  # "smtp.RCPT", "pop3.RETR", ...
-    match: str | None = None  # a glob on the command's argument, e.g. "*bad@*"
+    match: str | None = None  # a glob on the argument, or MAIL/RCPT's address: "bad@*"
     reply: Reply = None
     drop: bool = False
     delay: float = 0.0
@@ -47,6 +56,18 @@ class Faults:
             raise ValueError(f"fault point {point!r}: expected smtp.COMMAND or pop3.COMMAND")
         if reply is None and not drop and not delay:
             raise ValueError("a fault needs reply=, drop=True or delay=")
+        if times is not None and times < 1:
+            raise ValueError(f"{point}: times= must be at least 1, or None for ever")
+        if reply is not None and protocol == "smtp":
+            if not (
+                isinstance(reply, tuple)
+                and len(reply) == 2
+                and isinstance(reply[0], int)
+                and isinstance(reply[1], str)
+            ):
+                raise TypeError(f"{point}: reply= must be (code, text), e.g. (550, '5.1.1 no')")
+        elif reply is not None and not isinstance(reply, str):
+            raise TypeError(f"{point}: reply= must be a line, e.g. '-ERR broken'")
         rule = Rule(f"{protocol}.{command.upper()}", match, reply, drop, delay, times)
         with self._lock:
             self.rules.append(rule)
@@ -62,8 +83,9 @@ class Faults:
             for rule in self.rules:
                 if rule.point != point:
                     continue
-                if rule.match is not None and not fnmatch.fnmatch(
-                    argument.lower(), rule.match.lower()
+                if rule.match is not None and not any(
+                    fnmatch.fnmatchcase(subject.lower(), rule.match.lower())
+                    for subject in _subjects(argument)
                 ):
                     continue
                 rule.hits += 1

@@ -74,6 +74,12 @@ class _Sender(ESMTPSender):
 
     _line_start = True
 
+    def timeoutConnection(self) -> None:
+        if self.factory.sendFinished:  # only the QUIT exchange is left: just hang up
+            self.transport.abortConnection()
+        else:
+            super().timeoutConnection()
+
     def connectionLost(self, reason: Any = connectionDone) -> None:
         super().connectionLost(reason)
         # Only a Connector calls the factory's clientConnectionLost; through an

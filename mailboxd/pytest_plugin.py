@@ -3,7 +3,8 @@ installing the package is enough, no conftest needed.
 
 * ``mail_server``: a running :class:`mailboxd.testing.MailServer`, one per
   test session (so one per pytest-xdist worker), reset before each test.
-* ``mail_account``: a fresh account on it: ``(address, password)``.
+* ``mail_account``: a fresh account on it, with ``.address`` and ``.password``
+  (it also unpacks: ``address, password = mail_account``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from .testing import MailServer
 class MailAccount:
     address: str
     password: str = attrs.field(repr=False)
+
+    def __iter__(self) -> Iterator[str]:
+        """So that ``address, password = mail_account`` works too."""
+        return iter((self.address, self.password))
 
 
 @pytest.fixture(scope="session")

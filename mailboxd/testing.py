@@ -46,7 +46,16 @@ from .maildir import IncomingMessage, maildir_path
 __all__ = ["MailServer", "Message", "ShiftedClock", "TwistedMailServer"]
 
 # Keys MailServer manages itself; everything else in the contract may be overridden.
-_MANAGED = {"listen", "submission", "accounts", "aliases", "mail_dir", "certificate", "private_key"}
+_MANAGED = {
+    "domains",  # the constructor's first argument
+    "listen",
+    "submission",
+    "accounts",
+    "aliases",
+    "mail_dir",
+    "certificate",
+    "private_key",
+}
 
 
 def _override_names() -> dict[str, tuple[str, str]]:
@@ -346,7 +355,8 @@ class MailServer:
             from .tls import make_self_signed
 
             self.certificate = self.home / "cert.pem"
-            make_self_signed(m["hostname"], self.certificate, self.home / "key.pem")
+            hostname = str(self.overrides.get("hostname", m["hostname"]))
+            make_self_signed(hostname, self.certificate, self.home / "key.pem")
             values["tls"]["certificate"] = str(self.certificate)
             values["tls"]["private_key"] = str(self.home / "key.pem")
             values["smtp"]["listen"] += " tls:0:interface=127.0.0.1"
@@ -432,7 +442,10 @@ class MailServer:
         """Delete the account and its mailbox; adding it again starts empty."""
         self._running_or_raise()
         target = self._local(address)
-        accounts_file.remove(self.config.mailbox.accounts, target)
+        try:
+            accounts_file.remove(self.config.mailbox.accounts, target)
+        except KeyError:
+            raise ValueError(f"{address}: no such account") from None
         self._in_reactor(self.appliance.accounts.reload)
         account = accounts_file.Account(target.key, target.domain, target.local)
         shutil.rmtree(maildir_path(self.config.mailbox.mail_dir, account), ignore_errors=True)
@@ -496,7 +509,10 @@ class MailServer:
         account = accounts_file.Account(target.key, target.domain, target.local)
         incoming = IncomingMessage(self.config.mailbox.mail_dir / ".incoming", "testing")
         incoming.write_line(f"Return-Path: <{sender}>".encode())
-        for line in raw.replace(b"\r\n", b"\n").split(b"\n"):
+        text = raw.replace(b"\r\n", b"\n")
+        if text.endswith(b"\n"):  # the last line's end, not an empty line after it
+            text = text[:-1]
+        for line in text.split(b"\n"):
             incoming.write_line(line)
         [path] = incoming.commit(self.config.mailbox.mail_dir, (account,))
         message = Message(sender, (str(target),), path.read_bytes(), target.key)
@@ -625,6 +641,13 @@ class TwistedMailServer(MailServer):
 
     def start(self) -> Any:  # a Deferred firing with the server
         from twisted.internet import reactor
+        from twisted.internet.defer import succeed
+
+        if self._running:
+            return succeed(self)
+        with self._cond:
+            self._inbound.clear()
+            self.outbound.clear()
 
         self.home = Path(tempfile.mkdtemp(prefix="mailbox-test-"))
         self.clock = ShiftedClock(reactor)

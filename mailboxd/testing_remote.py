@@ -116,7 +116,7 @@ def serve(argv: list[str] | None = None) -> None:
 
     control = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
     control.daemon_threads = True
-    threading.Thread(target=control.serve_forever, daemon=True).start()
+    threading.Thread(target=control.serve_forever, args=(0.05,), daemon=True).start()
     ready = {
         "host": server.host,
         "smtp_port": server.smtp_port,
