@@ -234,6 +234,58 @@ class _Capture(LineProtocol):
         self.transport.loseConnection()
 
 
+def check_overrides(overrides: dict[str, Any]) -> None:
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise TypeError(
+            f"MailServer: unknown config override(s) {', '.join(unknown)}; "
+            f"valid names: {', '.join(sorted(OVERRIDES))}"
+        )
+
+
+def not_found(to: str | None, subject: str | None, timeout: float, arrived: list) -> AssertionError:
+    return AssertionError(
+        f"no message to={to!r} subject={subject!r} within {timeout} s; arrived: {arrived!r}"
+    )
+
+
+def trusting_context(certificate: Path | None) -> ssl.SSLContext:
+    """A client context that trusts a test server's throwaway certificate."""
+    if certificate is None:
+        raise RuntimeError("this MailServer was started without tls=True")
+    ctx = ssl.create_default_context(cafile=str(certificate))
+    ctx.check_hostname = False  # clients connect to 127.0.0.1, not the hostname
+    return ctx
+
+
+class ServerAPI:
+    """What the in-process and the child-process servers share."""
+
+    def __enter__(self) -> Any:
+        return self.start()  # type: ignore[attr-defined]
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()  # type: ignore[attr-defined]
+
+    def assert_no_message(
+        self,
+        to: str | None = None,
+        subject: str | None = None,
+        predicate: Callable[[Message], bool] | None = None,
+        within: float = 0.5,
+        *,
+        outbound: bool = False,
+    ) -> None:
+        """Fail if a matching message arrives (or has arrived) within `within` seconds."""
+        try:
+            found = self.wait_for_message(  # type: ignore[attr-defined]
+                to, subject, predicate, within, outbound=outbound
+            )
+        except AssertionError:
+            return
+        raise AssertionError(f"unexpected message: {found!r}")
+
+
 def match_message(
     m: Message,
     to: str | None,
@@ -251,7 +303,7 @@ def match_message(
     return predicate is None or bool(predicate(m))
 
 
-class MailServer:
+class MailServer(ServerAPI):
     """A real Mailbox server for a test; see the module docstring.
 
     ``MailServer(process=True)`` gives the same API served by a child process.
@@ -274,12 +326,7 @@ class MailServer:
         process: bool = False,
         **overrides: Any,
     ) -> None:
-        unknown = sorted(set(overrides) - set(OVERRIDES))
-        if unknown:
-            raise TypeError(
-                f"MailServer: unknown config override(s) {', '.join(unknown)}; "
-                f"valid names: {', '.join(sorted(OVERRIDES))}"
-            )
+        check_overrides(overrides)
         self.domains = tuple(d.lower() for d in domains)
         if not self.domains:
             raise ValueError("MailServer: give at least one domain")
@@ -296,12 +343,6 @@ class MailServer:
         self.pop3s_port: int | None = None
 
     # --- life -------------------------------------------------------------------
-
-    def __enter__(self) -> MailServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start(self) -> MailServer:
         if self._running:
@@ -559,28 +600,10 @@ class MailServer:
                     return found
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    arrived = self.outbound if outbound else self._inbound
-                    raise AssertionError(
-                        f"no message to={to!r} subject={subject!r} within {timeout} s; "
-                        f"arrived: {arrived!r}"
+                    raise not_found(
+                        to, subject, timeout, self.outbound if outbound else self._inbound
                     )
                 self._cond.wait(left)
-
-    def assert_no_message(
-        self,
-        to: str | None = None,
-        subject: str | None = None,
-        predicate: Callable[[Message], bool] | None = None,
-        within: float = 0.5,
-        *,
-        outbound: bool = False,
-    ) -> None:
-        """Fail if a matching message arrives (or has arrived) within `within` seconds."""
-        try:
-            found = self.wait_for_message(to, subject, predicate, within, outbound=outbound)
-        except AssertionError:
-            return
-        raise AssertionError(f"unexpected message: {found!r}")
 
     # --- time, state, TLS ---------------------------------------------------------
 
@@ -615,11 +638,7 @@ class MailServer:
 
     def client_ssl_context(self) -> ssl.SSLContext:
         """A client context that trusts this server's throwaway certificate."""
-        if not self.tls:
-            raise RuntimeError("this MailServer was started without tls=True")
-        ctx = ssl.create_default_context(cafile=str(self.certificate))
-        ctx.check_hostname = False  # clients connect to 127.0.0.1, not the hostname
-        return ctx
+        return trusting_context(self.certificate if self.tls else None)
 
 
 class TwistedMailServer(MailServer):
@@ -711,12 +730,8 @@ class TwistedMailServer(MailServer):
         def expire() -> None:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
-                arrived = self.outbound if outbound else self._inbound
                 d.errback(
-                    AssertionError(
-                        f"no message to={to!r} subject={subject!r} within {timeout} s; "
-                        f"arrived: {arrived!r}"
-                    )
+                    not_found(to, subject, timeout, self.outbound if outbound else self._inbound)
                 )
 
         timer = reactor.callLater(timeout, expire)

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .testing import ServerAPI, check_overrides, match_message, not_found, trusting_context
+
 # Operations the control channel serves: method names of MailServer.
 OPERATIONS = {
     "add_account",
@@ -174,7 +176,7 @@ class _RemoteFaults:
         self._call("faults_clear")
 
 
-class RemoteMailServer:
+class RemoteMailServer(ServerAPI):
     """The MailServer API, served by a child process (`MailServer(process=True)`)."""
 
     host = "127.0.0.1"
@@ -182,25 +184,12 @@ class RemoteMailServer:
     def __init__(
         self, domains: Any = ("example.test",), *, tls: bool = False, **overrides: Any
     ) -> None:
-        from .testing import OVERRIDES
-
-        unknown = sorted(set(overrides) - set(OVERRIDES))
-        if unknown:
-            raise TypeError(
-                f"MailServer: unknown config override(s) {', '.join(unknown)}; "
-                f"valid names: {', '.join(sorted(OVERRIDES))}"
-            )
+        check_overrides(overrides)
         self.domains = tuple(domains)
         self.tls = tls
         self.overrides = overrides
         self.proc: subprocess.Popen | None = None
         self.faults = _RemoteFaults(self._call)
-
-    def __enter__(self) -> RemoteMailServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start(self) -> RemoteMailServer:
         if self.proc is not None:
@@ -296,13 +285,7 @@ class RemoteMailServer:
         self._call("reset")
 
     def client_ssl_context(self) -> Any:
-        import ssl
-
-        if self.certificate is None:
-            raise RuntimeError("this MailServer was started without tls=True")
-        ctx = ssl.create_default_context(cafile=str(self.certificate))
-        ctx.check_hostname = False
-        return ctx
+        return trusting_context(self.certificate)
 
     def wait_for_message(
         self,
@@ -313,8 +296,6 @@ class RemoteMailServer:
         *,
         outbound: bool = False,
     ) -> Any:
-        from .testing import match_message
-
         deadline = time.monotonic() + timeout
         key = to.lower() if outbound and to is not None else None  # the child filters mailboxes
         while True:
@@ -324,23 +305,6 @@ class RemoteMailServer:
                     return m
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(
-                    f"no message to={to!r} subject={subject!r} within {timeout} s; arrived: {pool!r}"
-                )
+                raise not_found(to, subject, timeout, pool)
             # Blocks in the child until something arrives: no polling here.
             self._call("wait_change", len(pool), left, outbound=outbound, to=to)
-
-    def assert_no_message(
-        self,
-        to: str | None = None,
-        subject: str | None = None,
-        predicate: Callable[[Any], bool] | None = None,
-        within: float = 0.5,
-        *,
-        outbound: bool = False,
-    ) -> None:
-        try:
-            found = self.wait_for_message(to, subject, predicate, within, outbound=outbound)
-        except AssertionError:
-            return
-        raise AssertionError(f"unexpected message: {found!r}")
