@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,45 +18,19 @@ import threading
 import time
 from pathlib import Path
 
+import benchlib
+
 SENDER = "sender@example.test"
 RCPT = "user@far.test"  # not local: relayed, since 127.0.0.1 is a trusted network
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_listening(port: int, proc: subprocess.Popen, what: str, log: Path | None) -> None:
-    for _ in range(300):  # 30 s at most
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.1)
-    proc.kill()
-    text = log.read_text(errors="replace") if log and log.exists() else ""
-    sys.exit(f"bench: {what} did not start:\n{text}")
-
-
 def start_server(home: Path, port: int, sink_port: int) -> subprocess.Popen:
-    ini = "[mailbox]\nhostname = mail.example.test\ndomains = example.test\nbcrypt_rounds = 4\n"
-    ini += "trusted_networks = 127.0.0.0/8\n"
-    ini += f"[smtp]\nlisten = tcp:{port}:interface=127.0.0.1\nsubmission =\n[pop3]\nlisten =\n"
-    ini += f"[relay]\nsmarthost = 127.0.0.1:{sink_port}\n"
-    (home / "etc").mkdir()
-    for name, text in (("accounts", ""), ("aliases", ""), ("mailbox.ini", ini)):
-        (home / "etc" / name).write_text(text)
-    twistd = Path(sys.executable).parent / "twistd"
-    cmd = [str(twistd), "--nodaemon", "--pidfile=", "mailbox", "--config", "etc/mailbox.ini"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    with (home / "twistd.log").open("wb") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(cmd, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT)
-    wait_listening(port, proc, "twistd", home / "twistd.log")
-    return proc
+    return benchlib.start_server(
+        home,
+        port,
+        mailbox="trusted_networks = 127.0.0.0/8\n",
+        sections=f"[relay]\nsmarthost = 127.0.0.1:{sink_port}\n",
+    )
 
 
 def entries(queue: Path) -> int:
@@ -121,7 +94,7 @@ def main() -> None:
 def run_all(args: argparse.Namespace, home: Path, source: str, sink: str) -> None:
     procs: list[subprocess.Popen] = []
     rates: list[float] = []
-    port, sink_port = free_port(), free_port()
+    port, sink_port = benchlib.free_port(), benchlib.free_port()
     sink_cmd = [sink, "-c"]
     if os.geteuid() == 0:
         sink_cmd += ["-u", "nobody"]  # smtp-sink refuses to run as root without -u
@@ -132,7 +105,7 @@ def run_all(args: argparse.Namespace, home: Path, source: str, sink: str) -> Non
     try:
         with (home / "smtp-sink.out").open("wb") as sink_out:
             procs.append(subprocess.Popen(sink_cmd, stdout=sink_out, stderr=subprocess.STDOUT))
-        wait_listening(sink_port, procs[0], "smtp-sink", home / "smtp-sink.out")
+        benchlib.wait_listening(sink_port, procs[0], "smtp-sink", home / "smtp-sink.out")
         procs.append(start_server(home, port, sink_port))
         queue = home / "mailbox" / ".queue"
         for i in range(args.runs):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -14,32 +13,14 @@ import time
 from pathlib import Path
 
 import bcrypt
+import benchlib
 
 RCPT = "user@example.test"
 
 
 def start_server(home: Path, port: int) -> subprocess.Popen:
     hashed = bcrypt.hashpw(b"bench pw", bcrypt.gensalt(4)).decode()
-    ini = "[mailbox]\nhostname = mail.example.test\ndomains = example.test\nbcrypt_rounds = 4\n"
-    ini += f"[smtp]\nlisten = tcp:{port}:interface=127.0.0.1\nsubmission =\n[pop3]\nlisten =\n"
-    (home / "etc").mkdir()
-    for name, text in (("accounts", f"{RCPT}:{hashed}\n"), ("aliases", ""), ("mailbox.ini", ini)):
-        (home / "etc" / name).write_text(text)
-    twistd = Path(sys.executable).parent / "twistd"
-    cmd = [str(twistd), "--nodaemon", "--pidfile=", "mailbox", "--config", "etc/mailbox.ini"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    with (home / "twistd.log").open("wb") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(cmd, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT)
-    for _ in range(300):  # 30 s at most
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.1)
-    proc.kill()
-    sys.exit(f"bench: twistd did not start:\n{(home / 'twistd.log').read_text()}")
+    return benchlib.start_server(home, port, accounts=f"{RCPT}:{hashed}\n")
 
 
 def main() -> None:
@@ -54,9 +35,7 @@ def main() -> None:
         sys.exit("bench: smtp-source not found; `apt-get install postfix` provides it")
     home = Path(tempfile.mkdtemp(prefix="mailbox-bench-"))
     try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = benchlib.free_port()
         proc = start_server(home, port)
         cmd = [tool, "-s", str(args.sessions), "-m", str(args.messages), "-l", str(args.length)]
         cmd += ["-f", "sender@far.test", "-t", RCPT, f"127.0.0.1:{port}"]
