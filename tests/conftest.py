@@ -186,6 +186,24 @@ def tls_server(tmp_path: Path):
     s.check_log()
 
 
+@pytest.fixture
+def untrusted(make_server):
+    """Start servers (with the test accounts) that trust no network, so loopback
+    clients meet the real relay policy; their logs are checked afterwards."""
+    started: list[MailServer] = []
+
+    def start(extra: str = "", tls: bool = False) -> MailServer:
+        s = make_server("[mailbox]\ntrusted_networks =\n" + extra, tls=tls)
+        s.add_test_accounts()
+        started.append(s)
+        return s.start()
+
+    yield start
+    for s in started:
+        s.stop()
+        s.check_log()
+
+
 def client_tls_context():
     """An ssl.SSLContext for test clients that trusts the self-signed certificate."""
     import ssl

@@ -403,6 +403,21 @@ def test_mpop_without_keep_deletes_at_quit(server, tmp_path):
 # --- fetchmail ------------------------------------------------------------------
 
 
+def fetchmail_command(fetchmail: str, rc: Path, tmp_path: Path, ids: Path) -> list[str]:
+    """fetchmail in the foreground with its own pid file (root's default is shared)."""
+    pidfile = tmp_path / "fetchmail.pid"
+    return [
+        fetchmail,
+        "--nodetach",
+        "--fetchmailrc",
+        str(rc),
+        "--pidfile",
+        str(pidfile),
+        "--idfile",
+        str(ids),
+    ]
+
+
 def test_fetchmail_uidl_keep(server, tmp_path):
     fetchmail = need("fetchmail")
     env = tool_env(tmp_path)
@@ -419,16 +434,7 @@ def test_fetchmail_uidl_keep(server, tmp_path):
         "  sslproto ''\n"
         f'  mda "cat >> {out}"\n',
     )
-    cmd = [
-        fetchmail,
-        "--nodetach",
-        "--fetchmailrc",
-        str(rc),
-        "--pidfile",
-        str(tmp_path / "fetchmail.pid"),
-        "--idfile",
-        str(ids),
-    ]
+    cmd = fetchmail_command(fetchmail, rc, tmp_path, ids)
 
     def subjects() -> list[bytes]:
         if not out.exists():
@@ -470,16 +476,7 @@ def test_locked_mailbox_reported_to_clients(server, tmp_path):
     holder = pop_login(server)
     try:
         proc = run(
-            [
-                fetchmail,
-                "--nodetach",
-                "--fetchmailrc",
-                str(rc),
-                "--pidfile",
-                str(tmp_path / "fetchmail.pid"),
-                "--idfile",
-                str(tmp_path / "ids"),
-            ],
+            fetchmail_command(fetchmail, rc, tmp_path, tmp_path / "ids"),
             env,
             ok=(9,),  # fetchmail: PS_LOCKBUSY, from the [IN-USE] response code
         )
@@ -493,19 +490,7 @@ def test_locked_mailbox_reported_to_clients(server, tmp_path):
     assert not delivered.exists()
     assert not mbox.exists()
     # Once the holder has quit, the same clients get through.
-    run(
-        [
-            fetchmail,
-            "--nodetach",
-            "--fetchmailrc",
-            str(rc),
-            "--pidfile",
-            str(tmp_path / "fetchmail.pid"),
-            "--idfile",
-            str(tmp_path / "ids"),
-        ],
-        env,
-    )
+    run(fetchmail_command(fetchmail, rc, tmp_path, tmp_path / "ids"), env)
     assert b"Subject: locked" in delivered.read_bytes()
 
 

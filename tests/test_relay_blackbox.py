@@ -48,26 +48,6 @@ def plain(user: str, password: str, authzid: str = "") -> str:
 # --- servers --------------------------------------------------------------------
 
 
-@pytest.fixture
-def untrusted(make_server):
-    """Start servers that trust no network; their logs are checked afterwards."""
-    started: list[MailServer] = []
-
-    def start(extra: str = "") -> MailServer:
-        s = make_server(extra)
-        text = s.config.read_text()
-        assert "\n[smtp]\n" in text
-        s.config.write_text(text.replace("\n[smtp]\n", "\ntrusted_networks =\n[smtp]\n", 1))
-        s.add_test_accounts()
-        started.append(s)
-        return s.start()
-
-    yield start
-    for s in started:
-        s.stop()
-        s.check_log()
-
-
 def queue(server: MailServer) -> list[tuple[dict, bytes]]:
     """The outbound queue: (envelope, message bytes) per entry."""
     q = server.mail_dir / ".queue"

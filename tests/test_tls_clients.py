@@ -18,6 +18,7 @@ with a private HOME, proxies off, a 30-second limit, and talks only to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import poplib
 import re
@@ -48,20 +49,9 @@ RELAY_DENIED = f"554 5.7.1 <{FAR}>: Relay access denied"
 
 
 @pytest.fixture
-def start(make_server):
+def start(untrusted):
     """Start TLS servers that trust no network; their logs are checked afterwards."""
-    started: list[MailServer] = []
-
-    def start(extra: str = "") -> MailServer:
-        s = make_server("[mailbox]\ntrusted_networks =\n" + extra, tls=True)
-        s.add_test_accounts()
-        started.append(s)
-        return s.start()
-
-    yield start
-    for s in started:
-        s.stop()
-        s.check_log()
+    return functools.partial(untrusted, tls=True)
 
 
 # --- helpers --------------------------------------------------------------------
