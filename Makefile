@@ -41,6 +41,7 @@ test: install lint
 
 bench: install
 	$(BIN)/python bench/smtp_throughput.py
+	$(BIN)/python bench/capacity.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -65,6 +65,7 @@ class LimitsSection:
     auth_failures: int
     auth_failure_window: int
     block_duration: int
+    auth_cache_ttl: int
 
 
 @attrs.frozen
@@ -239,6 +240,7 @@ SPEC: _Spec = {
         "auth_failures": ("10", _count(1)),
         "auth_failure_window": ("3600", _count(1)),
         "block_duration": ("3600", _count(0)),
+        "auth_cache_ttl": ("3600", _count(0)),
     },
     "tls": {
         "certificate": ("", _optional_path),

@@ -1,15 +1,23 @@
-"""Authentication failures per IP, across both protocols, and the blocks they earn."""
+"""Authentication failures per IP, across both protocols, and the blocks they earn.
+
+The rule is about verdicts, not attempts: any number of logins from one IP
+may be in progress, but each failure is counted in one transaction of the
+state store that also sets the block, so no IP ever gets more than
+`auth_failures` failed verdicts in `auth_failure_window`, and a login that
+completes once the IP is blocked is refused, whatever its password.
+"""
 
 from __future__ import annotations
 
-import collections
+from collections.abc import Callable
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .config import LimitsSection
-from .state import StateStore, normalise_ip
+from .state import FailureLimit, FailureVerdict, StateStore, normalise_ip
 
 log = Logger()
 
@@ -23,57 +31,37 @@ def refusal(ip: str) -> str:
 
 @attrs.define
 class Guard:
-    """Counts failed logins per IP and blocks an IP that reaches the limit.
-
-    Attempts still in flight count too: with nine failures on record, only one
-    more attempt may run at a time, so parallel connections cannot get
-    around the limit while bcrypt is busy.
-    """
-
     store: StateStore
     clock: IReactorTime
     limits: LimitsSection
-    _in_flight: collections.Counter = attrs.field(factory=collections.Counter)
+    run: Callable[..., Deferred]  # runs a store call off the reactor thread
 
-    def blocked(self, ip: str) -> bool:
-        return self.store.block(normalise_ip(ip), self.clock.seconds()) is not None
+    def blocked(self, ip: str) -> Deferred:
+        """Fires with True if `ip` is blocked now."""
+        d = self.run(self.store.block, normalise_ip(ip), self.clock.seconds())
+        return d.addCallback(lambda block: block is not None)
 
-    def begin(self, ip: str) -> bool:
-        """Reserve an attempt for `ip`; False if it is blocked or out of attempts."""
+    def unblocked(self, ip: str) -> Deferred:
+        return self.blocked(ip).addCallback(lambda blocked: not blocked)
+
+    def failed(self, ip: str) -> Deferred:
+        """Record a failed verdict; fires with True if `ip` is blocked (end the session)."""
         ip = normalise_ip(ip)
-        now = self.clock.seconds()
-        if self.store.block(ip, now) is not None:
-            return False
-        recent = self.store.failures(ip, now - self.limits.auth_failure_window)
-        if recent + self._in_flight[ip] >= self.limits.auth_failures:
-            return False
-        self._in_flight[ip] += 1
-        return True
+        limit = FailureLimit(
+            self.limits.auth_failures,
+            self.limits.auth_failure_window,
+            self.limits.block_duration,
+        )
 
-    def succeeded(self, ip: str) -> None:
-        self._release(normalise_ip(ip))
+        def verdict(v: FailureVerdict) -> bool:
+            if v.new_block:
+                log.warn(
+                    "blocked {client} for {seconds}s after {count} authentication failures",
+                    client=ip,
+                    seconds=self.limits.block_duration,
+                    count=v.recorded,
+                )
+            return v.blocked
 
-    def failed(self, ip: str, *, reserved: bool = True) -> bool:
-        """Record a failure; True if it blocked `ip` (the caller ends the session)."""
-        ip = normalise_ip(ip)
-        if reserved:
-            self._release(ip)
-        now = self.clock.seconds()
-        self.store.add_failure(ip, now)
-        recent = self.store.failures(ip, now - self.limits.auth_failure_window)
-        if recent < self.limits.auth_failures:
-            return False
-        if self.store.block(ip, now) is None:
-            self.store.set_block(ip, now, now + self.limits.block_duration)
-            log.warn(
-                "blocked {client} for {seconds}s after {count} authentication failures",
-                client=ip,
-                seconds=self.limits.block_duration,
-                count=recent,
-            )
-        return True
-
-    def _release(self, ip: str) -> None:
-        self._in_flight[ip] -= 1
-        if self._in_flight[ip] <= 0:
-            del self._in_flight[ip]
+        d = self.run(self.store.record_failure, ip, self.clock.seconds(), limit)
+        return d.addCallback(verdict)

@@ -10,15 +10,20 @@ peer sends, and only knows one maximum length. Here:
   line, where the protocol can see and refuse it (SMTP smuggling);
 * a handler may return a Deferred: no further line is dispatched, and the
   transport is paused, until it fires (commands pipelined behind a slow one
-  wait their turn).
+  wait their turn);
+* the protocol is its transport's streaming producer: while the replies the
+  peer has not read fill the transport's buffer, no line is dispatched and
+  nothing more is read, so a client that pipelines without reading costs a
+  bounded amount of memory. `drained()` lets a long response (POP3 RETR)
+  wait for room.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -26,7 +31,7 @@ from zope.interface import implementer
 log = Logger()
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class LineProtocol(Protocol):
     max_line = 512
     strict_crlf = False
@@ -39,6 +44,54 @@ class LineProtocol(Protocol):
     # True from STARTTLS (or an implicit-TLS connect) until the handshake is
     # done: nothing can be said to the peer then, so a timeout aborts.
     tls_pending = False
+    _pauses: set[str]
+    _waiting_for_room: list[Deferred]
+
+    def makeConnection(self, transport: Any) -> None:
+        self._pauses = set()
+        self._waiting_for_room = []
+        transport.registerProducer(self, True)
+        super().makeConnection(transport)
+
+    # --- flow control ---------------------------------------------------------
+
+    def _pause(self, reason: str) -> None:
+        if not self._pauses and not self._closed:
+            self.transport.pauseProducing()
+        self._pauses.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        self._pauses.discard(reason)
+        if not self._pauses and not self._closed:
+            self.transport.resumeProducing()
+            self._process()
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full: the peer is not reading our replies."""
+        self._pause("peer not reading")
+
+    def resumeProducing(self) -> None:
+        waiting, self._waiting_for_room = self._waiting_for_room, []
+        for d in waiting:
+            d.callback(None)
+        self._resume("peer not reading")
+
+    def stopProducing(self) -> None:
+        self._closed = True
+
+    @property
+    def peer_reading(self) -> bool:
+        return "peer not reading" not in self._pauses
+
+    def drained(self) -> Deferred:
+        """Fires once the transport has room for more (at once if it has)."""
+        if self.peer_reading or self._closed:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._waiting_for_room.append(d)
+        return d
+
+    # --- input ----------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         # Consumed lines are dropped here, once per read, not once per line.
@@ -70,7 +123,7 @@ class LineProtocol(Protocol):
         return ("line", line)
 
     def _process(self) -> None:
-        while not self._busy and not self._closed:
+        while not self._busy and not self._closed and self.peer_reading:
             item = self._next_line()
             if item is None:
                 return
@@ -85,16 +138,11 @@ class LineProtocol(Protocol):
 
     def _wait(self, d: Deferred) -> None:
         self._busy = True
-        paused = not self._closed
-        if paused:
-            self.transport.pauseProducing()
+        self._pause("handler")
 
         def done(_: Any) -> None:
             self._busy = False
-            if not self._closed:
-                if paused:
-                    self.transport.resumeProducing()
-                self._process()
+            self._resume("handler")
 
         def failed(f: Any) -> None:
             self._failed(f.value, f)
@@ -116,18 +164,23 @@ class LineProtocol(Protocol):
         """Send a last line and close once it is written."""
         self.sendLine(last_words)
         self._closed = True
-        if not self.tls_pending:
+        if not self.tls_pending and self.peer_reading:
             # Else the idle timer stays: a peer that never completes the TLS
-            # handshake would otherwise hold the connection for ever.
+            # handshake, or never reads, would otherwise hold the connection for ever.
             self.setTimeout(None)
+        # A producer still registered would keep a closing transport open.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
         if self._closed:  # the last words never left: the TLS handshake never finished
             self.transport.abortConnection()
             return
+        reading = self.peer_reading
         self.idle()
-        if self.tls_pending:  # nothing can reach a peer that never finished its handshake
+        # Nothing can reach a peer that never finished its handshake, or that
+        # leaves its replies unread: waiting for them to leave would be for ever.
+        if self.tls_pending or not reading:
             self.transport.abortConnection()
 
     def idle(self) -> None:
@@ -144,6 +197,9 @@ class LineProtocol(Protocol):
         self._closed = True
         self._buffer = b""
         self._pos = 0
+        waiting, self._waiting_for_room = self._waiting_for_room, []
+        for d in waiting:
+            d.callback(None)
 
     def sendLine(self, line: str | bytes) -> None:
         if isinstance(line, str):

@@ -267,23 +267,3 @@ class Mailbox:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-
-
-def read_message(message: Message, top_lines: int | None = None) -> bytes:
-    """The message in wire form, or its header and first `top_lines` body lines."""
-    data = wire_form(message.path.read_bytes())
-    if top_lines is None:
-        return data
-    head, sep, body = data.partition(b"\r\n\r\n")
-    if not sep:
-        return data
-    lines = body.split(b"\r\n")[:-1]
-    kept = b"".join(line + b"\r\n" for line in lines[:top_lines])
-    return head + b"\r\n\r\n" + kept
-
-
-def dot_stuff(data: bytes) -> bytes:
-    """Byte-stuff lines starting with '.' (RFC 1939 §3)."""
-    if data.startswith(b"."):
-        data = b"." + data
-    return data.replace(b"\r\n.", b"\r\n..")

@@ -7,26 +7,27 @@ only bcrypt hashes; so the greeting carries no timestamp.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
-from twisted.python.threadpool import ThreadPool
 
-from .auth import Authenticator, AuthResult, Outcome, SASLError, decode_plain
+from .auth import Authenticator, AuthResult, Outcome
 from .faults import Faults
 from .faults import apply as apply_fault
 from .guard import refusal
 from .lines import LineProtocol
-from .maildir import Mailbox, MailboxLocked, dot_stuff, maildir_path, read_message
+from .maildir import Mailbox, MailboxLocked, Message, maildir_path
 from .popauth import PopAuthRegistry
+from .sasl import Aborted, Challenge, Credentials, Exchange, Forbidden, Malformed, Unsupported
 from .state import StateError
 from .tls import ServerTLS, tls_connection
+from .wire import WireEncoder
+from .workers import Workers
 
 log = Logger()
 
@@ -38,6 +39,12 @@ TLS_REQUIRED = "-ERR [AUTH] Authentication needs TLS here: send STLS first"
 
 AUTH_FAILED = "-ERR [AUTH] Authentication failed"
 
+# A message file this small is read on the reactor thread (it is in the page
+# cache, and a thread hop would cost more); a bigger one is streamed from the
+# storage pool in chunks of this size, as the client takes them.
+CHUNK = 65536
+BIG_LISTING = 1000  # LIST/UIDL of more messages than this are built off the reactor thread
+
 
 @attrs.define(repr=False)
 class POP3Factory(ServerFactory):
@@ -45,8 +52,7 @@ class POP3Factory(ServerFactory):
     auth: Authenticator
     popauth: PopAuthRegistry
     clock: IReactorTime
-    reactor: Any
-    pool: ThreadPool
+    workers: Workers
     tls: ServerTLS | None = None  # offered as STLS when set
     faults: Faults | None = None  # test-only fault injection (mailboxd.testing)
 
@@ -82,20 +88,26 @@ class POP3Server(LineProtocol, TimeoutMixin):
         self.username: str | None = None
         self.account: Any = None
         self.mailbox: Mailbox | None = None
-        self.sasl: Callable[[str], Any] | None = None
+        self.sasl = Exchange(("PLAIN",))
         self.setTimeout(self.factory.config.pop3.idle_timeout)
         log.info("pop3 connection from {client}", client=self.peer_ip)
-        try:
-            blocked = self.factory.auth.guard.blocked(self.peer_ip)
-        except StateError as e:
-            log.error("{error}", error=str(e))
-            self.close("-ERR [SYS/TEMP] service unavailable, try again later")
+        d = self.factory.auth.guard.blocked(self.peer_ip)
+        self._wait(d.addCallbacks(self.greet, self.unsure))
+
+    def greet(self, blocked: bool) -> None:
+        if self._closed:
             return
         if blocked:
             log.info("pop3 refused blocked {client}", client=self.peer_ip)
             self.close("-ERR [SYS/TEMP] " + refusal(self.peer_ip))
             return
         self.sendLine(f"+OK {self.factory.config.mailbox.hostname} POP3 Mailbox ready")
+
+    def unsure(self, f: Any) -> None:
+        f.trap(StateError)
+        log.error("{error}", error=str(f.value))
+        if not self._closed:
+            self.close("-ERR [SYS/TEMP] service unavailable, try again later")
 
     # --- plumbing -----------------------------------------------------------
 
@@ -130,24 +142,21 @@ class POP3Server(LineProtocol, TimeoutMixin):
             self.mailbox = None
         if self.account is not None:
             # The end of an authenticated session refreshes POP-before-SMTP.
-            try:
-                self.factory.popauth.authorise(self.peer_ip, self.account.domain)
-            except StateError as e:
-                log.error("{error}", error=str(e))
+            d = self.factory.popauth.authorise(self.peer_ip, self.account.domain)
+            d.addErrback(lambda f: log.error("{error}", error=str(f.value)))
             self.account = None
         log.info("pop3 disconnect from {client}", client=self.peer_ip)
 
     def lineTooLong(self) -> None:
         self.resetTimeout()
-        self.sasl = None
+        self.sasl.cancel()
         self.answer("-ERR line too long")
 
     def lineReceived(self, line: bytes) -> Deferred | None:
         self.resetTimeout()
         text = line.decode("utf-8", "replace")
-        if self.sasl is not None:
-            step, self.sasl = self.sasl, None
-            return self.answer(step(text.strip()))
+        if self.sasl.waiting:
+            return self.answer(self.sasl_step(self.sasl.respond(text)))
         verb, _, arg = text.partition(" ")
         handler = getattr(self, f"pop_{verb.upper()}", None) if verb.isalpha() else None
         if handler is None:
@@ -163,7 +172,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
         return self.mailbox is not None
 
     def thread(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        return deferToThreadPool(self.factory.reactor, self.factory.pool, f, *args)
+        return self.factory.workers.disk(f, *args)
 
     # --- AUTHORIZATION state -------------------------------------------------
 
@@ -194,7 +203,8 @@ class POP3Server(LineProtocol, TimeoutMixin):
         # RFC 2595 §4 and the STARTTLS injection attacks: forget what was said in
         # plaintext, including anything pipelined behind STLS.
         self.discard_input()
-        self.username, self.sasl = None, None
+        self.username = None
+        self.sasl.cancel()
         self.tls_pending = True
         self.transport.startTLS(self.factory.tls)
         log.info("pop3 STLS from {client}", client=self.peer_ip)
@@ -232,32 +242,29 @@ class POP3Server(LineProtocol, TimeoutMixin):
             return TLS_REQUIRED
         mechanism, _, initial = arg.strip().partition(" ")
         if not mechanism:
-            return multiline("+OK SASL mechanisms follow", ["PLAIN"])
-        if mechanism.upper() != "PLAIN":
-            return "-ERR unsupported SASL mechanism; use PLAIN"
-        if initial:
-            return self.auth_plain(initial.strip())
-        self.sasl = self.auth_plain
-        return "+ "
+            return multiline("+OK SASL mechanisms follow", list(self.sasl.mechanisms))
+        return self.sasl_step(self.sasl.start(mechanism, initial.strip() or None))
 
-    def auth_plain(self, response: str) -> Reply | Deferred:
-        if response == "*":
+    def sasl_step(self, step: Any) -> Reply | Deferred:
+        if isinstance(step, Challenge):
+            return f"+ {step.text}"
+        if isinstance(step, Credentials):
+            return self.authenticate(step.username, step.password)
+        if isinstance(step, Malformed):
+            return f"-ERR {step.why}"
+        if isinstance(step, Forbidden):
+            d = self.factory.auth.refuse("pop3", self.peer_ip, step.username, step.why)
+            return d.addCallback(self.auth_result)
+        if isinstance(step, Aborted):
             return "-ERR authentication cancelled"
-        try:
-            username, password = decode_plain(response)
-        except SASLError as e:
-            return f"-ERR {e}"
-        except PermissionError as e:
-            return self.auth_result(self.factory.auth.refuse("pop3", self.peer_ip, "?", str(e)))
-        return self.authenticate(username, password)
+        assert isinstance(step, Unsupported)
+        return "-ERR unsupported SASL mechanism; use PLAIN"
 
     def authenticate(self, username: str, password: bytes) -> Deferred:
         d = self.factory.auth.login("pop3", self.peer_ip, username, password)
         return d.addCallback(self.auth_result)
 
     def auth_result(self, result: AuthResult) -> Reply | Deferred | None:
-        if result.outcome is Outcome.BUSY:
-            return "-ERR [SYS/TEMP] too many logins in progress from your address, try again later"
         if result.outcome is Outcome.BLOCKED:
             self.close("-ERR [AUTH] Authentication failed. " + refusal(self.peer_ip))
             return None
@@ -265,7 +272,6 @@ class POP3Server(LineProtocol, TimeoutMixin):
             return AUTH_FAILED
         account = result.account
         self.account = account
-        self.factory.popauth.authorise(self.peer_ip, account.domain)
         path = maildir_path(self.factory.config.mailbox.mail_dir, account)
 
         def opened(mailbox: Mailbox) -> Reply | None:
@@ -289,7 +295,9 @@ class POP3Server(LineProtocol, TimeoutMixin):
             log.failure("pop3 cannot open mailbox for {user}", f, user=account.address)
             return "-ERR [SYS/TEMP] mailbox unavailable, try again later"
 
-        return self.thread(Mailbox.open, path).addCallbacks(opened, not_opened)
+        d = self.factory.popauth.authorise(self.peer_ip, account.domain)
+        d.addCallback(lambda _: self.thread(Mailbox.open, path))
+        return d.addCallbacks(opened, not_opened)
 
     # --- TRANSACTION state ---------------------------------------------------
 
@@ -324,7 +332,11 @@ class POP3Server(LineProtocol, TimeoutMixin):
             found = self._message_arg(arg)
             return found if isinstance(found, str) else "+OK " + entry(*found)
         live = self.mailbox.live()
-        return multiline(f"+OK {plural(len(live))}", [entry(n, m) for n, m in live])
+
+        def build() -> bytes:
+            return multiline(f"+OK {plural(len(live))}", [entry(n, m) for n, m in live])
+
+        return self.thread(build) if len(live) > BIG_LISTING else build()
 
     def pop_RETR(self, arg: str) -> Reply | Deferred:
         found = self._message_arg(arg)
@@ -341,28 +353,57 @@ class POP3Server(LineProtocol, TimeoutMixin):
             return found
         return self._send(found[1], int(words[1]), "TOP")
 
-    def _send(self, message: Any, lines: int | None, command: str) -> Deferred:
-        def build() -> bytes:
-            data = read_message(message, lines)
-            return (
-                b"+OK " + str(message.size).encode() + b" octets\r\n" + dot_stuff(data) + b".\r\n"
-            )
+    def _send(self, message: Message, lines: int | None, command: str) -> Reply | Deferred:
+        encoder = WireEncoder(top=lines)
+        first = b"+OK " + str(message.size).encode() + b" octets\r\n"
+        if message.size < CHUNK:
+            try:
+                data = message.path.read_bytes()
+            except OSError as e:
+                return self._unreadable(message, e)
+            self._sent(message, command)
+            return first + encoder.feed(data) + encoder.finish() + b".\r\n"
+        return ensureDeferred(self._stream(message, encoder, first, command))
 
-        def sent(response: bytes) -> bytes:
-            log.info(
-                "pop3 {command} {uid} by {user}",
-                command=command,
-                uid=message.uid,
-                user=self.account.address,
-            )
-            return response
+    async def _stream(
+        self, message: Message, encoder: WireEncoder, first: bytes, command: str
+    ) -> Reply | None:
+        try:
+            file: BinaryIO = await self.thread(open, message.path, "rb")
+        except OSError as e:
+            return self._unreadable(message, e)
+        try:
+            self.transport.write(first)
+            while not encoder.done and not self._closed:
+                chunk = await self.thread(file.read, CHUNK)
+                if not chunk:
+                    break
+                self.transport.write(encoder.feed(chunk))
+                self.resetTimeout()  # a slow reader is still a reader
+                await self.drained()
+        except OSError as e:
+            # The +OK is out: the only honest end now is to cut the connection.
+            log.warn("pop3 cannot read {path}: {error}", path=str(message.path), error=str(e))
+            self.transport.abortConnection()
+            return None
+        finally:
+            file.close()
+        if not self._closed:
+            self.transport.write(encoder.finish() + b".\r\n")
+            self._sent(message, command)
+        return None
 
-        def missing(f: Any) -> Reply:
-            f.trap(OSError)
-            log.warn("pop3 cannot read {path}: {error}", path=str(message.path), error=str(f.value))
-            return "-ERR [SYS/TEMP] message no longer available"
+    def _sent(self, message: Message, command: str) -> None:
+        log.info(
+            "pop3 {command} {uid} by {user}",
+            command=command,
+            uid=message.uid,
+            user=self.account.address,
+        )
 
-        return self.thread(build).addCallbacks(sent, missing)
+    def _unreadable(self, message: Message, error: OSError) -> Reply:
+        log.warn("pop3 cannot read {path}: {error}", path=str(message.path), error=str(error))
+        return "-ERR [SYS/TEMP] message no longer available"
 
     def pop_DELE(self, arg: str) -> Reply:
         found = self._message_arg(arg)

@@ -2,40 +2,60 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .state import StateStore, normalise_ip
+from .state import PopAuth, StateStore, normalise_ip
 
 log = Logger()
 
 
 @attrs.define
 class PopAuthRegistry:
-    """IP -> expiry and the authorising accounts' domains, kept in the state store."""
+    """IP -> expiry and the authorising accounts' domains, kept in the state store.
+
+    Every call goes to the store (through `run`, off the reactor thread), not
+    to a copy here: `mailboxctl popauth revoke` and other processes sharing
+    the store see and change the same authorisations.
+    """
 
     store: StateStore
     clock: IReactorTime
     ttl: int
+    run: Callable[..., Deferred]  # runs a store call off the reactor thread
 
-    def authorise(self, ip: str, domain: str) -> None:
+    def authorise(self, ip: str, domain: str) -> Deferred:
         """Record (or refresh) `ip`, adding `domain` to those it may send as."""
         ip = normalise_ip(ip)
         now = self.clock.seconds()
-        current = self.store.popauth(ip, now)
-        domains = tuple(sorted({domain, *(current.domains if current else ())}))
-        self.store.set_popauth(ip, now + self.ttl, domains)
-        log.info(
-            "pop-before-smtp: {client} may relay until +{ttl}s as {domains}",
-            client=ip,
-            ttl=self.ttl,
-            domains=" ".join(domains),
-        )
 
-    def domains(self, ip: str) -> tuple[str, ...] | None:
-        """The domains `ip` is authorised for, or None if it is not."""
+        def refresh() -> tuple[str, ...]:
+            current = self.store.popauth(ip, now)
+            domains = tuple(sorted({domain, *(current.domains if current else ())}))
+            self.store.set_popauth(ip, now + self.ttl, domains)
+            return domains
+
+        def logged(domains: tuple[str, ...]) -> None:
+            log.info(
+                "pop-before-smtp: {client} may relay until +{ttl}s as {domains}",
+                client=ip,
+                ttl=self.ttl,
+                domains=" ".join(domains),
+            )
+
+        return self.run(refresh).addCallback(logged)
+
+    def domains(self, ip: str) -> Deferred:
+        """Fires with the domains `ip` is authorised for, or None if it is not."""
         if self.ttl <= 0:
-            return None
-        found = self.store.popauth(normalise_ip(ip), self.clock.seconds())
-        return None if found is None else found.domains
+            return succeed(None)
+
+        def found(auth: PopAuth | None) -> tuple[str, ...] | None:
+            return None if auth is None else auth.domains
+
+        d = self.run(self.store.popauth, normalise_ip(ip), self.clock.seconds())
+        return d.addCallback(found)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import attrs
@@ -12,7 +13,6 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from .accounts import AccountStore
 from .auth import Authenticator
@@ -24,10 +24,12 @@ from .policy import Listener
 from .pop3 import POP3Factory
 from .popauth import PopAuthRegistry
 from .queue import queue_dir, remove_unacknowledged
-from .realm import BcryptChecker, MailboxRealm, make_portal
+from .credcache import CredentialCache
+from .realm import BcryptChecker, HashingQueue, MailboxRealm, make_portal
 from .smtp import SMTPFactory
 from .state import SQLiteStateStore, StateError, state_path
 from .tls import IMPLICIT_PREFIX, ServerTLS, TLSConfigError, implicit_endpoint, wrap_implicit
+from .workers import Workers, make_workers
 
 log = Logger()
 
@@ -66,17 +68,19 @@ class ListenerService(StreamServerEndpointService):
 
 @attrs.define(eq=False)
 class PoolService(Service):
-    """Runs the thread pool for bcrypt and disk work while the service runs."""
+    """Runs the thread pools (storage, hashing, state) while the service runs."""
 
-    pool: ThreadPool
+    workers: Workers
 
     def startService(self) -> None:
         super().startService()
-        self.pool.start()
+        for pool in self.workers.pools:
+            pool.start()
 
     def stopService(self) -> None:
         super().stopService()
-        self.pool.stop()
+        for pool in self.workers.pools:
+            pool.stop()
 
 
 @attrs.define(eq=False)
@@ -101,23 +105,37 @@ class StateService(Service):
     store: SQLiteStateStore
     clock: Any
     failure_window: int
+    workers: Workers
     interval: float = 2.0
     prune_every: int = 30  # intervals
     _loop: LoopingCall | None = None
     _last_event: int = 0
     _ticks: int = 0
 
-    def tick(self) -> None:
-        try:
-            for event_id, _at, what in self.store.events_after(self._last_event):
-                self._last_event = event_id
+    def tick(self) -> Any:
+        self._ticks += 1
+        prune = self._ticks % self.prune_every == 1
+        now = self.clock.seconds()
+
+        def read() -> tuple[list[tuple[int, float, str]], list[Any]]:
+            events = self.store.events_after(self._last_event)
+            ended = self.store.prune(now, self.failure_window) if prune else []
+            return events, ended
+
+        def report(found: tuple[list[tuple[int, float, str]], list[Any]]) -> None:
+            events, ended = found
+            for event_id, _at, what in events:
+                self._last_event = max(self._last_event, event_id)
                 log.info("state changed by mailboxctl: {what}", what=what)
-            self._ticks += 1
-            if self._ticks % self.prune_every == 1:
-                for ended in self.store.prune(self.clock.seconds(), self.failure_window):
-                    log.info("block of {client} expired", client=ended.ip)
-        except StateError as e:
-            log.error("state store: {error}", error=str(e))
+            for block in ended:
+                log.info("block of {client} expired", client=block.ip)
+
+        def failed(f: Any) -> None:
+            f.trap(StateError)
+            log.error("state store: {error}", error=str(f.value))
+
+        # The loop waits for this Deferred: a slow store never piles up ticks.
+        return self.workers.db(read).addCallbacks(report, failed)
 
     def startService(self) -> None:
         super().startService()
@@ -162,6 +180,12 @@ class Appliance:
     listeners: list[ListenerService]
 
 
+def per_client_hashing(workers: Workers) -> int:
+    """bcrypt checks one client address may have running at once: half the
+    hashing threads, so that one address never has every core."""
+    return max(1, workers.hashing.max // 2)
+
+
 def build(config: Config, reactor: Any) -> MultiService:
     """The whole appliance: thread pool, state, accounts, and one service per endpoint."""
     return assemble(config, reactor).service
@@ -178,11 +202,11 @@ def assemble(config: Config, reactor: Any, clock: Any = None) -> Appliance:
     except StateError as e:
         raise SystemExit(f"mailbox: {e}; move it aside to start afresh (blocks are lost)") from None
 
-    pool = ThreadPool(minthreads=1, maxthreads=8, name="mailbox")
-    PoolService(pool).setServiceParent(top)
+    workers = make_workers(reactor)
+    PoolService(workers).setServiceParent(top)
     accounts = AccountStore(m.accounts, m.aliases, m.domains, dict(m.domain_aliases), clock=clock)
     Running(accounts).setServiceParent(top)
-    StateService(state, clock, config.limits.auth_failure_window).setServiceParent(top)
+    StateService(state, clock, config.limits.auth_failure_window, workers).setServiceParent(top)
     if not accounts.directory.hashes:
         log.warn(
             "no accounts yet: add one with 'mailboxctl --config {config} user add you@{domain}'",
@@ -193,11 +217,14 @@ def assemble(config: Config, reactor: Any, clock: Any = None) -> Appliance:
     def directory() -> Any:
         return accounts.directory
 
-    checker = BcryptChecker(directory, reactor, pool, rounds=m.bcrypt_rounds)
-    auth = Authenticator(
-        make_portal(MailboxRealm(directory), checker), Guard(state, clock, config.limits)
+    guard = Guard(state, clock, config.limits, workers.db)
+    hashing = HashingQueue(
+        workers.hash, per_client=per_client_hashing(workers), admit=guard.unblocked
     )
-    popauth = PopAuthRegistry(state, clock, config.relay.pop_before_smtp_ttl)
+    cache = CredentialCache(config.limits.auth_cache_ttl, time.monotonic)
+    checker = BcryptChecker(directory, hashing, cache, rounds=m.bcrypt_rounds)
+    auth = Authenticator(make_portal(MailboxRealm(directory), checker), guard)
+    popauth = PopAuthRegistry(state, clock, config.relay.pop_before_smtp_ttl, workers.db)
     tls = None
     if config.tls.certificate is not None and config.tls.private_key is not None:
         try:
@@ -206,20 +233,20 @@ def assemble(config: Config, reactor: Any, clock: Any = None) -> Appliance:
             raise SystemExit(f"mailbox: {e}") from None
     # Make the unknown-user hash before the first login needs it (see BcryptChecker).
     cost = accounts.directory.typical_cost or m.bcrypt_rounds
-    reactor.callWhenRunning(pool.callInThread, checker.dummy_hash, cost)
+    reactor.callWhenRunning(workers.hashing.callInThread, checker.dummy_hash, cost)
 
     outbound = Outbound(
-        config, queue_dir(m.mail_dir), clock, reactor, pool, directory, resolver=None
+        config, queue_dir(m.mail_dir), clock, reactor, workers.storage, directory, resolver=None
     )
     Running(outbound).setServiceParent(top)
 
     def smtp(listener: Listener) -> SMTPFactory:
         return SMTPFactory(
-            config, directory, clock, reactor, pool, auth, popauth, listener, outbound.add, tls
+            config, directory, clock, workers, auth, popauth, listener, outbound.add, tls
         )
 
     mta, submission = smtp(Listener.MTA), smtp(Listener.SUBMISSION)
-    pop3 = POP3Factory(config, auth, popauth, clock, reactor, pool, tls)
+    pop3 = POP3Factory(config, auth, popauth, clock, workers, tls)
     listeners = []
     for name, descriptions, factory in (
         ("smtp", config.smtp.listen, mta),

@@ -3,7 +3,9 @@ authentication failures and IP blocks.
 
 `StateStore` is the interface; `SQLiteStateStore` is the embedded default, a
 file under the mail directory. A cluster would put the same interface on
-Redis. Every call is a short indexed query; SQLite runs in WAL mode with
+Redis. Every call is a short indexed query, made in the server's state
+thread pool (each thread has its own connection, so a reader never waits
+behind a writer held up by a lock); SQLite runs in WAL mode with
 ``synchronous=NORMAL``, so a commit does not wait for the disk: a process
 crash loses nothing, a power cut may lose the last seconds of it (an
 authorisation or a block), which is the trade this data can afford.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -54,12 +57,29 @@ class Block:
     until: float
 
 
+@attrs.frozen
+class FailureLimit:
+    """When failures turn into a block: `count` within `window` seconds."""
+
+    count: int
+    window: float
+    block_for: float
+
+
+@attrs.frozen
+class FailureVerdict:
+    blocked: bool  # the IP is blocked now (by this failure or before it)
+    recorded: int  # failures on record within the window; this one included unless blocked
+    new_block: bool = False  # this failure set the block
+
+
 class StateStore(Protocol):
     def set_popauth(self, ip: str, expires: float, domains: tuple[str, ...]) -> None: ...
     def popauth(self, ip: str, now: float) -> PopAuth | None: ...
     def popauths(self, now: float) -> list[PopAuth]: ...
     def revoke_popauth(self, ip: str) -> bool: ...
     def add_failure(self, ip: str, at: float) -> None: ...
+    def record_failure(self, ip: str, at: float, limit: FailureLimit) -> FailureVerdict: ...
     def failures(self, ip: str, since: float) -> int: ...
     def clear_failures(self, ip: str) -> None: ...
     def set_block(self, ip: str, since: float, until: float) -> None: ...
@@ -77,21 +97,45 @@ class SQLiteStateStore:
     def __init__(self, path: Path, timeout: float = 0.5) -> None:
         """Open (or create) the store; `timeout` bounds a wait for another writer."""
         self.path = path
+        self.timeout = timeout
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.db = sqlite3.connect(str(path), timeout=timeout, isolation_level=None)
+            db = self._connect()
             # Check before writing anything: a file that is not ours stays as it is.
             existing = {
-                name
-                for (name,) in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")
             }
             for table in existing & COLUMNS.keys():
-                self.db.execute(f"SELECT {COLUMNS[table]} FROM {table} LIMIT 0").fetchall()
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
+                db.execute(f"SELECT {COLUMNS[table]} FROM {table} LIMIT 0").fetchall()
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as e:
+            self.close()
             raise StateError(f"{path}: cannot use the state store: {e}") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            str(self.path), timeout=self.timeout, isolation_level=None, check_same_thread=False
+        )
+        db.execute("PRAGMA synchronous=NORMAL")
+        with self._lock:
+            self._all.append(db)
+        self._local.db = db
+        return db
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """This thread's connection."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            try:
+                db = self._connect()
+            except sqlite3.Error as e:
+                raise StateError(f"{self.path}: {e}") from None
+        return db
 
     def _run(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         try:
@@ -122,6 +166,44 @@ class SQLiteStateStore:
 
     def add_failure(self, ip: str, at: float) -> None:
         self._run("INSERT INTO failures (ip, at) VALUES (?, ?)", (ip, at))
+
+    def record_failure(self, ip: str, at: float, limit: FailureLimit) -> FailureVerdict:
+        """Count one failed login, and block `ip` if it reaches the limit.
+
+        One write transaction, so that failures counted at once by several
+        threads or processes never add up to more than `limit.count`: once
+        the IP is blocked, a failure is not recorded.
+        """
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                verdict = self._record_failure(db, ip, at, limit)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StateError(f"{self.path}: {e}") from None
+        return verdict
+
+    @staticmethod
+    def _record_failure(
+        db: sqlite3.Connection, ip: str, at: float, limit: FailureLimit
+    ) -> FailureVerdict:
+        since = at - limit.window
+        count = "SELECT count(*) FROM failures WHERE ip = ? AND at > ?"
+        if db.execute("SELECT 1 FROM blocks WHERE ip = ? AND until > ?", (ip, at)).fetchone():
+            return FailureVerdict(True, db.execute(count, (ip, since)).fetchone()[0])
+        db.execute("INSERT INTO failures (ip, at) VALUES (?, ?)", (ip, at))
+        recorded = db.execute(count, (ip, since)).fetchone()[0]
+        if recorded < limit.count:
+            return FailureVerdict(False, recorded)
+        db.execute(
+            "INSERT OR REPLACE INTO blocks (ip, since, until) VALUES (?, ?, ?)",
+            (ip, at, at + limit.block_for),
+        )
+        return FailureVerdict(True, recorded, new_block=True)
 
     def failures(self, ip: str, since: float) -> int:
         return self._run(
@@ -171,7 +253,10 @@ class SQLiteStateStore:
         return list(self._run("SELECT id, at, what FROM events WHERE id > ? ORDER BY id", (last,)))
 
     def close(self) -> None:
-        self.db.close()
+        with self._lock:
+            connections, self._all = self._all, []
+        for db in connections:
+            db.close()
 
 
 def state_path(mail_dir: Path) -> Path:

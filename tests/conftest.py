@@ -327,8 +327,10 @@ def unit(tmp_path: Path):
     from mailboxd.auth import Authenticator
     from mailboxd.guard import Guard
     from mailboxd.popauth import PopAuthRegistry
-    from mailboxd.realm import BcryptChecker, MailboxRealm, make_portal
+    from mailboxd.credcache import CredentialCache
+    from mailboxd.realm import BcryptChecker, HashingQueue, MailboxRealm, make_portal
     from mailboxd.state import SQLiteStateStore, state_path
+    from mailboxd.workers import Workers
 
     class Unit:
         pass
@@ -346,10 +348,16 @@ def unit(tmp_path: Path):
     u.store = AccountStore(m.accounts, m.aliases, m.domains, dict(m.domain_aliases), u.clock)
     u.mail_dir = m.mail_dir
     u.state = SQLiteStateStore(state_path(m.mail_dir))
-    u.guard = Guard(u.state, u.clock, u.config.limits)
-    u.popauth = PopAuthRegistry(u.state, u.clock, u.config.relay.pop_before_smtp_ttl)
+    u.hash_pool = SyncPool()  # apart, to hold bcrypt checks alone
+    u.workers = Workers(u.reactor, u.pool, u.hash_pool, u.pool)
+    u.guard = Guard(u.state, u.clock, u.config.limits, u.workers.db)
+    u.popauth = PopAuthRegistry(
+        u.state, u.clock, u.config.relay.pop_before_smtp_ttl, u.workers.db
+    )
     directory = lambda: u.store.directory  # noqa: E731
-    checker = BcryptChecker(directory, u.reactor, u.pool, rounds=4)
+    u.cache = CredentialCache(u.config.limits.auth_cache_ttl, u.clock.seconds)
+    u.hashing = HashingQueue(u.workers.hash, admit=u.guard.unblocked)
+    checker = BcryptChecker(directory, u.hashing, u.cache, rounds=4)
     u.auth = Authenticator(make_portal(MailboxRealm(directory), checker), u.guard)
     yield u
     u.state.close()

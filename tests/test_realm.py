@@ -16,13 +16,22 @@ import pytest
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface
 
 from mailboxd import realm as realm_module
 from mailboxd.accounts import Account, Directory, load_directory
-from mailboxd.realm import BcryptChecker, IAccount, MailboxRealm, login, make_portal
+from mailboxd.credcache import CredentialCache
+from mailboxd.realm import (
+    BcryptChecker,
+    HashingQueue,
+    IAccount,
+    MailboxRealm,
+    login,
+    make_portal,
+)
 
 DOMAINS = ("example.test", "other.test")
 DOMAIN_ALIASES = {"example.org": "example.test"}
@@ -89,8 +98,19 @@ def portal(directory, reactor, pool):
     def current():
         return directory["d"]
 
-    checker = BcryptChecker(current, reactor, pool, rounds=ROUNDS)
+    checker = checker_for(current, reactor, pool)
     return make_portal(MailboxRealm(current), checker)
+
+
+def checker_for(directory, reactor, pool, ttl: float = 0, now=time.monotonic) -> BcryptChecker:
+    """A checker hashing in `pool`; with `ttl`, it remembers verified passwords."""
+
+    def run(f, *args):
+        return deferToThreadPool(reactor, pool, f, *args)
+
+    return BcryptChecker(
+        directory, HashingQueue(run, per_client=2), CredentialCache(ttl, now), rounds=ROUNDS
+    )
 
 
 def attempt(portal, reactor, username: bytes, password: bytes):
@@ -166,7 +186,7 @@ def test_y_hash_made_from_a_b_hash(reactor, pool):
     b_hash = bcrypt.hashpw(b"secret", bcrypt.gensalt(ROUNDS, prefix=b"2b"))
     y_hash = b"$2y$" + b_hash[4:]
     directory, _ = _directory_with({"dave@example.test": y_hash})
-    checker = BcryptChecker(lambda: directory, reactor, pool, rounds=ROUNDS)
+    checker = checker_for(lambda: directory, reactor, pool)
     portal = make_portal(MailboxRealm(lambda: directory), checker)
     assert attempt(portal, reactor, b"dave@example.test", b"secret")[1] == account(
         "dave@example.test"
@@ -178,7 +198,7 @@ def test_account_deleted_between_check_and_avatar(directory, reactor, pool):
     def current():
         return directory["d"]
 
-    checker = BcryptChecker(current, reactor, pool, rounds=ROUNDS)
+    checker = checker_for(current, reactor, pool)
     portal = make_portal(MailboxRealm(current), checker)
     d = portal.login(UsernamePassword(b"alice@example.test", b"alice pw"), None, IAccount)
     directory["d"], _ = _directory_with({})  # mailboxctl user del, reloaded meanwhile
@@ -268,7 +288,7 @@ def test_unknown_user_costs_one_bcrypt_check_like_a_wrong_password(portal, react
 
 def test_logins_run_concurrently_in_the_pool(directory, reactor, pool):
     # Several attempts at once all complete; none is lost between threads.
-    checker = BcryptChecker(lambda: directory["d"], reactor, pool, rounds=ROUNDS)
+    checker = checker_for(lambda: directory["d"], reactor, pool)
     portal = make_portal(MailboxRealm(lambda: directory["d"]), checker)
     ds = [
         portal.login(
@@ -294,7 +314,7 @@ def test_unknown_user_is_checked_at_the_cost_the_accounts_use(directory, reactor
     import attrs
 
     d = attrs.evolve(directory["d"], typical_cost=5)
-    checker = BcryptChecker(lambda: d, reactor, pool, rounds=ROUNDS)
+    checker = checker_for(lambda: d, reactor, pool)
     portal = make_portal(MailboxRealm(lambda: d), checker)
     attempt(portal, reactor, b"nobody@example.test", b"wrong")
     [check] = [c for c in spy if c[0] == "checkpw"]

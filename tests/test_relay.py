@@ -288,7 +288,7 @@ def fail_pop(unit, ip: str, times: int) -> POP:
 def test_block_after_exactly_ten_failures(unit):
     ip = "192.0.2.30"
     s = fail_smtp(unit, ip, 9)
-    assert not unit.guard.blocked(ip)
+    assert not is_blocked(unit, ip)
     assert s.send(f"AUTH PLAIN {WRONG_PLAIN}\r\n") == [
         "535 5.7.8 Authentication credentials invalid",
         "421 4.7.1 " + REFUSAL.format(ip=ip),
@@ -307,9 +307,9 @@ def test_failures_on_both_protocols_count_together(unit):
     ip = "192.0.2.30"
     fail_pop(unit, ip, 5)
     s = fail_smtp(unit, ip, 4)
-    assert not unit.guard.blocked(ip)
+    assert not is_blocked(unit, ip)
     s.send(f"AUTH PLAIN {WRONG_PLAIN}\r\n")
-    assert unit.guard.blocked(ip)
+    assert is_blocked(unit, ip)
 
 
 def test_the_tenth_pop_failure_ends_the_session(unit):
@@ -325,12 +325,12 @@ def test_failures_outside_the_window_do_not_count(unit):
     fail_smtp(unit, ip, 9)
     unit.clock.advance(3601)
     fail_smtp(unit, ip, 9)
-    assert not unit.guard.blocked(ip)
+    assert not is_blocked(unit, ip)
 
 
 def block(unit, ip: str) -> None:
     fail_smtp(unit, ip, 9).send(f"AUTH PLAIN {WRONG_PLAIN}\r\n")
-    assert unit.guard.blocked(ip)
+    assert is_blocked(unit, ip)
 
 
 def test_block_expires(unit):
@@ -349,24 +349,81 @@ def test_unblock_lifts_the_block_and_the_count(unit):
     s = SMTP(unit, ip=ip)
     s.cmd("EHLO client.test")
     assert s.cmd(f"AUTH PLAIN {WRONG_PLAIN}").startswith("535")
-    assert not unit.guard.blocked(ip)
+    assert not is_blocked(unit, ip)
 
 
-def test_parallel_attempts_cannot_get_around_the_limit(unit):
-    ip = "192.0.2.30"
-    unit.pool.paused = True
+def is_blocked(unit, ip: str) -> bool:
+    return unit.state.block(ip, unit.clock.seconds()) is not None
+
+
+def sessions_in_auth(unit, ip: str, *plains: str, hold=None) -> list:
+    """Sessions from `ip`, one per AUTH PLAIN response, sent while `hold` (a pool) is held."""
+    hold = hold or unit.hash_pool
     sessions = []
-    for _ in range(12):
+    for _ in plains:
         s = SMTP(unit, ip=ip)
         s.cmd("EHLO client.test")
-        sessions.append((s, s.send(f"AUTH PLAIN {WRONG_PLAIN}\r\n")))
-    waiting = [s for s, out in sessions if out == []]
-    busy = [out for _, out in sessions if out]
-    assert len(waiting) == 10
-    assert busy == [["454 4.7.0 Temporary authentication failure, try again later"]] * 2
+        sessions.append(s)
+    hold.paused = True
+    for s, plain in zip(sessions, plains):
+        assert s.send(f"AUTH PLAIN {plain}\r\n") == []
+    return sessions
+
+
+def test_fifty_parallel_failures_give_exactly_ten_failed_verdicts(unit):
+    ip = "192.0.2.30"
+    sessions = sessions_in_auth(unit, ip, *[WRONG_PLAIN] * 50, hold=unit.pool)
     unit.pool.release()
-    assert unit.guard.blocked(ip)
+    replies = [s.take() for s in sessions]
+    invalid = ["535 5.7.8 Authentication credentials invalid"]
+    blocked = invalid + ["421 4.7.1 " + REFUSAL.format(ip=ip)]
+    assert replies.count(invalid) == 9
+    assert replies.count(blocked) == 41
     assert unit.state.failures(ip, -1) == 10
+    assert is_blocked(unit, ip)
+
+
+def test_fifty_parallel_right_logins_from_one_ip_all_succeed(unit):
+    sessions = sessions_in_auth(unit, "192.0.2.30", *[ALICE_PLAIN] * 50, hold=unit.pool)
+    unit.pool.release()
+    assert [s.take() for s in sessions] == [["235 2.7.0 Authentication successful"]] * 50
+
+
+def test_a_right_password_completing_after_the_block_is_refused(unit):
+    ip = "192.0.2.30"
+    unit.hashing.per_client = 2  # the right one hashes alongside the wrong ones
+    right, *wrong = sessions_in_auth(unit, ip, ALICE_PLAIN, *[WRONG_PLAIN] * 10)
+    right_check = unit.hash_pool.held.pop(0)
+    unit.hash_pool.release()  # the ten failures complete first, and block the IP
+    assert wrong[-1].take()[-1] == "421 4.7.1 " + REFUSAL.format(ip=ip)
+    right_check()
+    assert right.take() == [
+        "535 5.7.8 Authentication credentials invalid",
+        "421 4.7.1 " + REFUSAL.format(ip=ip),
+    ]
+    assert unit.state.failures(ip, -1) == 10
+
+
+def test_a_right_password_arriving_after_the_block_is_refused_unhashed(unit):
+    ip = "192.0.2.30"
+    s = SMTP(unit, ip=ip)
+    s.cmd("EHLO client.test")
+    block(unit, ip)
+    unit.hash_pool.paused = True
+    assert s.send(f"AUTH PLAIN {ALICE_PLAIN}\r\n") == [
+        "535 5.7.8 Authentication credentials invalid",
+        "421 4.7.1 " + REFUSAL.format(ip=ip),
+    ]
+    assert unit.hash_pool.held == []
+
+
+def test_one_ip_hashes_one_check_at_a_time_and_the_rest_wait(unit):
+    ip = "192.0.2.30"
+    sessions_in_auth(unit, ip, *[WRONG_PLAIN] * 5)
+    assert len(unit.hash_pool.held) == 1  # one check hashing for this IP ...
+    assert unit.hashing.waiting(ip) == 4  # ... the others in line, not refused
+    unit.hash_pool.release()
+    assert unit.hashing.waiting(ip) == 0
 
 
 def test_a_good_login_does_not_reset_the_count(unit):
@@ -385,7 +442,7 @@ def test_state_service_logs_operator_changes_and_expired_blocks(unit):
 
     from mailboxd.service import StateService
 
-    service = StateService(unit.state, unit.clock, 3600)
+    service = StateService(unit.state, unit.clock, 3600, unit.workers)
     unit.state.note(0, "before start: not logged again")
     service.startService()
     block(unit, "192.0.2.40")

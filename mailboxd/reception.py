@@ -1,0 +1,243 @@
+"""Receiving one message after DATA: the spool file, the limits, the bare-LF
+check, the trace header, and the commit to every Maildir and the queue.
+
+The SMTP protocol gathers the envelope and hands each line of data here; it
+only asks and replies. `250` is sent only once `finish` says every copy is on
+disk.
+"""
+
+from __future__ import annotations
+
+import datetime
+import secrets
+from collections.abc import Callable
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from .accounts import Account
+from .addresses import Address
+from .config import Config
+from .maildir import IncomingMessage
+from .queue import Entry, Recipient, enqueue, queue_dir
+from .workers import Workers
+
+log = Logger()
+
+Reply = tuple[int, str]
+
+BARE_CR_OR_LF = (550, "5.6.0 Error: message contains a bare CR or LF; lines must end in CRLF")
+TOO_BIG = (552, "5.3.4 Message size exceeds fixed limit")
+NOT_SPOOLED = (451, "4.3.0 Error: local storage unavailable, try again later")
+NOT_STORED = (451, "4.3.0 Error: could not store the message, try again later")
+
+
+@attrs.frozen
+class Delivery:
+    """An accepted message, as told to an observer (mailboxd.testing)."""
+
+    id: str
+    sender: str  # "" for <>
+    recipients: tuple[str, ...]  # as given at RCPT
+    accounts: tuple[str, ...]  # local accounts it was delivered to
+    paths: tuple[Path, ...]  # the Maildir files, in `accounts` order
+    relayed: tuple[str, ...]  # handed to the outbound queue
+    account: str | None  # the authenticated account
+    tls: str | None  # "TLSv1.3 TLS_AES_256_GCM_SHA384", or None
+
+
+@attrs.define
+class Transaction:
+    """The envelope, as MAIL and RCPT build it."""
+
+    sender: str  # '' for the null sender
+    recipients: list[Address] = attrs.field(factory=list)
+    accounts: dict[str, Account] = attrs.field(factory=dict)  # local deliveries
+    relay: dict[str, str] = attrs.field(factory=dict)  # key -> address, for the queue
+
+
+@attrs.frozen
+class Trace:
+    """Who handed the message over: the Received header and the log say so."""
+
+    ip: str
+    helo: str
+    esmtp: bool
+    tls: str | None  # as `tls.describe` gives it
+    account: str | None  # the authenticated account
+
+
+@attrs.frozen(repr=False)
+class Intake:
+    """What every reception shares: where mail goes and who is told of it."""
+
+    config: Config
+    clock: IReactorTime
+    workers: Workers
+    queued: Callable[[Entry], object]  # hands new entries to the outbound queue
+    delivered: Callable[[Delivery], object] | None = None  # told of each accepted message
+
+    def __repr__(self) -> str:
+        return "<Intake>"
+
+    def begin(self, tx: Transaction, trace: Trace) -> Deferred:
+        """Fires with a Reception whose spool file holds the trace headers.
+
+        The file is created in the storage pool: creating a file is a
+        directory update, which can wait for the disk.
+        """
+        message_id = secrets.token_hex(6).upper()
+        header = received_header(self.config.mailbox.hostname, trace, tx, message_id, self.clock)
+        spool = self.config.mailbox.mail_dir / ".incoming"
+
+        def spool_file() -> tuple[IncomingMessage, int]:
+            message = IncomingMessage(spool, self.config.mailbox.hostname)
+            try:
+                message.write_line(f"Return-Path: <{tx.sender}>".encode())
+                return_path_size = message.size
+                for line in header.split("\n"):
+                    message.write_line(line.encode())
+            except BaseException:
+                message.discard()
+                raise
+            return message, return_path_size
+
+        def opened(result: tuple[IncomingMessage, int]) -> Reception:
+            message, return_path_size = result
+            return Reception(self, tx, trace, message_id, message, return_path_size)
+
+        return self.workers.disk(spool_file).addCallback(opened)
+
+
+@attrs.define(eq=False)
+class Reception:
+    intake: Intake
+    tx: Transaction
+    trace: Trace
+    id: str
+    message: IncomingMessage
+    return_path_size: int  # where the queue's copy starts: relayed mail has no Return-Path
+    header_size: int = attrs.field(init=False)
+    error: Reply | None = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        self.header_size = self.message.wire_size
+
+    def line(self, line: bytes) -> None:
+        """One line of data, with the SMTP transparency dot and CRLF removed."""
+        if self.error is not None:
+            return
+        if b"\r" in line or b"\n" in line:
+            # A bare CR or LF never ends the message (SMTP smuggling); refuse it whole.
+            self.error = BARE_CR_OR_LF
+            return
+        if line.startswith(b"."):
+            line = line[1:]
+        body_size = self.message.wire_size - self.header_size + len(line) + 2
+        if body_size > self.intake.config.smtp.max_message_size:
+            self.error = TOO_BIG
+            return
+        self.message.write_line(line)
+
+    def too_long(self) -> None:
+        self.error = self.error or (500, "5.5.2 Error: line too long")
+
+    def discard(self) -> None:
+        self.message.discard()
+
+    def finish(self) -> Deferred | Reply:
+        """After the final dot: fires with the reply once every copy is on disk."""
+        if self.error is not None:
+            self.message.discard()
+            log.info(
+                "smtp message refused from {client}: {reason}",
+                client=self.trace.ip,
+                reason=self.error[1],
+            )
+            return self.error
+        intake, tx = self.intake, self.tx
+        accounts = tuple(tx.accounts.values())
+        mail_dir = intake.config.mailbox.mail_dir
+        entry = relay = None
+        if tx.relay:
+            now = intake.clock.seconds()
+            entry = Entry(
+                id=self.id,
+                sender=tx.sender,
+                offset=self.return_path_size,
+                received=now,
+                recipients=[Recipient(a, next_attempt=now) for a in tx.relay.values()],
+                client=self.trace.ip,
+                account=self.trace.account,
+            )
+
+            def relay(path: Path) -> None:
+                enqueue(queue_dir(mail_dir), path, entry)
+
+        d = intake.workers.disk(self.message.commit, mail_dir, accounts, relay)
+        return d.addCallbacks(self._stored, self._failed, callbackArgs=(accounts, entry))
+
+    def _stored(self, paths: list[Path], accounts: tuple[Account, ...], entry: Any) -> Reply:
+        tx = self.tx
+        log.info(
+            "accepted {id} ({size} bytes) from <{sender}>: delivered to {recipients}, "
+            "queued for {relayed}",
+            id=self.id,
+            size=self.message.size,
+            sender=tx.sender,
+            recipients=[a.address for a in accounts],
+            relayed=list(tx.relay.values()),
+            client=self.trace.ip,
+        )
+        if entry is not None:
+            self.intake.queued(entry)
+        if self.intake.delivered is not None:
+            self.intake.delivered(
+                Delivery(
+                    self.id,
+                    tx.sender,
+                    tuple(str(r) for r in tx.recipients),
+                    tuple(a.address for a in accounts),
+                    tuple(paths),
+                    tuple(tx.relay.values()),
+                    self.trace.account,
+                    self.trace.tls,
+                )
+            )
+        return (250, f"2.0.0 Ok: queued as {self.id}")
+
+    def _failed(self, f: Any) -> Reply:
+        log.error(
+            "delivery of {id} failed, not acknowledged: {error}", id=self.id, error=str(f.value)
+        )
+        return NOT_STORED
+
+
+def received_header(
+    hostname: str, trace: Trace, tx: Transaction, message_id: str, clock: IReactorTime
+) -> str:
+    """RFC 5321 §4.4 trace header; the client's address as a literal."""
+    ip = trace.ip
+    literal = f"IPv6:{ip}" if ":" in ip else ip
+    # RFC 3848: ESMTPS marks TLS, ESMTPA authentication, ESMTPSA both.
+    proto = "ESMTP" + ("S" if trace.tls else "") + ("A" if trace.account else "")
+    if not trace.esmtp:
+        proto = "SMTP" if not trace.tls else "SMTPS"
+    rcpt = f"\n\tfor <{tx.recipients[0]}>" if len(tx.recipients) == 1 else ""
+    using = f"\n\t(using {trace.tls})" if trace.tls else ""
+    now = format_datetime(datetime.datetime.fromtimestamp(clock.seconds()).astimezone())
+    return (
+        f"Received: from {arg_safe(trace.helo or 'unknown')} ([{literal}]){using}\n"
+        f"\tby {hostname} (Mailbox) with {proto} id {message_id}{rcpt};\n"
+        f"\t{now}"
+    )
+
+
+def arg_safe(text: str) -> str:
+    """Client text fit to echo in a reply or a header: printable ASCII only."""
+    return "".join(c if 0x20 < ord(c) < 0x7F else "?" for c in text)[:255]
