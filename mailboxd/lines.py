@@ -61,13 +61,21 @@ class LineProtocol(Protocol):
         self._pauses.add(reason)
 
     def _resume(self, reason: str) -> None:
+        if reason not in self._pauses:
+            return
         self._pauses.discard(reason)
-        if not self._pauses and not self._closed:
+        if not self._pauses:
+            # Even once closing: TLS must still read to finish its handshake
+            # and deliver the last words.
             self.transport.resumeProducing()
             self._process()
 
     def pauseProducing(self) -> None:
         """The transport's buffer is full: the peer is not reading our replies."""
+        if self.tls_pending:
+            # TLS holds what is written before its handshake is done and says
+            # "pause"; reading must go on, or the handshake never ends.
+            return
         self._pause("peer not reading")
 
     def resumeProducing(self) -> None:

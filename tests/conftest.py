@@ -351,9 +351,7 @@ def unit(tmp_path: Path):
     u.hash_pool = SyncPool()  # apart, to hold bcrypt checks alone
     u.workers = Workers(u.reactor, u.pool, u.hash_pool, u.pool)
     u.guard = Guard(u.state, u.clock, u.config.limits, u.workers.db)
-    u.popauth = PopAuthRegistry(
-        u.state, u.clock, u.config.relay.pop_before_smtp_ttl, u.workers.db
-    )
+    u.popauth = PopAuthRegistry(u.state, u.clock, u.config.relay.pop_before_smtp_ttl, u.workers.db)
     directory = lambda: u.store.directory  # noqa: E731
     u.cache = CredentialCache(u.config.limits.auth_cache_ttl, u.clock.seconds)
     u.hashing = HashingQueue(u.workers.hash, admit=u.guard.unblocked)

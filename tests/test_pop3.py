@@ -28,9 +28,7 @@ class _Peer:
 class Session:
     def __init__(self, unit, ip: str = "192.0.2.9") -> None:
         self.unit = unit
-        factory = POP3Factory(
-            unit.config, unit.auth, unit.popauth, unit.clock, unit.workers
-        )
+        factory = POP3Factory(unit.config, unit.auth, unit.popauth, unit.clock, unit.workers)
         self.proto = factory.buildProtocol(None)
         self.transport = StringTransport(peerAddress=_Peer(ip))
         self.proto.makeConnection(self.transport)
