@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from .accounts import AccountStore
 from .auth import Authenticator
 from .config import Config
+from .credcache import CredentialCache
 from .guard import Guard
 from .maildir import clean_spool
 from .outbound import Outbound
@@ -24,7 +25,6 @@ from .policy import Listener
 from .pop3 import POP3Factory
 from .popauth import PopAuthRegistry
 from .queue import queue_dir, remove_unacknowledged
-from .credcache import CredentialCache
 from .realm import BcryptChecker, HashingQueue, MailboxRealm, make_portal
 from .smtp import SMTPFactory
 from .state import SQLiteStateStore, StateError, state_path

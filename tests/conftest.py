@@ -325,9 +325,9 @@ def unit(tmp_path: Path):
 
     from mailboxd.accounts import AccountStore
     from mailboxd.auth import Authenticator
+    from mailboxd.credcache import CredentialCache
     from mailboxd.guard import Guard
     from mailboxd.popauth import PopAuthRegistry
-    from mailboxd.credcache import CredentialCache
     from mailboxd.realm import BcryptChecker, HashingQueue, MailboxRealm, make_portal
     from mailboxd.state import SQLiteStateStore, state_path
     from mailboxd.workers import Workers

@@ -365,7 +365,7 @@ def sessions_in_auth(unit, ip: str, *plains: str, hold=None) -> list:
         s.cmd("EHLO client.test")
         sessions.append(s)
     hold.paused = True
-    for s, plain in zip(sessions, plains):
+    for s, plain in zip(sessions, plains, strict=True):
         assert s.send(f"AUTH PLAIN {plain}\r\n") == []
     return sessions
 
