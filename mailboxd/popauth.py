@@ -33,21 +33,16 @@ class PopAuthRegistry:
         ip = normalise_ip(ip)
         now = self.clock.seconds()
 
-        def refresh() -> tuple[str, ...]:
-            current = self.store.popauth(ip, now)
-            domains = tuple(sorted({domain, *(current.domains if current else ())}))
-            self.store.set_popauth(ip, now + self.ttl, domains)
-            return domains
-
-        def logged(domains: tuple[str, ...]) -> None:
+        def logged(auth: PopAuth) -> None:
             log.info(
                 "pop-before-smtp: {client} may relay until +{ttl}s as {domains}",
                 client=ip,
                 ttl=self.ttl,
-                domains=" ".join(domains),
+                domains=" ".join(auth.domains),
             )
 
-        return self.run(refresh).addCallback(logged)
+        d = self.run(self.store.add_popauth, ip, now, now + self.ttl, domain)
+        return d.addCallback(logged)
 
     def domains(self, ip: str) -> Deferred:
         """Fires with the domains `ip` is authorised for, or None if it is not."""

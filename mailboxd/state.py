@@ -16,8 +16,9 @@ from __future__ import annotations
 import ipaddress
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import attrs
 
@@ -37,6 +38,9 @@ COLUMNS = {
     "blocks": "ip, since, until",
     "events": "id, at, what",
 }
+
+
+T = TypeVar("T")
 
 
 class StateError(Exception):
@@ -76,6 +80,7 @@ class FailureVerdict:
 class StateStore(Protocol):
     def set_popauth(self, ip: str, expires: float, domains: tuple[str, ...]) -> None: ...
     def popauth(self, ip: str, now: float) -> PopAuth | None: ...
+    def add_popauth(self, ip: str, now: float, expires: float, domain: str) -> PopAuth: ...
     def popauths(self, now: float) -> list[PopAuth]: ...
     def revoke_popauth(self, ip: str) -> bool: ...
     def add_failure(self, ip: str, at: float) -> None: ...
@@ -167,6 +172,37 @@ class SQLiteStateStore:
     def add_failure(self, ip: str, at: float) -> None:
         self._run("INSERT INTO failures (ip, at) VALUES (?, ?)", (ip, at))
 
+    def add_popauth(self, ip: str, now: float, expires: float, domain: str) -> PopAuth:
+        """Authorise (or refresh) `ip` until `expires`, adding `domain` to its domains."""
+
+        def add(db: sqlite3.Connection) -> PopAuth:
+            row = db.execute(
+                "SELECT domains FROM popauth WHERE ip = ? AND expires > ?", (ip, now)
+            ).fetchone()
+            domains = tuple(sorted({domain, *(row[0].split() if row else ())}))
+            db.execute(
+                "INSERT OR REPLACE INTO popauth (ip, expires, domains) VALUES (?, ?, ?)",
+                (ip, expires, " ".join(domains)),
+            )
+            return PopAuth(ip, expires, domains)
+
+        return self._transaction(add)
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work` in one write transaction: other threads and processes wait for it."""
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StateError(f"{self.path}: {e}") from None
+        return result
+
     def record_failure(self, ip: str, at: float, limit: FailureLimit) -> FailureVerdict:
         """Count one failed login, and block `ip` if it reaches the limit.
 
@@ -174,18 +210,7 @@ class SQLiteStateStore:
         threads or processes never add up to more than `limit.count`: once
         the IP is blocked, a failure is not recorded.
         """
-        db = self.db
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                verdict = self._record_failure(db, ip, at, limit)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        except sqlite3.Error as e:
-            raise StateError(f"{self.path}: {e}") from None
-        return verdict
+        return self._transaction(lambda db: self._record_failure(db, ip, at, limit))
 
     @staticmethod
     def _record_failure(
