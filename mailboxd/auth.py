@@ -74,7 +74,9 @@ class Authenticator:
         return AuthResult(Outcome.BLOCKED)
 
     async def _failed(self, protocol: str, ip: str, username: str, why: Any) -> AuthResult:
-        blocked = await self.guard.failed(ip)
+        verdict = await self.guard.failed(ip)
+        if not verdict.counted:  # blocked meanwhile, by failures in parallel with this one
+            return self._refused_blocked(protocol, ip, username)
         log.info(
             "{protocol} login failed for {user} from {client}" + (": {why}" if why else ""),
             protocol=protocol,
@@ -82,7 +84,7 @@ class Authenticator:
             client=ip,
             why=why,
         )
-        return AuthResult(Outcome.BLOCKED if blocked else Outcome.FAILED)
+        return AuthResult(Outcome.BLOCKED if verdict.blocked else Outcome.FAILED)
 
     def refuse(self, protocol: str, ip: str, username: str, why: str) -> Deferred:
         """Count a refusal decided without a password check (e.g. a foreign authzid)."""

@@ -45,7 +45,7 @@ class Guard:
         return self.blocked(ip).addCallback(lambda blocked: not blocked)
 
     def failed(self, ip: str) -> Deferred:
-        """Record a failed verdict; fires with True if `ip` is blocked (end the session)."""
+        """Record a failed verdict; fires with the FailureVerdict (blocked: end the session)."""
         ip = normalise_ip(ip)
         limit = FailureLimit(
             self.limits.auth_failures,
@@ -53,7 +53,7 @@ class Guard:
             self.limits.block_duration,
         )
 
-        def verdict(v: FailureVerdict) -> bool:
+        def verdict(v: FailureVerdict) -> FailureVerdict:
             if v.new_block:
                 log.warn(
                     "blocked {client} for {seconds}s after {count} authentication failures",
@@ -61,7 +61,7 @@ class Guard:
                     seconds=self.limits.block_duration,
                     count=v.recorded,
                 )
-            return v.blocked
+            return v
 
         d = self.run(self.store.record_failure, ip, self.clock.seconds(), limit)
         return d.addCallback(verdict)

@@ -76,6 +76,11 @@ class FailureVerdict:
     recorded: int  # failures on record within the window; this one included unless blocked
     new_block: bool = False  # this failure set the block
 
+    @property
+    def counted(self) -> bool:
+        """False if the IP was blocked already: the failure was not recorded."""
+        return self.new_block or not self.blocked
+
 
 class StateStore(Protocol):
     def set_popauth(self, ip: str, expires: float, domains: tuple[str, ...]) -> None: ...
