@@ -39,7 +39,8 @@ class LineProtocol(Protocol):
     _pos = 0
     _discarding = False
     _busy = False
-    _closed = False
+    _closed = False  # hung up, or lost: no more lines are handled
+    _lost = False  # the transport is gone
     known_errors: tuple[type[BaseException], ...] = ()
     # True from STARTTLS (or an implicit-TLS connect) until the handshake is
     # done: nothing can be said to the peer then, so a timeout aborts.
@@ -64,7 +65,7 @@ class LineProtocol(Protocol):
         if reason not in self._pauses:
             return
         self._pauses.discard(reason)
-        if not self._pauses:
+        if not self._pauses and not self._lost:
             # Even once closing: TLS must still read to finish its handshake
             # and deliver the last words.
             self.transport.resumeProducing()
@@ -202,7 +203,7 @@ class LineProtocol(Protocol):
         self._discarding = False
 
     def connectionLost(self, reason: Any = None) -> None:
-        self._closed = True
+        self._closed = self._lost = True
         self._buffer = b""
         self._pos = 0
         waiting, self._waiting_for_room = self._waiting_for_room, []

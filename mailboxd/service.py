@@ -98,6 +98,19 @@ class Running(Service):
         self.part.stop()
 
 
+@attrs.frozen
+class Closing:
+    """A part that only needs closing when the appliance stops."""
+
+    part: Any
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.part.close()
+
+
 @attrs.define(eq=False)
 class StateService(Service):
     """Logs what mailboxctl changed in the state store, and prunes what expired."""
@@ -149,7 +162,6 @@ class StateService(Service):
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        self.store.close()
 
 
 def _prepare_mail_dir(config: Config) -> None:
@@ -203,6 +215,9 @@ def assemble(config: Config, reactor: Any, clock: Any = None) -> Appliance:
         raise SystemExit(f"mailbox: {e}; move it aside to start afresh (blocks are lost)") from None
 
     workers = make_workers(reactor)
+    # Services stop in the reverse order: the store closes once the pools have
+    # stopped, so that no state thread is using a connection as it closes.
+    Running(Closing(state)).setServiceParent(top)
     PoolService(workers).setServiceParent(top)
     accounts = AccountStore(m.accounts, m.aliases, m.domains, dict(m.domain_aliases), clock=clock)
     Running(accounts).setServiceParent(top)
