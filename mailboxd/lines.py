@@ -40,7 +40,7 @@ class LineProtocol(Protocol):
     _discarding = False
     _busy = False
     _closed = False  # hung up, or lost: no more lines are handled
-    _lost = False  # the transport is gone
+    _reading_paused = False  # by _pause, on the transport
     known_errors: tuple[type[BaseException], ...] = ()
     # True from STARTTLS (or an implicit-TLS connect) until the handshake is
     # done: nothing can be said to the peer then, so a timeout aborts.
@@ -57,19 +57,24 @@ class LineProtocol(Protocol):
     # --- flow control ---------------------------------------------------------
 
     def _pause(self, reason: str) -> None:
-        if not self._pauses and not self._closed:
+        # Not while a TLS handshake is under way: no line can come before it
+        # ends, and it needs reading to end (a blocked client's refusal, sent
+        # as an implicit-TLS connection opens, waits for it too).
+        if not self._pauses and not self._closed and not self.tls_pending:
             self.transport.pauseProducing()
+            self._reading_paused = True
         self._pauses.add(reason)
 
     def _resume(self, reason: str) -> None:
         if reason not in self._pauses:
             return
         self._pauses.discard(reason)
-        if not self._pauses and not self._lost:
-            # Even once closing: TLS must still read to finish its handshake
-            # and deliver the last words.
+        if self._pauses or self._closed:
+            return
+        if self._reading_paused:
+            self._reading_paused = False
             self.transport.resumeProducing()
-            self._process()
+        self._process()
 
     def pauseProducing(self) -> None:
         """The transport's buffer is full: the peer is not reading our replies."""
@@ -168,6 +173,9 @@ class LineProtocol(Protocol):
 
     def handshakeCompleted(self) -> None:
         self.tls_pending = False
+        if self._pauses and not self._reading_paused and not self._closed:
+            self.transport.pauseProducing()  # what _pause could not do during the handshake
+            self._reading_paused = True
 
     def hang_up(self, last_words: str) -> None:
         """Send a last line and close once it is written."""
@@ -203,7 +211,7 @@ class LineProtocol(Protocol):
         self._discarding = False
 
     def connectionLost(self, reason: Any = None) -> None:
-        self._closed = self._lost = True
+        self._closed = True
         self._buffer = b""
         self._pos = 0
         waiting, self._waiting_for_room = self._waiting_for_room, []

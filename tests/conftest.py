@@ -192,9 +192,11 @@ def untrusted(make_server):
     clients meet the real relay policy; their logs are checked afterwards."""
     started: list[MailServer] = []
 
-    def start(extra: str = "", tls: bool = False) -> MailServer:
+    def start(extra: str = "", tls: bool = False, accounts: dict | None = None) -> MailServer:
         s = make_server("[mailbox]\ntrusted_networks =\n" + extra, tls=tls)
         s.add_test_accounts()
+        for address, password in (accounts or {}).items():
+            s.add_user(address, password)
         started.append(s)
         return s.start()
 
@@ -243,10 +245,13 @@ def tool_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def ctl(server: MailServer, *args: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
-    """Run mailboxctl against `server`'s config; assert its exit status."""
+def ctl(
+    server: MailServer, *args: str, ok: tuple[int, ...] = (0,), input: str | None = None
+) -> subprocess.CompletedProcess:
+    """Run mailboxctl against `server`'s config (`input` on its stdin); assert its exit status."""
     proc = subprocess.run(
         [str(MAILBOXCTL), "--config", "etc/mailbox.ini", *args],
+        input=input,
         cwd=server.home,
         env=server.env(),
         capture_output=True,

@@ -16,12 +16,11 @@ import smtplib
 import socket
 import sqlite3
 import ssl
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ALICE, ALICE_PW, MAILBOXCTL, MailServer, client_tls_context, ctl
+from conftest import ALICE, ALICE_PW, MailServer, client_tls_context, ctl
 from test_blackbox import Raw, wait_for
 from test_relay_blackbox import plain, pop_from, pop_login_from, refusal, smtp_from
 
@@ -37,23 +36,13 @@ MB = 1_000_000
 
 
 @pytest.fixture
-def start(make_server):
-    """Start servers (test accounts, plus `users` more) that trust no network;
-    their logs are checked for tracebacks and passwords afterwards."""
-    started: list[MailServer] = []
+def start(untrusted):
+    """Servers that trust no network, with the test accounts and `users` more."""
 
     def start(extra: str = "", tls: bool = False, users: int = 0) -> MailServer:
-        s = make_server("[mailbox]\ntrusted_networks =\n" + extra, tls=tls)
-        s.add_test_accounts()
-        for i in range(users):
-            s.add_user(user(i), password(i))
-        started.append(s)
-        return s.start()
+        return untrusted(extra, tls, {user(i): password(i) for i in range(users)})
 
-    yield start
-    for s in started:
-        s.stop()
-        s.check_log()
+    return start
 
 
 def user(i: int) -> str:
@@ -68,20 +57,6 @@ def rss(server: MailServer) -> int:
     """The server process's resident set size, in bytes."""
     status = Path(f"/proc/{server.proc.pid}/status").read_text()
     return int(re.search(r"^VmRSS:\s+(\d+) kB$", status, re.M).group(1)) * 1024
-
-
-def ctl_stdin(server: MailServer, stdin: str, *args: str) -> None:
-    """Run mailboxctl with `stdin` as its standard input; it must succeed."""
-    proc = subprocess.run(
-        [str(MAILBOXCTL), "--config", "etc/mailbox.ini", *args],
-        cwd=server.home,
-        env=server.env(),
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
 
 
 def failures_on_record(server: MailServer, ip: str) -> int:
@@ -310,8 +285,8 @@ FLOOD_CAP = SENT_LIMIT
 RSS_LIMIT = 30 * MB
 
 
-class Client:
-    """A line client over a socket of our own, with or without TLS."""
+class Client(Raw):
+    """A line client with small socket buffers, with or without TLS."""
 
     def __init__(self, port: int, source: str, tls: bool = False) -> None:
         sock = socket.socket()
@@ -326,27 +301,6 @@ class Client:
             sock = client_tls_context().wrap_socket(sock, server_hostname="mail.example.test")
         self.sock = sock
         self.buf = b""
-
-    def line(self) -> str:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(self.buf)
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line.decode()
-
-    def reply(self) -> str:
-        while True:
-            line = self.line()
-            if line[3:4] != "-":
-                return line
-
-    def send(self, data: str | bytes) -> None:
-        self.sock.sendall(data.encode() if isinstance(data, str) else data)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class Flood:
@@ -751,7 +705,7 @@ def test_a_changed_or_removed_password_is_refused_at_once(start):
     for _ in range(3):  # whatever a cache keeps, it has it now
         assert logs_in(server, ALICE, ALICE_PW) == (True, True)
 
-    ctl_stdin(server, "a new pw\n", "user", "passwd", ALICE)
+    ctl(server, "user", "passwd", ALICE, input="a new pw\n")
     assert wait_for(lambda: logs_in(server, ALICE, "a new pw") == (True, True), timeout=5)
     assert logs_in(server, ALICE, ALICE_PW) == (False, False)  # the old one, cached
     assert logs_in(server, ALICE, "a new pw") == (True, True)
