@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -199,7 +200,6 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[rank - 1]
 
 
-def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+def spread(values: list[float], fmt: Callable[[float], str] = "{:.2f}".format) -> str:
     """'median (min-max)' of `values`, as the benchmarks report them."""
-    med = fmt.format(statistics.median(values))
-    return f"{med} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+    return f"{fmt(statistics.median(values))} ({fmt(min(values))}-{fmt(max(values))})"

@@ -537,8 +537,13 @@ def burst_latency(tree: Path, run: Run) -> None:
 # --- 4. pipeline-memory ------------------------------------------------------------
 
 
-def flood(sock: socket.socket, command: bytes, total: int, sampler: benchlib.RssSampler) -> int:
-    """Send `command` over and over, `total` bytes, never reading; the bytes accepted.
+def flood(
+    sock: socket.socket, command: bytes, total: int, sampler: benchlib.RssSampler
+) -> tuple[int, float]:
+    """Send `command` over and over, `total` bytes, never reading.
+
+    Returns the bytes the server's side accepted and the seconds until the last of
+    them was accepted (about 20 if the server kept reading, less if it stopped).
 
     Non-blocking, so a server that stops reading stops the client: it gives up when
     the socket has stayed full for 3 s, after 20 s, or when the RSS cap struck.
@@ -556,7 +561,7 @@ def flood(sock: socket.socket, command: bytes, total: int, sampler: benchlib.Rss
         with contextlib.suppress(BlockingIOError):
             sent += sock.send(chunk[pos : pos + total - sent])
             progress = time.monotonic()
-    return sent
+    return sent, progress - start
 
 
 def smtp_noop_flood(tree: Path, run: Run) -> None:
@@ -568,10 +573,11 @@ def smtp_noop_flood(tree: Path, run: Run) -> None:
         base = srv.rss.baseline()
         client = Client(IP_MISC + 1, srv.smtp)
         client.line()
-        sent = flood(client.sock, b"NOOP\r\n", 50 * MB // 6 * 6, srv.rss)
+        sent, seconds = flood(client.sock, b"NOOP\r\n", 50 * MB // 6 * 6, srv.rss)
         srv.rss.settle()
         run.values["SMTP NOOP: RSS growth MB"] = (srv.rss.peak - base) / MB
         run.values["SMTP NOOP: MB sent"] = sent / MB
+        run.values["SMTP NOOP: s to the last byte sent"] = seconds
         client.close()
         run.values["SMTP NOOP: fresh connection answered"] = float(greets(IP_MISC + 2, srv.smtp))
 
@@ -585,7 +591,7 @@ def pop3_retr_flood(tree: Path, run: Run) -> None:
         warm.pop(b"QUIT\r\n")
         client = pop3_session(IP_MISC + 1, srv.pop3, account)
         base = srv.rss.baseline()
-        sent = flood(client.sock, b"RETR 1\r\n", 500 * 8, srv.rss)
+        sent = flood(client.sock, b"RETR 1\r\n", 500 * 8, srv.rss)[0]
         srv.rss.settle(quiet=2.0)
         run.values["POP3 RETR: RSS growth MB"] = (srv.rss.peak - base) / MB
         run.values["POP3 RETR: bytes sent"] = sent
@@ -697,7 +703,7 @@ def run_scenario(name: str, tree: Path, runs: int) -> list[Run]:
             SCENARIOS[name].run(tree, run)
         except Exception as e:  # a failing server must not stop the other scenarios
             run.notes.append(f"error: {e!r} at {traceback.extract_tb(e.__traceback__)[-1][:3]}")
-        figures = ", ".join(f"{k} {v:.4g}" for k, v in run.values.items())
+        figures = ", ".join(f"{k} {number(v)}" for k, v in run.values.items())
         # Other work on the machine skews every figure here: show how busy it was.
         load = os.getloadavg()[0]
         print(f"{name} run {i + 1}: {figures} (load average {load:.2f})", flush=True)
@@ -705,6 +711,11 @@ def run_scenario(name: str, tree: Path, runs: int) -> list[Run]:
             print(f"{name} run {i + 1}: NOTE {note}", flush=True)
         results.append(run)
     return results
+
+
+def number(value: float) -> str:
+    """Three significant figures, but never an exponent (11100 ms, not 1.11e+04)."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def summarise(name: str, results: list[Run]) -> list[tuple[str, ...]]:
@@ -715,7 +726,7 @@ def summarise(name: str, results: list[Run]) -> list[tuple[str, ...]]:
     for metric in metrics:
         values = [r.values[metric] for r in results if metric in r.values]
         target = targets.get(metric)
-        figure = benchlib.spread(values, "{:.4g}") if values else "missing"
+        figure = benchlib.spread(values, number) if values else "missing"
         if target is None:
             verdict = ""
         elif len(values) < len(results):
