@@ -716,3 +716,38 @@ def test_a_changed_or_removed_password_is_refused_at_once(start):
     assert logs_in(server, ALICE, "a new pw") == (False, False)
     # Bob, untouched, still logs in.
     assert logs_in(server, "bob@other.test", "bob pw") == (True, True)
+
+
+# --- 7. a state database held locked by another process ----------------------------
+
+
+def test_a_locked_state_database_delays_only_what_must_write(start):
+    """Another process holds the state database's write lock: mail is still taken
+    at once (reads do not wait for writers), a right password still logs in, and
+    a wrong one, whose failure must be written, gets a temporary refusal, not a hang."""
+    server = start()
+    path = server.mail_dir / ".state" / "state.sqlite3"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the write lock, as mailboxctl takes it
+    try:
+        began = time.monotonic()
+        r = smtp_from(server, "127.0.0.41")
+        for line in ("MAIL FROM:<friend@far.test>", f"RCPT TO:<{ALICE}>", "DATA"):
+            r.send(line + "\r\n")
+            assert r.reply()[:1] in "23", line
+        r.send("Subject: while locked\r\n\r\nhello\r\n.\r\n")
+        assert r.reply().startswith("250 2.0.0 Ok: queued as ")
+        assert time.monotonic() - began < 2
+        assert smtp_auth(server, "127.0.0.42", ALICE, ALICE_PW) == AUTH_OK
+
+        p = pop_from(server, "127.0.0.43")
+        p.send(f"USER {ALICE}\r\nPASS wrong\r\n")
+        assert p.line().startswith("+OK")
+        assert p.line().startswith("-ERR [SYS/TEMP]")
+        assert p.closed()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    pop_login_from(server, "127.0.0.44")
+    assert failures_on_record(server, "127.0.0.43") == 0
+    assert "database is locked" in server.log()
