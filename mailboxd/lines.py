@@ -30,6 +30,10 @@ from zope.interface import implementer
 
 log = Logger()
 
+# Input a session holds unhandled while it waits (for a slow command, or for
+# the peer to read its replies) before it stops reading from the socket.
+HELD_INPUT_MAX = 65536
+
 
 @implementer(IHandshakeListener, IPushProducer)
 class LineProtocol(Protocol):
@@ -57,18 +61,33 @@ class LineProtocol(Protocol):
     # --- flow control ---------------------------------------------------------
 
     def _pause(self, reason: str) -> None:
-        # Not while a TLS handshake is under way: no line can come before it
-        # ends, and it needs reading to end (a blocked client's refusal, sent
-        # as an implicit-TLS connection opens, waits for it too).
-        if not self._pauses and not self._closed and not self.tls_pending:
+        self._pauses.add(reason)
+        self._hold_input()
+
+    def _hold_input(self) -> None:
+        """While lines wait, stop reading once what waits passes HELD_INPUT_MAX.
+
+        Not at once: most waits are short (a state lookup, an fsync), and
+        stopping and starting a socket's reading costs two system calls. Not
+        while a TLS handshake is under way either: no line can come before it
+        ends, and it needs reading to end.
+        """
+        if (
+            self._pauses
+            and not self._reading_paused
+            and not self._closed
+            and not self.tls_pending
+            and len(self._buffer) - self._pos >= HELD_INPUT_MAX
+        ):
             self.transport.pauseProducing()
             self._reading_paused = True
-        self._pauses.add(reason)
 
     def _resume(self, reason: str) -> None:
-        if reason not in self._pauses:
-            return
-        self._pauses.discard(reason)
+        if reason in self._pauses:
+            self._pauses.discard(reason)
+            self._go_on()
+
+    def _go_on(self) -> None:
         if self._pauses or self._closed:
             return
         if self._reading_paused:
@@ -85,10 +104,12 @@ class LineProtocol(Protocol):
         self._pause("peer not reading")
 
     def resumeProducing(self) -> None:
+        self._pauses.discard("peer not reading")
+        # What waited for room writes now, and may fill the buffer again.
         waiting, self._waiting_for_room = self._waiting_for_room, []
         for d in waiting:
             d.callback(None)
-        self._resume("peer not reading")
+        self._go_on()
 
     def stopProducing(self) -> None:
         self._closed = True
@@ -111,7 +132,10 @@ class LineProtocol(Protocol):
         # Consumed lines are dropped here, once per read, not once per line.
         self._buffer = self._buffer[self._pos :] + data
         self._pos = 0
-        self._process()
+        if self._pauses:
+            self._hold_input()
+        else:
+            self._process()
 
     def _next_line(self) -> tuple[str, bytes] | None:
         """('line', content) or ('too_long', b''), or None if no full line yet."""
@@ -173,9 +197,6 @@ class LineProtocol(Protocol):
 
     def handshakeCompleted(self) -> None:
         self.tls_pending = False
-        if self._pauses and not self._reading_paused and not self._closed:
-            self.transport.pauseProducing()  # what _pause could not do during the handshake
-            self._reading_paused = True
 
     def hang_up(self, last_words: str) -> None:
         """Send a last line and close once it is written."""

@@ -66,6 +66,19 @@ def is_trusted(ip: str, networks: tuple[IPNetwork, ...]) -> bool:
     return any(address in network for network in networks)
 
 
+def rcpt_needs_pop(client: Client, directory: Directory, rcpt: Address) -> bool:
+    """Whether `decide` on `rcpt` can depend on the client's POP authorisation
+    (if not, the protocol need not look it up)."""
+    if client.account is not None or client.trusted:
+        return False
+    return client.listener is Listener.SUBMISSION or not directory.is_local_domain(rcpt.domain)
+
+
+def sender_needs_pop(client: Client, sender: Address | None, must_match: bool) -> bool:
+    """Whether `decide_sender` on `sender` can depend on the client's POP authorisation."""
+    return sender is not None and must_match and not client.trusted
+
+
 def decide(client: Client, directory: Directory, rcpt: Address) -> Decision:
     """Decide on RCPT TO by its parsed domain alone; a local part is never re-routed."""
     if client.listener is Listener.SUBMISSION and not client.authorised:

@@ -30,6 +30,8 @@ class PopAuthRegistry:
 
     def authorise(self, ip: str, domain: str) -> Deferred:
         """Record (or refresh) `ip`, adding `domain` to those it may send as."""
+        if self.ttl <= 0:  # POP-before-SMTP is off: nothing to record
+            return succeed(None)
         ip = normalise_ip(ip)
         now = self.clock.seconds()
 

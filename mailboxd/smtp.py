@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
@@ -26,7 +27,15 @@ from .faults import Faults
 from .faults import apply as apply_fault
 from .guard import refusal
 from .lines import LineProtocol
-from .policy import Client, Listener, Verdict, decide, decide_sender
+from .policy import (
+    Client,
+    Listener,
+    Verdict,
+    decide,
+    decide_sender,
+    rcpt_needs_pop,
+    sender_needs_pop,
+)
 from .popauth import PopAuthRegistry
 from .queue import Entry
 from .reception import (
@@ -130,20 +139,19 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         if not self._closed:
             self.close((421, f"4.3.0 {self.hostname} Error: service unavailable, try again later"))
 
-    def client(self) -> Deferred:
-        """Fires with what the policy needs to know about this client, asked now."""
-        ip, account = self.peer_ip, self.account
-
-        def known(pop_domains: tuple[str, ...] | None) -> Client:
-            return Client(
-                listener=self.factory.listener,
-                ip=ip,
-                account=account,
-                pop_domains=pop_domains,
-                trusted_networks=self.factory.config.mailbox.trusted_networks,
-            )
-
-        return self.factory.popauth.domains(ip).addCallback(known)
+    def client(self, needs_pop: Callable[[Client], bool]) -> Deferred:
+        """Fires with what the policy needs to know about this client, asked now;
+        its POP authorisation is looked up only if `needs_pop` says it matters."""
+        client = Client(
+            listener=self.factory.listener,
+            ip=self.peer_ip,
+            account=self.account,
+            trusted_networks=self.factory.config.mailbox.trusted_networks,
+        )
+        if not needs_pop(client):
+            return succeed(client)
+        d = self.factory.popauth.domains(client.ip)
+        return d.addCallback(lambda domains: attrs.evolve(client, pop_domains=domains))
 
     # --- plumbing -----------------------------------------------------------
 
@@ -283,13 +291,10 @@ class SMTPServer(LineProtocol, TimeoutMixin):
             if address is None:
                 return (501, f"5.1.7 <{arg_safe(path)}>: Sender address syntax error")
 
+        must_match = self.factory.config.relay.sender_must_match_login
+
         def decided(client: Client) -> Reply:
-            decision = decide_sender(
-                client,
-                self.factory.directory(),
-                address,
-                self.factory.config.relay.sender_must_match_login,
-            )
+            decision = decide_sender(client, self.factory.directory(), address, must_match)
             if decision.verdict is Verdict.REJECT:
                 log.info(
                     "smtp sender refused {sender} from {client}",
@@ -300,7 +305,8 @@ class SMTPServer(LineProtocol, TimeoutMixin):
             self.tx = Transaction("" if address is None else str(address))
             return (decision.code, decision.text)
 
-        return self.client().addCallback(decided)
+        needs_pop = partial(sender_needs_pop, sender=address, must_match=must_match)
+        return self.client(needs_pop).addCallback(decided)
 
     def check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
         limit = self.factory.config.smtp.max_message_size
@@ -354,7 +360,8 @@ class SMTPServer(LineProtocol, TimeoutMixin):
                 tx.relay.setdefault(target.lower(), target)
             return (decision.code, decision.text)
 
-        return self.client().addCallback(decided)
+        needs_pop = partial(rcpt_needs_pop, directory=self.factory.directory(), rcpt=rcpt)
+        return self.client(needs_pop).addCallback(decided)
 
     def smtp_DATA(self, arg: str) -> Reply | Deferred:
         tx = self.tx

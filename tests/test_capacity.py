@@ -275,7 +275,7 @@ def test_pipelining_without_reading_stops_the_reading(unit, kind):
     assert held < t.limit + 100  # replies stop once the buffer is full ...
     assert t.producerState == "paused"  # ... and so does reading
     replies = 0
-    while t.producerState == "paused":
+    while not session.proto.peer_reading:
         replies += len(t.drain())
     replies += len(t.value())
     reply = b"250 2.0.0 Ok\r\n" if kind == "smtp" else b"-ERR not authenticated\r\n"
@@ -285,7 +285,7 @@ def test_pipelining_without_reading_stops_the_reading(unit, kind):
 def test_a_session_that_never_reads_is_cut_at_the_idle_timeout(unit):
     session = SMTP(unit)
     t = slow(session)
-    session.proto.dataReceived(b"NOOP\r\n" * 2000)
+    session.proto.dataReceived(b"NOOP\r\n" * 20000)
     assert t.producerState == "paused"
     unit.clock.advance(unit.config.smtp.idle_timeout)
     assert t.disconnected  # aborted: a polite close would wait for ever
@@ -314,11 +314,11 @@ def test_retr_and_top_stream_as_the_client_reads(unit, command, top):
     p = login_with_big_message(unit)
     t = slow(p)
     p.proto.dataReceived(command.encode() + b"\r\nNOOP\r\n")
-    out = t.value()
-    while t.producerState == "paused" or len(t.value()) > t.limit:
+    out = b""
+    while not p.proto.peer_reading:
         assert len(t.value()) < t.limit + 70000  # one chunk past the full buffer at most
-        out = out[: len(out) - len(t.value())] + t.drain()
-        out += t.value()
+        out += t.drain()
+    out += t.value()
     stored = stored_message(unit)
     size = len(stored.replace(b"\n", b"\r\n"))
     expected = f"+OK {size} octets\r\n".encode() + reference(stored, top) + b".\r\n" + b"+OK\r\n"
@@ -329,11 +329,10 @@ def test_many_pipelined_retrs_are_sent_one_after_another(unit):
     p = login_with_big_message(unit)
     t = slow(p)
     p.proto.dataReceived(b"RETR 1\r\n" * 5)
-    out = t.value()
-    while t.producerState == "paused":
+    out = b""
+    while not p.proto.peer_reading:
         assert len(t.value()) < t.limit + 70000
-        t.clear()
-        t.producer.resumeProducing()
-        out += t.value()
+        out += t.drain()
+    out += t.value()
     single = out[: len(out) // 5]
     assert out == single * 5 and single.endswith(b"\r\n.\r\n")

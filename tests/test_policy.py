@@ -463,3 +463,49 @@ def test_policy_is_pure(directory):
     c = client("auth-alice", SUB)
     assert decide_sender(c, directory, sender, True) == decide_sender(c, directory, sender, True)
     assert sorted(directory.hashes) == ["alice@example.test", "bob@other.test"]
+
+
+# --- when the POP authorisation need not be looked up --------------------------------
+
+POP_VARIANTS = (None, ("example.test",), ("other.test",), ("example.test", "other.test"))
+SAMPLE_RCPTS = ["alice@example.test", "nobody@example.test", "x@far.test", "bob@example.org"]
+SAMPLE_SENDERS = [None, "alice@example.test", "bob@other.test", "x@far.test"]
+
+
+@pytest.mark.parametrize("name", sorted(CLIENTS))
+@pytest.mark.parametrize("listener", [MTA, SUB])
+def test_pop_lookup_is_skipped_only_where_it_cannot_matter(directory, name, listener):
+    from mailboxd.policy import rcpt_needs_pop, sender_needs_pop
+
+    fields = {k: v for k, v in CLIENTS[name][0].items() if k != "pop_domains"}
+    for pop in POP_VARIANTS:
+        client = Client(listener=listener, pop_domains=pop, **fields)
+        bare = Client(listener=listener, **fields)  # as the server asks before a lookup
+        for path in SAMPLE_RCPTS:
+            rcpt = parse_mailbox(path)
+            if not rcpt_needs_pop(bare, directory, rcpt):
+                assert decide(client, directory, rcpt) == decide(bare, directory, rcpt)
+        for sender_path in SAMPLE_SENDERS:
+            sender = None if sender_path is None else parse_mailbox(sender_path)
+            for must_match in (True, False):
+                if not sender_needs_pop(bare, sender, must_match):
+                    assert decide_sender(client, directory, sender, must_match) == (
+                        decide_sender(bare, directory, sender, must_match)
+                    )
+
+
+@pytest.mark.parametrize(
+    "fields,listener,rcpt,needed",
+    [
+        (dict(ip=OUTSIDE), MTA, "alice@example.test", False),  # local: anyone may send
+        (dict(ip=OUTSIDE), MTA, "x@far.test", True),  # relaying: the POP login decides
+        (dict(ip=OUTSIDE), SUB, "alice@example.test", True),  # submission: always
+        (dict(ip=OUTSIDE, account=ALICE), SUB, "x@far.test", False),  # AUTH decides
+        (dict(ip="127.0.0.1", trusted_networks=LOOPBACK), MTA, "x@far.test", False),
+    ],
+)
+def test_rcpt_needs_pop_table(directory, fields, listener, rcpt, needed):
+    from mailboxd.policy import rcpt_needs_pop
+
+    client = Client(listener=listener, **fields)
+    assert rcpt_needs_pop(client, directory, parse_mailbox(rcpt)) is needed

@@ -219,12 +219,15 @@ def test_250_waits_for_the_disk_and_pipelined_commands_wait_too(s):
     s.cmd("DATA")
     s.unit.pool.paused = True
     assert s.send("body\r\n.\r\nNOOP\r\nQUIT\r\n") == []
+    # What waits is held, and once it passes HELD_INPUT_MAX, reading stops too.
+    assert s.transport.producerState == "producing"
+    assert s.send(b"NOOP\r\n" * 20000) == []
     assert s.transport.producerState == "paused"
     s.unit.pool.release()
     replies = s.take()
     assert replies[0].startswith("250 2.0.0 Ok: queued")
     assert replies[1:] == ["250 2.0.0 Ok", "221 2.0.0 Bye"]
-    assert s.transport.disconnecting
+    assert s.transport.disconnecting  # and the NOOPs behind QUIT are never answered
 
 
 def test_storage_failure_is_a_temporary_error(s, monkeypatch):
