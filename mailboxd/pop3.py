@@ -6,6 +6,7 @@ only bcrypt hashes; so the greeting carries no timestamp.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
@@ -65,6 +66,17 @@ class POP3Factory(ServerFactory):
         p = POP3Server()
         p.factory = self
         return p
+
+
+_NUMBER = re.compile(r"[0-9]{1,9}")  # ASCII digits only: int() takes "1_0", "+1", "١"
+
+
+def numeric_args(arg: str, count: int) -> list[int] | None:
+    """Exactly `count` arguments, each a number in ASCII digits (RFC 1939 §3); else None."""
+    words = arg.strip().split(" ")
+    if len(words) != count or not all(_NUMBER.fullmatch(w) for w in words):
+        return None
+    return [int(w) for w in words]
 
 
 def plural(count: int) -> str:
@@ -304,14 +316,13 @@ class POP3Server(LineProtocol, TimeoutMixin):
     def _message_arg(self, arg: str) -> tuple[int, Any] | str:
         if self.mailbox is None:
             return "-ERR not authenticated"
-        try:
-            number = int(arg.split()[0])
-        except (ValueError, IndexError):
+        numbers = numeric_args(arg, 1)
+        if numbers is None:
             return "-ERR expected a message number"
-        message = self.mailbox.get(number)
+        message = self.mailbox.get(numbers[0])
         if message is None:
             return "-ERR no such message"
-        return number, message
+        return numbers[0], message
 
     def pop_STAT(self, arg: str) -> Reply:
         if self.mailbox is None:
@@ -345,13 +356,15 @@ class POP3Server(LineProtocol, TimeoutMixin):
         return self._send(found[1], None, "RETR")
 
     def pop_TOP(self, arg: str) -> Reply | Deferred:
-        words = arg.split()
-        if len(words) != 2 or not words[1].isdigit():
+        if self.mailbox is None:
+            return "-ERR not authenticated"
+        numbers = numeric_args(arg, 2)
+        if numbers is None:
             return "-ERR usage: TOP message lines"
-        found = self._message_arg(words[0])
+        found = self._message_arg(str(numbers[0]))
         if isinstance(found, str):
             return found
-        return self._send(found[1], int(words[1]), "TOP")
+        return self._send(found[1], numbers[1], "TOP")
 
     def _send(self, message: Message, lines: int | None, command: str) -> Reply | Deferred:
         encoder = WireEncoder(top=lines)

@@ -32,6 +32,7 @@ log = Logger()
 Reply = tuple[int, str]
 
 BARE_CR_OR_LF = (550, "5.6.0 Error: message contains a bare CR or LF; lines must end in CRLF")
+NUL = (550, "5.6.0 Error: message contains a NUL byte")
 TOO_BIG = (552, "5.3.4 Message size exceeds fixed limit")
 NOT_SPOOLED = (451, "4.3.0 Error: local storage unavailable, try again later")
 NOT_STORED = (451, "4.3.0 Error: could not store the message, try again later")
@@ -135,6 +136,11 @@ class Reception:
         if b"\r" in line or b"\n" in line:
             # A bare CR or LF never ends the message (SMTP smuggling); refuse it whole.
             self.error = BARE_CR_OR_LF
+            return
+        if b"\0" in line:
+            # RFC 5321 §4.5.2 allows no NUL, and a next hop that drops it could
+            # find an end of data where we saw none (smuggling again).
+            self.error = NUL
             return
         if line.startswith(b"."):
             line = line[1:]

@@ -272,3 +272,30 @@ def test_empty_mailbox(unit):
     assert s.login("bob@other.test", "bob pw") == "+OK 0 messages (0 octets)"
     assert s.multi("LIST") == []
     assert s.cmd("RETR 1") == "-ERR no such message"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "LIST 1_0",
+        "UIDL +1",
+        "UIDL \u0661",
+        "UIDL \uff12",
+        "RETR 1 2",
+        "TOP 1 \u00b2",
+        "DELE -1",
+        "LIST 0x1",
+        "RETR",
+        "TOP 1",
+        "TOP 1 2 3",
+        "LIST 1 1",
+        "RETR 99999999999999",
+    ],
+)
+def test_message_numbers_are_ascii_digits_exactly_as_rfc_1939_gives(unit, command):
+    deliver(unit, b"Subject: one\r\n\r\nbody\r\n")
+    p = Session(unit)
+    p.cmd("USER alice@example.test")
+    assert p.cmd("PASS alice pw").startswith("+OK")
+    assert p.cmd(command).startswith("-ERR")
+    assert p.cmd("LIST 1").startswith("+OK 1 ")  # the session goes on
