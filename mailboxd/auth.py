@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from .accounts import Account
 from .guard import Guard
 from .realm import login
+from .state import StateError
 
 log = Logger()
 
@@ -49,6 +50,8 @@ class Authenticator:
             account = await login(self.portal, username, password, ip)
         except UnauthorizedLogin:
             return await self._failed(protocol, ip, username, None)
+        except StateError:
+            raise  # no verdict: the session gets a temporary error
         except Exception as e:
             log.failure("{protocol} login error for {user}", None, protocol=protocol, user=username)
             return await self._failed(protocol, ip, username, str(e))

@@ -9,7 +9,9 @@ completes once the IP is blocked is refused, whatever its password.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -17,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .config import LimitsSection
-from .state import FailureLimit, FailureVerdict, StateStore, normalise_ip
+from .state import FailureLimit, FailureVerdict, StateError, StateStore, normalise_ip
 
 log = Logger()
 
@@ -35,11 +37,29 @@ class Guard:
     clock: IReactorTime
     limits: LimitsSection
     run: Callable[..., Deferred]  # runs a store call off the reactor thread
+    # Failures the store could not record (it was locked, or broken). Until
+    # they are, the IP gets no verdict at all, only temporary errors: else a
+    # locked store would hand out uncounted guesses.
+    _unrecorded: collections.Counter = attrs.field(init=False, factory=collections.Counter)
 
     def blocked(self, ip: str) -> Deferred:
-        """Fires with True if `ip` is blocked now."""
-        d = self.run(self.store.block, normalise_ip(ip), self.clock.seconds())
-        return d.addCallback(lambda block: block is not None)
+        """Fires with True if `ip` is blocked now; fails with StateError if
+        the store cannot say, or cannot record this IP's earlier failures."""
+        ip = normalise_ip(ip)
+        owed = self._unrecorded.pop(ip, 0)
+        now = self.clock.seconds()
+
+        def ask() -> bool:
+            for _ in range(owed):
+                self.store.record_failure(ip, now, self._limit)
+            return self.store.block(ip, now) is not None
+
+        def still_owed(f: Any) -> Any:
+            f.trap(StateError)
+            self._unrecorded[ip] += owed
+            return f
+
+        return self.run(ask).addErrback(still_owed)
 
     def unblocked(self, ip: str) -> Deferred:
         return self.blocked(ip).addCallback(lambda blocked: not blocked)
@@ -47,11 +67,6 @@ class Guard:
     def failed(self, ip: str) -> Deferred:
         """Record a failed verdict; fires with the FailureVerdict (blocked: end the session)."""
         ip = normalise_ip(ip)
-        limit = FailureLimit(
-            self.limits.auth_failures,
-            self.limits.auth_failure_window,
-            self.limits.block_duration,
-        )
 
         def verdict(v: FailureVerdict) -> FailureVerdict:
             if v.new_block:
@@ -63,5 +78,18 @@ class Guard:
                 )
             return v
 
-        d = self.run(self.store.record_failure, ip, self.clock.seconds(), limit)
-        return d.addCallback(verdict)
+        def unrecorded(f: Any) -> Any:
+            f.trap(StateError)
+            self._unrecorded[ip] += 1
+            return f
+
+        d = self.run(self.store.record_failure, ip, self.clock.seconds(), self._limit)
+        return d.addCallbacks(verdict, unrecorded)
+
+    @property
+    def _limit(self) -> FailureLimit:
+        return FailureLimit(
+            self.limits.auth_failures,
+            self.limits.auth_failure_window,
+            self.limits.block_duration,
+        )

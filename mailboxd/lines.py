@@ -33,6 +33,7 @@ log = Logger()
 # Input a session holds unhandled while it waits (for a slow command, or for
 # the peer to read its replies) before it stops reading from the socket.
 HELD_INPUT_MAX = 65536
+CLOSING_TIMEOUT = 30  # seconds a hung-up connection may take to go
 
 
 @implementer(IHandshakeListener, IPushProducer)
@@ -129,6 +130,8 @@ class LineProtocol(Protocol):
     # --- input ----------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._closed:  # hung up: what comes now is never handled, nor kept
+            return
         # Consumed lines are dropped here, once per read, not once per line.
         self._buffer = self._buffer[self._pos :] + data
         self._pos = 0
@@ -202,10 +205,14 @@ class LineProtocol(Protocol):
         """Send a last line and close once it is written."""
         self.sendLine(last_words)
         self._closed = True
-        if not self.tls_pending and self.peer_reading:
-            # Else the idle timer stays: a peer that never completes the TLS
-            # handshake, or never reads, would otherwise hold the connection for ever.
-            self.setTimeout(None)
+        self.discard_input()
+        # A peer that never reads the last words (or never finishes a TLS
+        # handshake, or never sends TLS's close_notify) would hold a closing
+        # connection for ever: past this, timeoutConnection aborts it.
+        self.setTimeout(CLOSING_TIMEOUT)
+        if self._reading_paused:  # read on, to see the peer's end of the connection
+            self._reading_paused = False
+            self.transport.resumeProducing()
         # A producer still registered would keep a closing transport open.
         self.transport.unregisterProducer()
         self.transport.loseConnection()
@@ -224,6 +231,17 @@ class LineProtocol(Protocol):
     def idle(self) -> None:
         """The peer was silent for too long: say so and close."""
         raise NotImplementedError
+
+    def start_tls(self, context: Any) -> None:
+        """Begin TLS (STARTTLS, STLS) after the reply that says so."""
+        # RFC 3207 §4.2 and RFC 2595 §4: forget what was said in plaintext,
+        # including anything pipelined behind the command (injection attacks).
+        self.discard_input()
+        self.tls_pending = True
+        self.transport.startTLS(context)
+        # startTLS registers this producer again, behind TLS, unpaused: a
+        # pause from before it would never be lifted.
+        self._pauses.discard("peer not reading")
 
     def discard_input(self) -> None:
         """Drop everything received but not yet handled (plaintext before TLS)."""

@@ -212,13 +212,9 @@ class POP3Server(LineProtocol, TimeoutMixin):
         if self.secure:
             return "-ERR TLS already active"
         self.sendLine("+OK Begin TLS negotiation")
-        # RFC 2595 §4 and the STARTTLS injection attacks: forget what was said in
-        # plaintext, including anything pipelined behind STLS.
-        self.discard_input()
         self.username = None
         self.sasl.cancel()
-        self.tls_pending = True
-        self.transport.startTLS(self.factory.tls)
+        self.start_tls(self.factory.tls)
         log.info("pop3 STLS from {client}", client=self.peer_ip)
         return None
 
@@ -307,7 +303,17 @@ class POP3Server(LineProtocol, TimeoutMixin):
             log.failure("pop3 cannot open mailbox for {user}", f, user=account.address)
             return "-ERR [SYS/TEMP] mailbox unavailable, try again later"
 
+        def unrecorded(f: Any) -> None:
+            # Reading mail does not need POP-before-SMTP: say so, and go on.
+            f.trap(StateError)
+            log.error(
+                "pop-before-smtp not recorded for {client}: {error}",
+                client=self.peer_ip,
+                error=str(f.value),
+            )
+
         d = self.factory.popauth.authorise(self.peer_ip, account.domain)
+        d.addErrback(unrecorded)
         d.addCallback(lambda _: self.thread(Mailbox.open, path))
         return d.addCallbacks(opened, not_opened)
 
@@ -440,18 +446,17 @@ class POP3Server(LineProtocol, TimeoutMixin):
             self.close(f"+OK {self.factory.config.mailbox.hostname} POP3 Mailbox signing off")
             return None
 
+        # The commit owns the mailbox (and its lock) now, even if the client
+        # goes before it is done: no other session may open it half-updated.
+        self.mailbox, user = None, self.account.address
+
         def done(removed: int) -> None:
-            log.info(
-                "pop3 {user} deleted {count} messages", user=self.account.address, count=removed
-            )
-            mailbox.close()
-            self.mailbox = None
+            log.info("pop3 {user} deleted {count} messages", user=user, count=removed)
             self.close(f"+OK {plural(removed)} deleted, signing off")
 
         def failed(f: Any) -> None:
-            log.failure("pop3 deletion failed for {user}", f, user=self.account.address)
-            mailbox.close()
-            self.mailbox = None
+            log.failure("pop3 deletion failed for {user}", f, user=user)
             self.close("-ERR [SYS/TEMP] some deleted messages were not removed")
 
-        return self.thread(mailbox.commit).addCallbacks(done, failed)
+        d = self.thread(mailbox.commit).addCallbacks(done, failed)
+        return d.addBoth(lambda _: mailbox.close())

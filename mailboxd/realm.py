@@ -17,6 +17,7 @@ from zope.interface import Interface, implementer
 from .accounts import Account, Directory
 from .addresses import parse_mailbox
 from .credcache import CredentialCache
+from .state import normalise_ip
 
 
 class IAccount(Interface):
@@ -130,7 +131,7 @@ class BcryptChecker:
     def requestAvatarId(self, creds: credentials.IUsernamePassword) -> Deferred:
         username = _text(creds.username)
         password = creds.password if isinstance(creds.password, bytes) else creds.password.encode()
-        client = getattr(creds, "client", "")
+        client = normalise_ip(getattr(creds, "client", ""))
         address = parse_mailbox(username)
         directory = self.directory()
         hashed = None if address is None else directory.password_hash(address)

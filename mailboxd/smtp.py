@@ -482,13 +482,9 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         if arg:
             return (501, "5.5.4 Syntax: STARTTLS")
         self.reply((220, "2.0.0 Ready to start TLS"))
-        # RFC 3207 §4.2: forget everything said in plaintext, including any
-        # commands the client (or an attacker) sent behind STARTTLS.
-        self.discard_input()
         self.helo, self.esmtp, self.tx, self.account = None, False, None, None
         self.end_sasl()
-        self.tls_pending = True
-        self.transport.startTLS(self.factory.tls)
+        self.start_tls(self.factory.tls)
         log.info("smtp STARTTLS from {client}", client=self.peer_ip)
         return None
 

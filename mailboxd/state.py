@@ -13,6 +13,7 @@ authorisation or a block), which is the trade this data can afford.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import sqlite3
 import threading
@@ -83,16 +84,13 @@ class FailureVerdict:
 
 
 class StateStore(Protocol):
-    def set_popauth(self, ip: str, expires: float, domains: tuple[str, ...]) -> None: ...
     def popauth(self, ip: str, now: float) -> PopAuth | None: ...
     def add_popauth(self, ip: str, now: float, expires: float, domain: str) -> PopAuth: ...
     def popauths(self, now: float) -> list[PopAuth]: ...
     def revoke_popauth(self, ip: str) -> bool: ...
-    def add_failure(self, ip: str, at: float) -> None: ...
     def record_failure(self, ip: str, at: float, limit: FailureLimit) -> FailureVerdict: ...
     def failures(self, ip: str, since: float) -> int: ...
     def clear_failures(self, ip: str) -> None: ...
-    def set_block(self, ip: str, since: float, until: float) -> None: ...
     def block(self, ip: str, now: float) -> Block | None: ...
     def blocks(self, now: float) -> list[Block]: ...
     def unblock(self, ip: str) -> bool: ...
@@ -153,12 +151,6 @@ class SQLiteStateStore:
         except sqlite3.Error as e:
             raise StateError(f"{self.path}: {e}") from None
 
-    def set_popauth(self, ip: str, expires: float, domains: tuple[str, ...]) -> None:
-        self._run(
-            "INSERT OR REPLACE INTO popauth (ip, expires, domains) VALUES (?, ?, ?)",
-            (ip, expires, " ".join(domains)),
-        )
-
     def popauth(self, ip: str, now: float) -> PopAuth | None:
         row = self._run(
             "SELECT ip, expires, domains FROM popauth WHERE ip = ? AND expires > ?", (ip, now)
@@ -173,9 +165,6 @@ class SQLiteStateStore:
 
     def revoke_popauth(self, ip: str) -> bool:
         return self._run("DELETE FROM popauth WHERE ip = ?", (ip,)).rowcount > 0
-
-    def add_failure(self, ip: str, at: float) -> None:
-        self._run("INSERT INTO failures (ip, at) VALUES (?, ?)", (ip, at))
 
     def add_popauth(self, ip: str, now: float, expires: float, domain: str) -> PopAuth:
         """Authorise (or refresh) `ip` until `expires`, adding `domain` to its domains."""
@@ -200,10 +189,13 @@ class SQLiteStateStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 result = work(db)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+                db.execute("COMMIT")
+            finally:
+                # Never leave this thread's connection inside a transaction
+                # (holding the write lock, refusing the next BEGIN).
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
         except sqlite3.Error as e:
             raise StateError(f"{self.path}: {e}") from None
         return result
@@ -242,11 +234,6 @@ class SQLiteStateStore:
 
     def clear_failures(self, ip: str) -> None:
         self._run("DELETE FROM failures WHERE ip = ?", (ip,))
-
-    def set_block(self, ip: str, since: float, until: float) -> None:
-        self._run(
-            "INSERT OR REPLACE INTO blocks (ip, since, until) VALUES (?, ?, ?)", (ip, since, until)
-        )
 
     def block(self, ip: str, now: float) -> Block | None:
         row = self._run(

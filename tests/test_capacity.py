@@ -336,3 +336,53 @@ def test_many_pipelined_retrs_are_sent_one_after_another(unit):
     out += t.value()
     single = out[: len(out) // 5]
     assert out == single * 5 and single.endswith(b"\r\n.\r\n")
+
+
+# --- closing, and faults around it --------------------------------------------------
+
+
+def test_a_hung_up_session_that_never_goes_is_aborted(unit):
+    from mailboxd.lines import CLOSING_TIMEOUT
+
+    s = SMTP(unit)
+    s.cmd("QUIT")
+    assert s.transport.disconnecting and not s.transport.disconnected
+    unit.clock.advance(CLOSING_TIMEOUT)
+    assert s.transport.disconnected  # aborted: the peer never took the last words
+
+
+def test_quit_then_a_dropped_connection_keeps_the_lock_until_the_commit_is_done(unit):
+    deliver(unit, b"Subject: one\r\n\r\nbody\r\n")
+    p = POP(unit)
+    p.cmd("USER alice@example.test")
+    p.cmd("PASS alice pw")
+    p.cmd("DELE 1")
+    unit.pool.paused = True
+    p.proto.dataReceived(b"QUIT\r\n")
+    p.proto.connectionLost(None)
+    other = POP(unit)  # the greeting waits for the held block check
+    unit.pool.release()
+    other.cmd("USER alice@example.test")
+    assert other.cmd("PASS alice pw") == "+OK 0 messages (0 octets)"
+
+
+def test_a_failure_the_store_cannot_record_gives_no_verdict_until_it_is(unit, monkeypatch):
+    from test_relay import WRONG_PLAIN
+
+    real = unit.state.record_failure
+
+    def locked(*args):
+        from mailboxd.state import StateError
+
+        raise StateError("state.sqlite3: database is locked")
+
+    monkeypatch.setattr(unit.state, "record_failure", locked)
+    s = SMTP(unit, ip="192.0.2.70")
+    s.cmd("EHLO client.test")
+    assert s.send(f"AUTH PLAIN {WRONG_PLAIN}\r\n")[-1].startswith("421 4.3.0")
+    # Still locked: even the right password gets no verdict from this IP.
+    s = SMTP(unit, ip="192.0.2.70")
+    assert s.greeting[-1].startswith("421 4.3.0")
+    monkeypatch.setattr(unit.state, "record_failure", real)
+    assert auth(unit, ip="192.0.2.70") == ["235 2.7.0 Authentication successful"]
+    assert unit.state.failures("192.0.2.70", -1) == 1  # recorded before that verdict
