@@ -209,7 +209,7 @@ class LineProtocol(Protocol):
         # A peer that never reads the last words (or never finishes a TLS
         # handshake, or never sends TLS's close_notify) would hold a closing
         # connection for ever: past this, timeoutConnection aborts it.
-        self.setTimeout(CLOSING_TIMEOUT)
+        self.setTimeout(min(CLOSING_TIMEOUT, getattr(self, "timeOut", None) or CLOSING_TIMEOUT))
         if self._reading_paused:  # read on, to see the peer's end of the connection
             self._reading_paused = False
             self.transport.resumeProducing()
