@@ -13,6 +13,7 @@ from twisted.logger import Logger
 
 from .accounts import Account
 from .guard import Guard
+from .printable import shown
 from .realm import login
 from .state import StateError
 
@@ -53,7 +54,9 @@ class Authenticator:
         except StateError:
             raise  # no verdict: the session gets a temporary error
         except Exception as e:
-            log.failure("{protocol} login error for {user}", None, protocol=protocol, user=username)
+            log.failure(
+                "{protocol} login error for {user}", None, protocol=protocol, user=shown(username)
+            )
             return await self._failed(protocol, ip, username, str(e))
         # A right password that completes once the IP is blocked is refused too:
         # a guess made in parallel with the failures that blocked it tells nothing.
@@ -71,7 +74,7 @@ class Authenticator:
         log.info(
             "{protocol} login refused for {user} from {client}: blocked",
             protocol=protocol,
-            user=username,
+            user=shown(username),
             client=ip,
         )
         return AuthResult(Outcome.BLOCKED)
@@ -83,7 +86,7 @@ class Authenticator:
         log.info(
             "{protocol} login failed for {user} from {client}" + (": {why}" if why else ""),
             protocol=protocol,
-            user=username,
+            user=shown(username),
             client=ip,
             why=why,
         )

@@ -34,6 +34,7 @@ from .addresses import parse_mailbox
 from .bounce import Failure, build_dsn
 from .config import Config
 from .maildir import IncomingMessage
+from .printable import shown
 from .queue import Entry, Recipient
 from .routes import Hop, RouteError, destination, mx_hosts, parse_smarthost
 from .smtp import Delivery
@@ -349,11 +350,11 @@ class Outbound:
             log.info(
                 "queue {id}: {rcpt} {status} after attempt {n} via {remote}: {reply}",
                 id=entry.id,
-                rcpt=r.address,
+                rcpt=shown(r.address),
                 status=r.status,
                 n=r.attempts,
                 remote=o.remote or "-",
-                reply=o.text or "ok",
+                reply=shown(o.text or "ok"),  # the remote server's words
             )
 
     async def _save(self, entry: Entry) -> bool:

@@ -24,6 +24,7 @@ from .accounts import Account
 from .addresses import Address
 from .config import Config
 from .maildir import IncomingMessage
+from .printable import arg_safe, shown
 from .queue import Entry, Recipient, enqueue, queue_dir
 from .workers import Workers
 
@@ -195,9 +196,9 @@ class Reception:
             "queued for {relayed}",
             id=self.id,
             size=self.message.size,
-            sender=tx.sender,
+            sender=shown(tx.sender),
             recipients=[a.address for a in accounts],
-            relayed=list(tx.relay.values()),
+            relayed=[shown(a) for a in tx.relay.values()],
             client=self.trace.ip,
         )
         if entry is not None:
@@ -242,8 +243,3 @@ def received_header(
         f"\tby {hostname} (Mailbox) with {proto} id {message_id}{rcpt};\n"
         f"\t{now}"
     )
-
-
-def arg_safe(text: str) -> str:
-    """Client text fit to echo in a reply or a header: printable ASCII only."""
-    return "".join(c if 0x20 < ord(c) < 0x7F else "?" for c in text)[:255]

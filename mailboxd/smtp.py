@@ -37,16 +37,9 @@ from .policy import (
     sender_needs_pop,
 )
 from .popauth import PopAuthRegistry
+from .printable import arg_safe, shown
 from .queue import Entry
-from .reception import (
-    NOT_SPOOLED,
-    Delivery,
-    Intake,
-    Reception,
-    Trace,
-    Transaction,
-    arg_safe,
-)
+from .reception import NOT_SPOOLED, Delivery, Intake, Reception, Trace, Transaction
 from .sasl import Aborted, Challenge, Credentials, Exchange, Forbidden, Malformed, Unsupported
 from .state import StateError
 from .tls import ServerTLS, describe, tls_connection
@@ -298,7 +291,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
             if decision.verdict is Verdict.REJECT:
                 log.info(
                     "smtp sender refused {sender} from {client}",
-                    sender=str(address),
+                    sender=shown(str(address)),
                     client=self.peer_ip,
                 )
                 return (decision.code, decision.text)
@@ -346,7 +339,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
             if decision.verdict is Verdict.REJECT:
                 log.info(
                     "smtp rcpt refused {rcpt} from {client}: {code}",
-                    rcpt=str(rcpt),
+                    rcpt=shown(str(rcpt)),
                     client=self.peer_ip,
                     code=decision.code,
                 )

@@ -386,3 +386,18 @@ def test_a_failure_the_store_cannot_record_gives_no_verdict_until_it_is(unit, mo
     monkeypatch.setattr(unit.state, "record_failure", real)
     assert auth(unit, ip="192.0.2.70") == ["235 2.7.0 Authentication successful"]
     assert unit.state.failures("192.0.2.70", -1) == 1  # recorded before that verdict
+
+
+# --- client text in the log ----------------------------------------------------------
+
+
+def test_client_text_in_a_log_event_is_one_escaped_line(unit):
+    from twisted.logger import capturedLogs, formatEvent
+
+    forged = "x\n2026-01-01T00:00:00+0000 [mailboxd.auth#info] smtp login INJECTED@example.test"
+    plain = base64.b64encode(b"\0" + (forged + "\r\x1b[31m\\").encode() + b"\0nope").decode()
+    with capturedLogs() as events:
+        assert auth(unit, plain) == ["535 5.7.8 Authentication credentials invalid"]
+    [line] = [formatEvent(e) for e in events if "login failed" in e["log_format"]]
+    assert "\n" not in line and "\r" not in line and "\0" not in line and "\x1b" not in line
+    assert "x\\x0a2026-01-01" in line and "\\x0d\\x1b[31m\\\\" in line
