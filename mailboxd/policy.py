@@ -76,11 +76,25 @@ def rcpt_needs_pop(client: Client, directory: Directory, rcpt: Address) -> bool:
 
 def sender_needs_pop(client: Client, sender: Address | None, must_match: bool) -> bool:
     """Whether `decide_sender` on `sender` can depend on the client's POP authorisation."""
-    return sender is not None and must_match and not client.trusted
+    if sender is None or not must_match or client.trusted:
+        return False
+    return client.account is not None or client.listener is Listener.SUBMISSION
 
 
-def decide(client: Client, directory: Directory, rcpt: Address) -> Decision:
-    """Decide on RCPT TO by its parsed domain alone; a local part is never re-routed."""
+def decide(
+    client: Client,
+    directory: Directory,
+    rcpt: Address,
+    sender: Address | None = None,
+    must_match: bool = False,
+) -> Decision:
+    """Decide on RCPT TO by its parsed domain alone; a local part is never re-routed.
+
+    A client that may relay only because of a POP login (on `listen`) must
+    relay with a sender of the login's domains: that check is made here, for
+    the recipients that need the authorisation, not at MAIL FROM, so that the
+    login never costs it the mail anybody may send to local users.
+    """
     if client.listener is Listener.SUBMISSION and not client.authorised:
         return Decision(Verdict.REJECT, 530, "5.7.0 Authentication required")
     if directory.is_local_domain(rcpt.domain):
@@ -92,24 +106,30 @@ def decide(client: Client, directory: Directory, rcpt: Address) -> Decision:
         return Decision(Verdict.LOCAL, 250, "2.1.5 Ok", accounts, forwards)
     if not client.authorised:
         return Decision(Verdict.REJECT, 554, f"5.7.1 <{rcpt}>: Relay access denied")
+    pop_only = client.account is None and not client.trusted
+    if pop_only and must_match and sender is not None:
+        canonical = directory.canonical(sender)
+        if canonical is None or canonical.domain not in (client.pop_domains or ()):
+            return Decision(Verdict.REJECT, 553, f"5.1.0 <{sender}> sender rejected")
     return Decision(Verdict.RELAY, 250, "2.1.5 Ok")
 
 
 def decide_sender(
     client: Client, directory: Directory, sender: Address | None, must_match: bool
 ) -> Decision:
-    """Decide on MAIL FROM: an authorised sender may only use its own domains.
+    """Decide on MAIL FROM: an authenticated sender may only use its own domains.
 
     `sender` None is the null sender ``<>``, always allowed. Trusted networks
     are exempt; unauthorised clients (the world sending mail in) may use any.
+    A client authorised only by a POP login is checked here on `submission`
+    (where every recipient needs the authorisation), and at RCPT on `listen`.
     """
     ok = Decision(Verdict.ACCEPT, 250, "2.1.0 Ok")
-    if sender is None or not must_match or client.trusted:
+    if not sender_needs_pop(client, sender, must_match):
         return ok
-    own: set[str] = set()
+    own: set[str] = set(client.pop_domains or ())
     if client.account is not None:
         own.add(client.account.domain)
-    own.update(client.pop_domains or ())
     if not own:
         return ok
     canonical = directory.canonical(sender)

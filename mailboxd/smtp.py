@@ -334,8 +334,11 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         if len(tx.recipients) >= self.factory.config.smtp.max_recipients:
             return (452, "4.5.3 Error: too many recipients")
 
+        sender = parse_mailbox(tx.sender) if tx.sender else None
+        must_match = self.factory.config.relay.sender_must_match_login
+
         def decided(client: Client) -> Reply:
-            decision = decide(client, self.factory.directory(), rcpt)
+            decision = decide(client, self.factory.directory(), rcpt, sender, must_match)
             if decision.verdict is Verdict.REJECT:
                 log.info(
                     "smtp rcpt refused {rcpt} from {client}: {code}",

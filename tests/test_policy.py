@@ -414,10 +414,14 @@ SENDERS = [
 ]
 
 
-def expected_sender(must_match: bool, name: str, canonical: str | None, echo: str) -> str:
+def expected_sender(
+    must_match: bool, name: str, canonical: str | None, echo: str, listener: Listener = SUB
+) -> str:
     allowed_domains = CLIENTS[name][2]
     if canonical == "<>" or not must_match or allowed_domains is None:
         return SENDER_OK
+    if name.startswith("pop-") and listener is MTA:
+        return SENDER_OK  # checked at RCPT, for the recipients the POP login is needed for
     if canonical in allowed_domains:
         return SENDER_OK
     return SENDER_REJECTED.format(echo)
@@ -448,7 +452,7 @@ def test_sender_table(directory, must_match, listener, name, path, canonical):
         sender = smtp_address(path, "FROM")
         assert sender is not None, path
     decision = decide_sender(client(name, listener), directory, sender, must_match)
-    text = expected_sender(must_match, name, canonical, str(sender))
+    text = expected_sender(must_match, name, canonical, str(sender), listener)
     assert reply(decision) == text
     assert decision.verdict is (Verdict.ACCEPT if text == SENDER_OK else Verdict.REJECT)
     assert decision.accounts == ()
@@ -509,3 +513,35 @@ def test_rcpt_needs_pop_table(directory, fields, listener, rcpt, needed):
 
     client = Client(listener=listener, **fields)
     assert rcpt_needs_pop(client, directory, parse_mailbox(rcpt)) is needed
+
+
+# --- the sender check at RCPT, for clients authorised only by a POP login ---------
+
+
+@pytest.mark.parametrize("must_match", [True, False])
+@pytest.mark.parametrize("name", [n for n in CLIENTS if n.startswith("pop-")])
+@pytest.mark.parametrize("sid,path,canonical", SENDERS)
+@pytest.mark.parametrize("rcpt_path", ["alice@example.test", "info@example.org", "x@far.test"])
+def test_pop_login_checks_the_sender_only_where_it_relays(
+    directory, must_match, name, sid, path, canonical, rcpt_path
+):
+    sender = None if path == "" else smtp_address(path, "FROM")
+    c = client(name, MTA)
+    rcpt = smtp_address(rcpt_path)
+    decision = decide(c, directory, rcpt, sender, must_match)
+    if directory.is_local_domain(rcpt.domain):  # what anybody may send: the login changes nothing
+        assert decision == decide(client("anon", MTA), directory, rcpt, sender, must_match)
+        assert reply(decision) == RCPT_OK
+        return
+    expected = expected_sender(must_match, name, canonical, str(sender), SUB)
+    if expected == SENDER_OK:
+        assert (decision.verdict, reply(decision)) == (Verdict.RELAY, RCPT_OK)
+    else:
+        assert (decision.verdict, reply(decision)) == (Verdict.REJECT, expected)
+
+
+@pytest.mark.parametrize("name", ["auth-alice", "trusted-127.0.0.1"])
+def test_auth_and_trusted_clients_are_not_checked_at_rcpt(directory, name):
+    far = smtp_address("carol@far.test", "FROM")
+    decision = decide(client(name, MTA), directory, smtp_address("x@far.test"), far, True)
+    assert decision.verdict is Verdict.RELAY  # AUTH is checked at MAIL FROM; trusted never

@@ -197,11 +197,16 @@ def test_pop_login_authorises_only_its_own_ip(untrusted):
         == "530 5.7.0 Authentication required"
     )
 
-    # The POP authorisation carries the account's domain for the sender check.
+    # The POP authorisation carries the account's domain for the sender check,
+    # made at RCPT for what it relays (issue 10: local mail stays open to all).
     assert rcpt_from(server, "127.0.0.2", sender="alice@example.org") == "250 2.1.5 Ok"
     r = smtp_from(server, "127.0.0.2")
     r.send(f"MAIL FROM:<{BOB}>\r\n")
+    assert r.reply() == "250 2.1.0 Ok"
+    r.send(f"RCPT TO:<{FAR}>\r\n")
     assert r.reply() == f"553 5.1.0 <{BOB}> sender rejected"
+    r.send(f"RCPT TO:<{ALICE}>\r\n")
+    assert r.reply() == "250 2.1.5 Ok"
     r.close()
 
 
@@ -616,13 +621,16 @@ def test_sender_check_after_auth_and_after_pop(untrusted):
             assert r.reply() == "250 2.0.0 Ok"
     r.close()
 
-    # POP-before-SMTP carries the POP account's domain.
+    # POP-before-SMTP carries the POP account's domain, checked where it relays.
     pop_login_from(server, "127.0.0.12", BOB, BOB_PW)
     r = smtp_from(server, "127.0.0.12")
-    r.send(f"MAIL FROM:<{ALICE}>\r\n")
-    assert r.reply() == f"553 5.1.0 <{ALICE}> sender rejected"
-    r.send(f"MAIL FROM:<{BOB}>\r\n")
+    r.send(f"MAIL FROM:<{ALICE}>\r\nRCPT TO:<{FAR}>\r\nRSET\r\n")
     assert r.reply() == "250 2.1.0 Ok"
+    assert r.reply() == f"553 5.1.0 <{ALICE}> sender rejected"
+    assert r.reply() == "250 2.0.0 Ok"
+    r.send(f"MAIL FROM:<{BOB}>\r\nRCPT TO:<{FAR}>\r\n")
+    assert r.reply() == "250 2.1.0 Ok"
+    assert r.reply() == "250 2.1.5 Ok"
     r.close()
 
     # The world sending mail in may use any sender.
