@@ -107,10 +107,15 @@ def blocked(config: Config, args: argparse.Namespace) -> None:
             print(f"{b.ip}\tblocked since {_when(b.since)}\tuntil {_when(b.until)}")
         return
     ip = _ip(args.ip)
-    if not store.unblock(ip):
+    failures = store.failures(ip, 0.0)
+    if store.unblock(ip):
+        store.note(now, f"unblocked {ip}")
+        print(f"unblocked {ip}")
+    elif failures:
+        store.note(now, f"cleared the {failures} failed logins of {ip} (it was not blocked)")
+        print(f"{ip} is not blocked; cleared its {failures} failed logins")
+    else:
         raise SystemExit(f"mailboxctl: {ip} is not blocked")
-    store.note(now, f"unblocked {ip}")
-    print(f"unblocked {ip}")
 
 
 def popauth(config: Config, args: argparse.Namespace) -> None:

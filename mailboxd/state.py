@@ -213,7 +213,12 @@ class SQLiteStateStore:
     def _record_failure(
         db: sqlite3.Connection, ip: str, at: float, limit: FailureLimit
     ) -> FailureVerdict:
-        since = at - limit.window
+        # A block that has ended took its failures with it: they caused it,
+        # and it is over (until prune deletes them, they are only skipped).
+        ended = db.execute(
+            "SELECT max(until) FROM blocks WHERE ip = ? AND until <= ?", (ip, at)
+        ).fetchone()[0]
+        since = at - limit.window if ended is None else max(at - limit.window, ended)
         count = "SELECT count(*) FROM failures WHERE ip = ? AND at > ?"
         if db.execute("SELECT 1 FROM blocks WHERE ip = ? AND until > ?", (ip, at)).fetchone():
             return FailureVerdict(True, db.execute(count, (ip, since)).fetchone()[0])
@@ -257,6 +262,8 @@ class SQLiteStateStore:
             for r in self._run("SELECT ip, since, until FROM blocks WHERE until <= ?", (now,))
         ]
         self._run("DELETE FROM popauth WHERE expires <= ?", (now,))
+        for block in ended:  # its failures ended with it
+            self._run("DELETE FROM failures WHERE ip = ? AND at <= ?", (block.ip, block.until))
         self._run("DELETE FROM blocks WHERE until <= ?", (now,))
         self._run("DELETE FROM failures WHERE at <= ?", (now - failure_window,))
         self._run("DELETE FROM events WHERE at <= ?", (now - 7 * 86400,))

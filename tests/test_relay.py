@@ -480,3 +480,19 @@ def test_forwarding_alias_queues_the_remote_target_with_the_original_sender(unit
     assert envelope["sender"] == "stranger@elsewhere.test"
     assert [r["address"] for r in envelope["recipients"]] == ["Out@far.test"]
     assert len(s.delivered("alice@example.test")) == 1
+
+
+def test_a_block_that_ends_takes_its_failures_with_it(unit, tmp_path):
+    from conftest import unit_config
+
+    config = unit_config(tmp_path, "[limits]\nauth_failures = 3\nblock_duration = 5\n")
+    unit.guard.limits = config.limits
+    ip = "192.0.2.80"
+    s = fail_smtp(unit, ip, 2)
+    assert s.send(f"AUTH PLAIN {WRONG_PLAIN}\r\n")[-1].startswith("421 4.7.1")
+    assert is_blocked(unit, ip)
+    unit.clock.advance(6)  # the block is over; the hour of the window is not
+    assert not is_blocked(unit, ip)
+    s = fail_smtp(unit, ip, 2)  # two more failures: a fresh count, no block
+    assert not is_blocked(unit, ip)
+    assert s.cmd(f"AUTH PLAIN {ALICE_PLAIN}") == "235 2.7.0 Authentication successful"
