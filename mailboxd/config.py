@@ -45,6 +45,7 @@ class SMTPSection:
 class POP3Section:
     listen: tuple[str, ...]
     idle_timeout: int
+    max_errors: int
 
 
 @attrs.frozen
@@ -66,6 +67,7 @@ class LimitsSection:
     auth_failure_window: int
     block_duration: int
     auth_cache_ttl: int
+    connections_per_ip: int
 
 
 @attrs.frozen
@@ -224,6 +226,7 @@ SPEC: _Spec = {
         "listen": ("tcp:1110:interface=127.0.0.1", _endpoints),
         # RFC 1939 section 3: the autologout timer must be at least 10 minutes.
         "idle_timeout": ("600", _count(600)),
+        "max_errors": ("10", _count(1)),
     },
     "relay": {
         "pop_before_smtp_ttl": ("3600", _count(0)),
@@ -241,6 +244,7 @@ SPEC: _Spec = {
         "auth_failure_window": ("3600", _count(1)),
         "block_duration": ("3600", _count(0)),
         "auth_cache_ttl": ("3600", _count(0)),
+        "connections_per_ip": ("50", _count(0)),
     },
     "tls": {
         "certificate": ("", _optional_path),

@@ -59,6 +59,17 @@ class LineProtocol(Protocol):
         transport.registerProducer(self, True)
         super().makeConnection(transport)
 
+    _counted_in: Any = None  # the ConnectionCount this connection is counted in
+
+    def count_connection(self, connections: Any) -> bool:
+        """Count this connection in `connections` (if any); False if it is one too many."""
+        if connections is None:
+            return True
+        if not connections.admit(self.peer_ip):
+            return False
+        self._counted_in = connections
+        return True
+
     # --- flow control ---------------------------------------------------------
 
     def _pause(self, reason: str) -> None:
@@ -251,6 +262,9 @@ class LineProtocol(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self._closed = True
+        if self._counted_in is not None:
+            self._counted_in.release(self.peer_ip)
+            self._counted_in = None
         self._buffer = b""
         self._pos = 0
         waiting, self._waiting_for_room = self._waiting_for_room, []

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
 from .auth import Authenticator, AuthResult, Outcome
+from .connections import ConnectionCount
 from .faults import Faults
 from .faults import apply as apply_fault
 from .guard import refusal
@@ -56,6 +57,7 @@ class POP3Factory(ServerFactory):
     workers: Workers
     tls: ServerTLS | None = None  # offered as STLS when set
     faults: Faults | None = None  # test-only fault injection (mailboxd.testing)
+    connections: ConnectionCount | None = None  # shared by every listener
 
     noisy = False  # the connection log lines say more
 
@@ -102,7 +104,12 @@ class POP3Server(LineProtocol, TimeoutMixin):
         self.mailbox: Mailbox | None = None
         self.sasl = Exchange(("PLAIN",))
         self.setTimeout(self.factory.config.pop3.idle_timeout)
+        self.errors = 0
         log.info("pop3 connection from {client}", client=self.peer_ip)
+        if not self.count_connection(self.factory.connections):
+            log.info("pop3 refused {client}: too many connections", client=self.peer_ip)
+            self.close(f"-ERR [SYS/TEMP] Too many connections from {self.peer_ip}")
+            return
         d = self.factory.auth.guard.blocked(self.peer_ip)
         self._wait(d.addCallbacks(self.greet, self.unsure))
 
@@ -130,8 +137,13 @@ class POP3Server(LineProtocol, TimeoutMixin):
             return None
         if isinstance(reply, bytes):
             self.transport.write(reply)
-        else:
-            self.sendLine(reply)
+            return None
+        self.sendLine(reply)
+        if reply.startswith("-ERR"):
+            self.errors += 1
+            if self.errors >= self.factory.config.pop3.max_errors:
+                log.info("pop3 too many errors from {client}", client=self.peer_ip)
+                self.close("-ERR too many errors, closing")
         return None
 
     def close(self, reply: str) -> None:

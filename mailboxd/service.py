@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from .accounts import AccountStore
 from .auth import Authenticator
 from .config import Config
+from .connections import ConnectionCount
 from .credcache import CredentialCache
 from .guard import Guard
 from .maildir import clean_spool
@@ -257,11 +258,21 @@ def assemble(config: Config, reactor: Any, clock: Any = None) -> Appliance:
 
     def smtp(listener: Listener) -> SMTPFactory:
         return SMTPFactory(
-            config, directory, clock, workers, auth, popauth, listener, outbound.add, tls
+            config,
+            directory,
+            clock,
+            workers,
+            auth,
+            popauth,
+            listener,
+            outbound.add,
+            tls,
+            connections=connections,
         )
 
+    connections = ConnectionCount(config.limits.connections_per_ip, m.trusted_networks)
     mta, submission = smtp(Listener.MTA), smtp(Listener.SUBMISSION)
-    pop3 = POP3Factory(config, auth, popauth, clock, workers, tls)
+    pop3 = POP3Factory(config, auth, popauth, clock, workers, tls, connections=connections)
     listeners = []
     for name, descriptions, factory in (
         ("smtp", config.smtp.listen, mta),

@@ -23,6 +23,7 @@ from .accounts import Account, Directory
 from .addresses import parse_mailbox
 from .auth import Authenticator, AuthResult, Outcome
 from .config import Config
+from .connections import ConnectionCount
 from .faults import Faults
 from .faults import apply as apply_fault
 from .guard import refusal
@@ -72,6 +73,7 @@ class SMTPFactory(ServerFactory):
     tls: ServerTLS | None = None  # offered as STARTTLS when set
     delivered: Callable[[Delivery], object] | None = None  # told of each accepted message
     faults: Faults | None = None  # test-only fault injection (mailboxd.testing)
+    connections: ConnectionCount | None = None  # shared by every listener
 
     noisy = False  # the connection log lines say more
 
@@ -113,6 +115,10 @@ class SMTPServer(LineProtocol, TimeoutMixin):
             client=self.peer_ip,
             listener=self.factory.listener.value,
         )
+        if not self.count_connection(self.factory.connections):
+            log.info("smtp refused {client}: too many connections", client=self.peer_ip)
+            self.close((421, f"4.7.0 Too many connections from {self.peer_ip}"))
+            return
         self._wait(
             self.factory.auth.guard.blocked(self.peer_ip).addCallbacks(self.greet, self.unsure)
         )

@@ -270,7 +270,8 @@ def test_pipelining_without_reading_stops_the_reading(unit, kind):
     session = SMTP(unit) if kind == "smtp" else POP(unit)
     t = slow(session)
     count = 20000
-    session.proto.dataReceived(b"NOOP\r\n" * count)
+    command = b"NOOP\r\n" if kind == "smtp" else b"CAPA\r\n"  # not an error: no limit
+    session.proto.dataReceived(command * count)
     held = len(t.value())
     assert held < t.limit + 100  # replies stop once the buffer is full ...
     assert t.producerState == "paused"  # ... and so does reading
@@ -278,7 +279,7 @@ def test_pipelining_without_reading_stops_the_reading(unit, kind):
     while not session.proto.peer_reading:
         replies += len(t.drain())
     replies += len(t.value())
-    reply = b"250 2.0.0 Ok\r\n" if kind == "smtp" else b"-ERR not authenticated\r\n"
+    reply = b"250 2.0.0 Ok\r\n" if kind == "smtp" else session.proto.pop_CAPA("")
     assert replies == count * len(reply)
 
 

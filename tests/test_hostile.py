@@ -1,0 +1,75 @@
+"""Unit tests of issue 10's limits: POP3's error limit and the cap on
+connections per client address, over StringTransport and a Clock."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from test_pop3 import Session as POP
+from test_pop3 import _Peer
+from test_smtp import Session as SMTP
+from twisted.internet.testing import StringTransport
+
+from mailboxd.connections import ConnectionCount
+from mailboxd.pop3 import POP3Factory
+from mailboxd.smtp import SMTPFactory
+
+
+def test_pop3_closes_a_session_at_max_errors(unit):
+    p = POP(unit)
+    for _ in range(9):
+        assert p.cmd("XYZZY") == "-ERR unknown command"
+    assert p.proto.transport.disconnecting is False
+    p.proto.dataReceived(b"XYZZY\r\nNOOP\r\n")
+    assert p.take() == ["-ERR unknown command", "-ERR too many errors, closing"]
+    assert p.transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    "cap,trusted,ip,admitted",
+    [
+        (3, (), "192.0.2.1", 3),
+        (3, (), "::ffff:192.0.2.1", 3),  # the same address, IPv4-mapped
+        (0, (), "192.0.2.1", 10),  # 0: no cap
+        (3, (ipaddress.ip_network("192.0.2.0/24"),), "192.0.2.1", 10),  # trusted
+    ],
+)
+def test_connection_count_table(cap, trusted, ip, admitted):
+    count = ConnectionCount(cap, trusted)
+    assert sum(count.admit(ip) for _ in range(10)) == admitted
+    assert count.admit("198.51.100.1")  # another address has its own count
+
+
+def connect(factory, ip: str) -> tuple:
+    proto = factory.buildProtocol(None)
+    transport = StringTransport(peerAddress=_Peer(ip))
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def test_connections_per_ip_count_every_listener_together(unit):
+    count = ConnectionCount(2)
+    smtp = SMTPFactory(
+        unit.config,
+        lambda: unit.store.directory,
+        unit.clock,
+        unit.workers,
+        unit.auth,
+        unit.popauth,
+        connections=count,
+    )
+    pop3 = POP3Factory(
+        unit.config, unit.auth, unit.popauth, unit.clock, unit.workers, connections=count
+    )
+    first, t1 = connect(smtp, "192.0.2.5")
+    _, t2 = connect(pop3, "192.0.2.5")
+    _, t3 = connect(smtp, "192.0.2.5")
+    assert t3.value() == b"421 4.7.0 Too many connections from 192.0.2.5\r\n"
+    assert t3.disconnecting
+    _, t4 = connect(pop3, "192.0.2.5")
+    assert t4.value() == b"-ERR [SYS/TEMP] Too many connections from 192.0.2.5\r\n"
+    first.connectionLost(None)  # one goes: the next is greeted
+    _, t5 = connect(pop3, "192.0.2.5")
+    assert t5.value().startswith(b"+OK ")
+    assert SMTP(unit).greeting[0].startswith("220 ")  # factories without a count: no cap
