@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import ipaddress
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import bcrypt
 from . import accounts, queue
 from .addresses import parse_mailbox
 from .config import Config, ConfigError, load
+from .private import private_dir
 from .state import SQLiteStateStore, StateError, normalise_ip, state_path
 from .tls import make_self_signed
 
@@ -152,7 +154,7 @@ def queue_command(config: Config, args: argparse.Namespace) -> None:
                 print(line)
         return
     if args.action == "flush":
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
         (directory / queue.FLUSH).touch()
         print("the running server tries every queued recipient within a second or two")
         return
@@ -208,6 +210,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    os.umask(0o077)  # what it writes is the server's user's alone
     args = parser().parse_args(argv)
     try:
         config = load(args.config)

@@ -23,6 +23,7 @@ from typing import BinaryIO
 import attrs
 
 from .accounts import Account
+from .private import create_private, private_dir
 
 _counter = itertools.count(1)
 _UID_OK = re.compile(r"[\x21-\x7e]{1,70}")
@@ -35,7 +36,7 @@ def maildir_path(mail_dir: Path, account: Account) -> Path:
 
 def ensure_maildir(path: Path) -> None:
     for sub in ("tmp", "new", "cur"):
-        (path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(path / sub)
 
 
 def unique_name(hostname: str) -> str:
@@ -74,7 +75,7 @@ class IncomingMessage:
         try:
             fd = os.open(self.path, flags, 0o600)
         except FileNotFoundError:  # first message, or the folder was removed
-            self.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(self.spool_dir)
             fd = os.open(self.path, flags, 0o600)
         self._file = os.fdopen(fd, "wb", buffering=65536)
 
@@ -139,7 +140,7 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 
 def _copy_durably(source: Path, target: Path) -> None:
-    with open(source, "rb") as src, open(target, "xb") as dst:
+    with open(source, "rb") as src, os.fdopen(create_private(target), "wb") as dst:
         while chunk := src.read(1 << 20):
             dst.write(chunk)
         dst.flush()

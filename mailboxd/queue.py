@@ -42,6 +42,7 @@ from pathlib import Path
 import attrs
 
 from .maildir import fsync_dir, link_or_copy
+from .private import create_private, private_dir
 
 QUEUE_DIR = ".queue"
 FLUSH = ".flush"
@@ -156,16 +157,16 @@ def enqueue(directory: Path, spool: Path, entry: Entry) -> None:
 
     Blocking: call it in a thread pool. `spool` must already be fsynced.
     """
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(directory)
     link_or_copy(spool, directory / f"{entry.id}.msg")
     _write_json(directory, entry)
 
 
 def enqueue_bytes(directory: Path, data: bytes, entry: Entry) -> None:
     """Queue a message we made ourselves (a bounce). Blocking."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(directory)
     message = directory / f"{entry.id}.msg"
-    with open(message, "wb") as f:
+    with os.fdopen(create_private(message, exclusive=False), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -208,7 +209,7 @@ def entry_paths(directory: Path) -> list[Path]:
 def move_corrupt(directory: Path, path: Path) -> Path:
     """Move an unreadable envelope and its message to corrupt/."""
     corrupt = directory / "corrupt"
-    corrupt.mkdir(exist_ok=True, mode=0o700)
+    private_dir(corrupt)
     target = corrupt / path.name
     os.replace(path, target)
     with contextlib.suppress(FileNotFoundError):

@@ -25,6 +25,7 @@ from .outbound import Outbound
 from .policy import Listener
 from .pop3 import POP3Factory
 from .popauth import PopAuthRegistry
+from .private import private_dir
 from .queue import queue_dir, remove_unacknowledged
 from .realm import BcryptChecker, HashingQueue, MailboxRealm, make_portal
 from .smtp import SMTPFactory
@@ -169,7 +170,7 @@ def _prepare_mail_dir(config: Config) -> None:
     """Create the mail store and drop what a crash left unacknowledged."""
     mail_dir = config.mailbox.mail_dir
     try:
-        mail_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(mail_dir)
         stale = clean_spool(mail_dir / ".incoming") + remove_unacknowledged(queue_dir(mail_dir))
     except OSError as e:
         raise SystemExit(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 import attrs
+
+from .private import private_dir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS popauth (
@@ -110,8 +113,10 @@ class SQLiteStateStore:
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(path.parent)
             db = self._connect()
+            # SQLite makes the file (and its -wal and -shm, like it) 0644 less the umask.
+            os.chmod(path, 0o600)
             # Check before writing anything: a file that is not ours stays as it is.
             existing = {
                 name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from twisted.application.service import IService
 from twisted.python import usage
 
@@ -25,6 +27,9 @@ def makeService(options: Options) -> IService:
 
     from .service import build
 
+    # Mail, accounts and state are for the server's user only, whatever
+    # umask it was started with (the folders and files are made so too).
+    os.umask(0o077)
     try:
         config = load(options["config"])
     except ConfigError as e:

@@ -25,6 +25,8 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from .private import private_dir
+
 log = Logger()
 
 IMPLICIT_PREFIX = "tls:"  # our endpoint: TLS from the first byte, with [tls]'s certificate
@@ -143,8 +145,8 @@ def make_self_signed(hostname: str, certificate: Path, private_key: Path) -> boo
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    certificate.parent.mkdir(parents=True, exist_ok=True)
-    private_key.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(certificate.parent)
+    private_dir(private_key.parent)
     fd = os.open(private_key, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(

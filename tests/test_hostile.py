@@ -73,3 +73,37 @@ def test_connections_per_ip_count_every_listener_together(unit):
     _, t5 = connect(pop3, "192.0.2.5")
     assert t5.value().startswith(b"+OK ")
     assert SMTP(unit).greeting[0].startswith("220 ")  # factories without a count: no cap
+
+
+def test_folders_and_files_are_private_whatever_the_umask(unit, tmp_path):
+    import os
+    import stat
+
+    from mailboxd.accounts import Account
+    from mailboxd.maildir import IncomingMessage
+    from mailboxd.queue import Entry, Recipient, enqueue_bytes
+    from mailboxd.state import SQLiteStateStore
+
+    old = os.umask(0)
+    try:
+        home = tmp_path / "home"
+        message = IncomingMessage(home / "mail" / ".incoming", "mail.example.test")
+        message.write_line(b"Subject: x")
+        carol = Account("carol@new.test", "new.test", "carol")
+        [path] = message.commit(home / "mail", (carol,))
+        enqueue_bytes(
+            home / "mail" / ".queue", b"x\n", Entry("ID1", "", 0, 0.0, [Recipient("a@b.c")])
+        )
+        store = SQLiteStateStore(home / "mail" / ".state" / "state.sqlite3")
+        store.revoke_popauth("192.0.2.1")
+        store.close()
+    finally:
+        os.umask(old)
+    made = [home, *home.rglob("*")]
+    loose = [
+        (str(p.relative_to(tmp_path)), oct(stat.S_IMODE(p.stat().st_mode)))
+        for p in made
+        if stat.S_IMODE(p.stat().st_mode) & 0o077
+    ]
+    assert loose == []
+    assert path.parent.name == "new"
