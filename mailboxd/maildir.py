@@ -15,6 +15,7 @@ import itertools
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -177,19 +178,45 @@ def uid_for(name: str) -> str:
     return hashlib.sha1(base.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def wire_form(data: bytes) -> bytes:
-    """The stored message as POP3 sends it: CRLF line ends, ending in CRLF."""
-    data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    if data and not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    return data
+def open_message(path: Path) -> BinaryIO:
+    """Open a message file to read: a regular file, not a link to one, and
+    never a FIFO or a device that could block the reading thread for ever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
-def _wire_size(path: Path, name: str) -> int:
+def _wire_size(path: Path, name: str, on_disk: int) -> int:
+    """What the message is on the wire (CRLF ends, a final CRLF; RFC 1939's size).
+
+    The name's W= is believed only beside an S= that is the file's size and
+    a W= that size could give: else the file is measured, so that LIST never
+    announces what RETR does not send.
+    """
     m = _SIZES.search(name)
-    if m and m.group(2):
-        return int(m.group(2))
-    return len(wire_form(path.read_bytes()))
+    if m and m.group(2) and int(m.group(1)) == on_disk:
+        wire = int(m.group(2))
+        if on_disk <= wire <= 2 * on_disk + 2:
+            return wire
+    with open_message(path) as f:
+        return measure_wire(f)
+
+
+def measure_wire(f: BinaryIO) -> int:
+    """The wire size of what `f` holds, read in chunks."""
+    total = crlf = lf = 0
+    last = b""
+    while chunk := f.read(1 << 20):
+        total += len(chunk)
+        lf += chunk.count(b"\n")
+        crlf += chunk.count(b"\r\n") + (last == b"\r" and chunk[:1] == b"\n")
+        last = chunk[-1:]
+    return total - crlf + lf + (2 if total and last != b"\n" else 0)
 
 
 class MailboxLocked(Exception):
@@ -222,12 +249,15 @@ class Mailbox:
             entries = []
             for sub in ("cur", "new"):
                 for entry in os.scandir(path / sub):
-                    if entry.is_file() and not entry.name.startswith("."):
-                        entries.append((entry.name, Path(entry.path)))
-            for name, file_path in sorted(entries):
+                    # Regular files only: a link could serve any file the
+                    # server can read, a FIFO would hang the reader.
+                    if entry.is_file(follow_symlinks=False) and not entry.name.startswith("."):
+                        on_disk = entry.stat(follow_symlinks=False).st_size
+                        entries.append((entry.name, Path(entry.path), on_disk))
+            for name, file_path, on_disk in sorted(entries):
                 try:
-                    size = _wire_size(file_path, name)
-                except FileNotFoundError:
+                    size = _wire_size(file_path, name, on_disk)
+                except OSError:  # gone, or swapped for what is not a message
                     continue
                 messages.append(Message(file_path, uid_for(name), size))
         except BaseException:

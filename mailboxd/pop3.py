@@ -23,7 +23,7 @@ from .faults import Faults
 from .faults import apply as apply_fault
 from .guard import refusal
 from .lines import LineProtocol
-from .maildir import Mailbox, MailboxLocked, Message, maildir_path
+from .maildir import Mailbox, MailboxLocked, Message, maildir_path, open_message
 from .popauth import PopAuthRegistry
 from .sasl import Aborted, Challenge, Credentials, Exchange, Forbidden, Malformed, Unsupported
 from .state import StateError
@@ -389,7 +389,8 @@ class POP3Server(LineProtocol, TimeoutMixin):
         first = b"+OK " + str(message.size).encode() + b" octets\r\n"
         if message.size < CHUNK:
             try:
-                data = message.path.read_bytes()
+                with open_message(message.path) as f:
+                    data = f.read(CHUNK * 2 + 2)  # what LIST said, or a file that grew: no more
             except OSError as e:
                 return self._unreadable(message, e)
             self._sent(message, command)
@@ -400,7 +401,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
         self, message: Message, encoder: WireEncoder, first: bytes, command: str
     ) -> Reply | None:
         try:
-            file: BinaryIO = await self.thread(open, message.path, "rb")
+            file: BinaryIO = await self.thread(open_message, message.path)
         except OSError as e:
             return self._unreadable(message, e)
         try:

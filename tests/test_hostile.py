@@ -107,3 +107,46 @@ def test_folders_and_files_are_private_whatever_the_umask(unit, tmp_path):
     ]
     assert loose == []
     assert path.parent.name == "new"
+
+
+def logged_in(unit) -> POP:
+    p = POP(unit)
+    p.cmd("USER alice@example.test")
+    assert p.cmd("PASS alice pw").startswith("+OK")
+    return p
+
+
+def test_pop3_serves_regular_files_only(unit, tmp_path):
+    import os
+
+    from test_pop3 import deliver
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"Subject: not yours\n\nroot's\n")
+    deliver(unit, b"Subject: one\r\n\r\nbody\r\n")
+    new = unit.mail_dir / "example.test" / "alice" / "new"
+    os.symlink(secret, new / "1.linked,S=27,W=30")
+    os.mkfifo(new / "2.fifo")
+    p = logged_in(unit)
+    assert p.multi("LIST") == [p.cmd("LIST 1")[4:]]  # one message: no link, no FIFO
+    [message] = list(new.glob("*.mail.example.test*"))
+    message.unlink()
+    os.mkfifo(message)  # swapped for a FIFO after the login
+    assert p.cmd("RETR 1") == "-ERR [SYS/TEMP] message no longer available"
+    assert p.cmd("NOOP") == "+OK"
+
+
+def test_list_and_retr_agree_whatever_the_name_says(unit):
+    from test_pop3 import deliver
+
+    deliver(unit, b"Subject: one\r\n\r\nbody\r\n")
+    new = unit.mail_dir / "example.test" / "alice" / "new"
+    [path] = list(new.iterdir())
+    lying = path.with_name(path.name.split(",S=")[0] + f",S={path.stat().st_size},W=3")
+    path.rename(lying)
+    p = logged_in(unit)
+    announced = int(p.cmd("LIST 1").split()[2])
+    retr = p.raw("RETR 1\r\n")
+    body = retr.split(b"\r\n", 1)[1][: -len(b".\r\n")]
+    assert announced == len(body) == len(lying.read_bytes().replace(b"\n", b"\r\n"))
+    assert p.cmd("STAT") == f"+OK 1 {announced}"
