@@ -150,3 +150,36 @@ def test_list_and_retr_agree_whatever_the_name_says(unit):
     body = retr.split(b"\r\n", 1)[1][: -len(b".\r\n")]
     assert announced == len(body) == len(lying.read_bytes().replace(b"\n", b"\r\n"))
     assert p.cmd("STAT") == f"+OK 1 {announced}"
+
+
+@pytest.mark.parametrize("command", ["VRFY {}", "EXPN {}", "AUTH PLAIN {plain}"])
+def test_smtp_tells_nobody_which_users_exist(unit, command):
+    import base64
+
+    replies = []
+    for address in ("alice@example.test", "nobody@example.test"):
+        plain = base64.b64encode(f"\0{address}\0wrong".encode()).decode()
+        s = SMTP(unit, ip="192.0.2.90")
+        s.cmd("EHLO client.test")
+        replies.append(s.cmd(command.format(address, plain=plain)))
+    assert replies[0] == replies[1]
+    assert replies[0][:3] in ("252", "502", "535")
+
+
+def test_pop3_user_and_pass_tell_nobody_which_users_exist(unit):
+    replies = []
+    for address in ("alice@example.test", "nobody@example.test"):
+        p = POP(unit, ip="192.0.2.91")
+        replies.append((p.cmd(f"USER {address}"), p.cmd("PASS wrong")))
+    assert (
+        replies[0] == replies[1] == ("+OK send your password", "-ERR [AUTH] Authentication failed")
+    )
+
+
+def test_only_rcpt_says_a_user_is_unknown(unit):
+    s = SMTP(unit)
+    s.cmd("EHLO client.test")
+    s.cmd("MAIL FROM:<a@far.test>")
+    assert s.cmd("RCPT TO:<nobody@example.test>") == (
+        "550 5.1.1 <nobody@example.test>: Recipient address rejected: User unknown"
+    )
