@@ -297,6 +297,9 @@ def test_restart_keeps_state_and_mailboxctl_changes_it_live(untrusted):
     r.send("QUIT\r\n")
     assert r.line().startswith("+OK")
     assert smtp_greeting(server, "127.0.0.4").startswith("220 ")
+    # Issue 10: unblocking an IP with failures but no block clears them, and says so.
+    proc = ctl(server, "blocked", "unblock", "127.0.0.4")
+    assert proc.stdout.strip() == "127.0.0.4 is not blocked; cleared its 1 failed logins"
     proc = ctl(server, "blocked", "unblock", "127.0.0.4", ok=(1,))
     assert "127.0.0.4 is not blocked" in proc.stderr
 
