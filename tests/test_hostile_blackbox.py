@@ -15,13 +15,13 @@ import poplib
 import re
 import smtplib
 import stat
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ALICE, ALICE_PW, MAILBOXCTL, ROOT, MailServer
+from conftest import ALICE, ALICE_PW, ROOT, MailServer, ctl
 from test_blackbox import Raw, wait_for
+from test_capacity_blackbox import pop_pass
 from test_relay_blackbox import b64, plain, pop_from, pop_login_from, refusal, smtp_from
 
 pytestmark = pytest.mark.blackbox
@@ -38,25 +38,8 @@ def sender_rejected(sender: str = NEWS) -> str:
     return f"553 5.1.0 <{sender}> sender rejected"
 
 
-def mailboxctl(
-    server: MailServer, *args: str, ok: tuple[int, ...] = (0,), input: str | None = None
-) -> subprocess.CompletedProcess:
-    """mailboxctl against `server`'s config, `input` on its stdin; its exit status checked."""
-    proc = subprocess.run(
-        [str(MAILBOXCTL), "--config", "etc/mailbox.ini", *args],
-        input=input,
-        cwd=server.home,
-        env=server.env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert proc.returncode in ok, (args, proc.returncode, proc.stdout, proc.stderr)
-    return proc
-
-
 def blocked_ips(server: MailServer) -> list[str]:
-    listed = mailboxctl(server, "blocked", "list").stdout.splitlines()
+    listed = ctl(server, "blocked", "list").stdout.splitlines()
     return [line.split("\t")[0] for line in listed]
 
 
@@ -221,20 +204,6 @@ def smtp_login(server: MailServer, ip: str, password: str) -> tuple[str, str]:
         r.close()
 
 
-def pop_pass(server: MailServer, ip: str, password: str) -> str:
-    r = pop_from(server, ip)
-    try:
-        r.send(f"USER {ALICE}\r\nPASS {password}\r\n")
-        assert r.line().startswith("+OK")
-        reply = r.line()
-        if reply.startswith("+OK"):
-            r.send("QUIT\r\n")
-            r.line()
-        return reply
-    finally:
-        r.close()
-
-
 def test_a_block_expires_with_the_failures_that_caused_it(untrusted):
     server = untrusted(LIMITS_3)
     ip = "127.0.0.11"
@@ -249,7 +218,7 @@ def test_a_block_expires_with_the_failures_that_caused_it(untrusted):
     assert wait_for(lambda: first_line(server, server.smtp_port, ip).startswith("220 "), timeout=10)
     # The block is over, and so are the failures that caused it.
     assert smtp_login(server, ip, ALICE_PW) == (AUTH_OK, NOOP_OK)
-    assert pop_pass(server, ip, ALICE_PW).startswith("+OK")
+    assert pop_pass(server, ip, ALICE, ALICE_PW).startswith("+OK")
     assert blocked_ips(server) == []
     assert smtp_login(server, ip, "wrong") == (AUTH_INVALID, NOOP_OK)  # one failure: no block
     assert first_line(server, server.smtp_port, ip).startswith("220 ")
@@ -261,8 +230,8 @@ def test_unblock_of_an_ip_with_failures_but_no_block_clears_them(untrusted):
     server = untrusted(LIMITS_3)
     ip = "127.0.0.12"
     assert smtp_login(server, ip, "wrong") == (AUTH_INVALID, NOOP_OK)
-    assert pop_pass(server, ip, "wrong") == POP_FAILED
-    proc = mailboxctl(server, "blocked", "unblock", ip)
+    assert pop_pass(server, ip, ALICE, "wrong") == POP_FAILED
+    proc = ctl(server, "blocked", "unblock", ip)
     assert "cleared" in proc.stdout, proc.stdout
     # Two failures more would block if the first two still counted.
     assert smtp_login(server, ip, "wrong") == (AUTH_INVALID, NOOP_OK)
@@ -270,7 +239,7 @@ def test_unblock_of_an_ip_with_failures_but_no_block_clears_them(untrusted):
     assert first_line(server, server.smtp_port, ip).startswith("220 ")
     assert blocked_ips(server) == []
     # An IP with neither failures nor a block: nothing to do, exit status 1.
-    mailboxctl(server, "blocked", "unblock", "127.0.0.13", ok=(1,))
+    ctl(server, "blocked", "unblock", "127.0.0.13", ok=(1,))
 
 
 # --- 3. log injection -----------------------------------------------------------------
@@ -526,7 +495,7 @@ def test_everything_created_is_private_under_umask_000(make_server):
     p.dele(1)
     p.quit()
     with umask(0):
-        mailboxctl(server, "user", "add", "carol@example.test", input="carol pw\n")
+        ctl(server, "user", "add", "carol@example.test", input="carol pw\n")
     assert wait_for(lambda: "loaded 3 accounts" in server.log(), timeout=5)
     smtp_mail(server, ["carol@example.test"])
 
