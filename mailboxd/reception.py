@@ -9,6 +9,7 @@ disk.
 from __future__ import annotations
 
 import datetime
+import errno
 import secrets
 from collections.abc import Callable
 from email.utils import format_datetime
@@ -37,6 +38,13 @@ NUL = (550, "5.6.0 Error: message contains a NUL byte")
 TOO_BIG = (552, "5.3.4 Message size exceeds fixed limit")
 NOT_SPOOLED = (451, "4.3.0 Error: local storage unavailable, try again later")
 NOT_STORED = (451, "4.3.0 Error: could not store the message, try again later")
+NO_SPACE = (452, "4.3.1 Insufficient system storage")  # RFC 5321 §4.2.3, RFC 3463
+
+
+def storage_error(error: BaseException, otherwise: Reply) -> Reply:
+    """The reply for a failed write: 452 4.3.1 if the disk (or quota) is full."""
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return NO_SPACE if full else otherwise
 
 
 @attrs.frozen
@@ -149,7 +157,13 @@ class Reception:
         if body_size > self.intake.config.smtp.max_message_size:
             self.error = TOO_BIG
             return
-        self.message.write_line(line)
+        try:
+            self.message.write_line(line)
+        except OSError as e:
+            # Read on to the final dot and say so there (RFC 5321 §4.2.5): the
+            # client keeps the message and tries again later.
+            log.error("smtp cannot spool {id}: {error}", id=self.id, error=str(e))
+            self.error = storage_error(e, NOT_SPOOLED)
 
     def too_long(self) -> None:
         self.error = self.error or (500, "5.5.2 Error: line too long")
@@ -222,7 +236,7 @@ class Reception:
         log.error(
             "delivery of {id} failed, not acknowledged: {error}", id=self.id, error=str(f.value)
         )
-        return NOT_STORED
+        return storage_error(f.value, NOT_STORED)
 
 
 def received_header(

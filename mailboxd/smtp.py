@@ -40,7 +40,15 @@ from .policy import (
 from .popauth import PopAuthRegistry
 from .printable import arg_safe, shown
 from .queue import Entry
-from .reception import NOT_SPOOLED, Delivery, Intake, Reception, Trace, Transaction
+from .reception import (
+    NOT_SPOOLED,
+    Delivery,
+    Intake,
+    Reception,
+    Trace,
+    Transaction,
+    storage_error,
+)
 from .sasl import Aborted, Challenge, Credentials, Exchange, Forbidden, Malformed, Unsupported
 from .state import StateError
 from .tls import ServerTLS, describe, tls_connection
@@ -394,7 +402,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         def not_spooled(f: Any) -> Reply:
             f.trap(OSError)
             log.error("smtp cannot spool a message: {error}", error=str(f.value))
-            return NOT_SPOOLED
+            return storage_error(f.value, NOT_SPOOLED)
 
         return self.factory.intake.begin(tx, trace).addCallbacks(receiving, not_spooled)
 

@@ -230,21 +230,46 @@ def test_250_waits_for_the_disk_and_pipelined_commands_wait_too(s):
     assert s.transport.disconnecting  # and the NOOPs behind QUIT are never answered
 
 
-def test_storage_failure_is_a_temporary_error(s, monkeypatch):
+@pytest.mark.parametrize(
+    "errno,reply",
+    [
+        (28, "452 4.3.1 Insufficient system storage"),  # ENOSPC: RFC 5321 §4.2.3
+        (5, "451 4.3.0 Error: could not store the message, try again later"),  # EIO
+    ],
+)
+def test_storage_failure_is_a_temporary_error(s, monkeypatch, errno, reply):
     import os
 
     def broken(*args):
-        raise OSError(28, "No space left on device")
+        raise OSError(errno, os.strerror(errno))
 
     s.envelope()
     s.cmd("DATA")
     monkeypatch.setattr(os, "link", broken)
     monkeypatch.setattr("mailboxd.maildir._copy_durably", broken)
-    assert s.send("body\r\n.\r\n") == [
-        "451 4.3.0 Error: could not store the message, try again later"
-    ]
+    assert s.send("body\r\n.\r\n") == [reply]
     assert s.delivered() == []
     assert s.cmd("NOOP") == "250 2.0.0 Ok"
+
+
+def test_a_full_disk_in_the_middle_of_data_is_said_after_the_final_dot(s, monkeypatch):
+    import os
+
+    s.envelope()
+    s.cmd("DATA")
+    real_write = os.write
+    message = s.proto.reception.message
+
+    def full(fd, data):
+        if fd == message._file.fileno():
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(message._file, "write", lambda data: full(message._file.fileno(), data))
+    replies = s.send("Subject: big\r\n\r\n" + "x" * 998 + "\r\n" + "more\r\n.\r\nNOOP\r\n")
+    assert replies == ["452 4.3.1 Insufficient system storage", "250 2.0.0 Ok"]
+    assert s.delivered() == []
+    assert not list((s.unit.mail_dir / ".incoming").iterdir())
 
 
 def test_message_over_the_size_limit(s):

@@ -1,0 +1,125 @@
+"""Black-box tests of storage faults (issue 11): the real server with its mail
+directory on a small tmpfs that the test fills up."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import ALICE, ALICE_PW, MailServer
+from test_blackbox import Raw
+from test_relay_blackbox import pop_from, smtp_from
+
+pytestmark = pytest.mark.blackbox
+
+NO_SPACE = "452 4.3.1 Insufficient system storage"
+
+
+@pytest.fixture
+def small_disk(make_server):
+    """A server whose mail directory is a 4 MB tmpfs; and a way to fill it up."""
+    mounted: list[Path] = []
+
+    def make() -> tuple[MailServer, Filler]:
+        server = make_server("[mailbox]\ntrusted_networks =\n")
+        server.mail_dir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0:
+            if os.environ.get("CI") == "true":
+                pytest.fail("CI=true: these tests mount a tmpfs and must run as root")
+            pytest.skip("mounting a tmpfs needs root")
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(server.mail_dir)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"cannot mount a tmpfs: {done.stderr.strip()}")
+            pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+        mounted.append(server.mail_dir)
+        server.add_test_accounts()
+        return server.start(), Filler(server.mail_dir / "filler")
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+class Filler:
+    """A file that takes all the free space (`fill`) and gives it back (`empty`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fill(self, leave: int = 0) -> None:
+        st = os.statvfs(self.path.parent)
+        free = st.f_bavail * st.f_frsize - leave
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            with contextlib.suppress(OSError):
+                while free > 0:
+                    free -= os.write(fd, b"\0" * min(free, 1 << 20))
+                while not leave:  # whatever is left, to the last block
+                    os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+
+    def empty(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def send_message(r: Raw, size: int) -> str:
+    r.send(f"MAIL FROM:<friend@far.test>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n")
+    assert r.reply().startswith("250")
+    assert r.reply().startswith("250")
+    assert r.reply().startswith("354")
+    line = b"x" * 998 + b"\r\n"
+    r.send(b"Subject: big\r\n\r\n" + line * (size // len(line)) + b".\r\n")
+    return r.reply()
+
+
+def test_a_full_disk_during_data_is_said_after_the_final_dot(small_disk):
+    server, filler = small_disk()
+    filler.fill(leave=256 * 1024)
+    r = smtp_from(server, "127.0.0.51")
+    assert send_message(r, 600_000) == NO_SPACE
+    r.send("NOOP\r\n")
+    assert r.reply() == "250 2.0.0 Ok"  # the session goes on
+    assert server.messages(ALICE) == []
+    assert list((server.mail_dir / ".incoming").iterdir()) == []
+    filler.empty()
+    assert send_message(r, 600_000).startswith("250 2.0.0 Ok: queued as ")
+    r.close()
+    assert len(server.messages(ALICE)) == 1
+    server.check_log()
+
+
+def test_pop3_reads_and_deletes_on_a_full_disk(small_disk):
+    server, filler = small_disk()
+    r = smtp_from(server, "127.0.0.52")
+    assert send_message(r, 20_000).startswith("250 ")
+    r.close()
+    filler.fill()
+    p = pop_from(server, "127.0.0.53")
+    p.send(f"USER {ALICE}\r\nPASS {ALICE_PW}\r\n")
+    assert p.line().startswith("+OK")
+    assert p.line() == f"+OK 1 message ({p_size(server)} octets)"
+    p.send("RETR 1\r\n")
+    assert p.line().startswith("+OK ")
+    while p.line() != ".":
+        pass
+    p.send("DELE 1\r\nQUIT\r\n")
+    assert p.line().startswith("+OK")
+    assert p.line() == "+OK 1 message deleted, signing off"
+    p.close()
+    assert server.messages(ALICE) == []
+    assert "pop-before-smtp not recorded for 127.0.0.53" in server.log()
+    server.check_log()
+
+
+def p_size(server: MailServer) -> str:
+    [path] = server.messages(ALICE)
+    return path.name.rsplit(",W=", 1)[1].split(":")[0]
