@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -222,12 +223,13 @@ def load_directory(
     return attrs.evolve(empty, hashes=hashes, aliases=alias_map, typical_cost=typical), p1 + p2
 
 
-def _stamp(path: Path) -> tuple[int, int, int] | None:
+def _stamp(path: Path) -> tuple[int, ...] | None:
     try:
         st = path.stat()
     except OSError:
         return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
+    # ctime too: a chmod or chown that makes the file readable again changes only it.
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
 
 
 @attrs.define
@@ -243,12 +245,34 @@ class AccountStore:
     directory: Directory = attrs.field(init=False)
     _stamps: tuple = attrs.field(init=False, default=())
     _loop: LoopingCall | None = attrs.field(init=False, default=None)
+    _failing: str | None = attrs.field(init=False, default=None)  # what the last reload said
 
     def __attrs_post_init__(self) -> None:
-        self.reload()
+        """Load both files; OSError (with the file's name) if one cannot be read."""
+        self._stamps = (_stamp(self.accounts_path), _stamp(self.aliases_path))
+        self._load()
 
     def reload(self) -> None:
+        """Load both files again; if one cannot be read, keep what was loaded,
+        say so once, and say so again once it can."""
         self._stamps = (_stamp(self.accounts_path), _stamp(self.aliases_path))
+        try:
+            self._load()
+        except OSError as e:
+            problem = f"{e.filename}: {e.strerror}"
+            if problem != self._failing:
+                log.error(
+                    "cannot read {problem}; still serving the {count} accounts loaded before",
+                    problem=problem,
+                    count=len(self.directory.hashes),
+                )
+            self._failing = problem
+            return
+        if self._failing is not None:
+            log.info("accounts and aliases readable again")
+            self._failing = None
+
+    def _load(self) -> None:
         self.directory, problems = load_directory(
             self.accounts_path, self.aliases_path, self.domains, self.domain_aliases
         )
@@ -261,7 +285,8 @@ class AccountStore:
         )
 
     def check(self) -> None:
-        if (_stamp(self.accounts_path), _stamp(self.aliases_path)) != self._stamps:
+        stamps = (_stamp(self.accounts_path), _stamp(self.aliases_path))
+        if stamps != self._stamps or self._failing is not None:
             self.reload()
 
     def start(self) -> None:
@@ -294,7 +319,17 @@ def write_atomically(path: Path, text: str, mode: int = 0o600) -> None:
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, mode)
+        try:
+            # The new file keeps the old one's owner, group and mode: root running
+            # mailboxctl must not leave a file the server's user cannot read.
+            st = os.stat(path)
+        except FileNotFoundError:
+            os.fchmod(fd, mode)
+        else:
+            # ... but never readable by others: it holds the password hashes.
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o770)
+            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                os.fchown(fd, st.st_uid, st.st_gid)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

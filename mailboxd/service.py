@@ -221,7 +221,16 @@ def assemble(config: Config, reactor: Any, clock: Any = None) -> Appliance:
     # stopped, so that no state thread is using a connection as it closes.
     Running(Closing(state)).setServiceParent(top)
     PoolService(workers).setServiceParent(top)
-    accounts = AccountStore(m.accounts, m.aliases, m.domains, dict(m.domain_aliases), clock=clock)
+    try:
+        accounts = AccountStore(
+            m.accounts, m.aliases, m.domains, dict(m.domain_aliases), clock=clock
+        )
+    except OSError as e:
+        key = "aliases" if e.filename == str(m.aliases) else "accounts"
+        raise SystemExit(
+            f"mailbox: {config.path}: [mailbox] {key} = '{e.filename}': "
+            f"cannot read it: {e.strerror}"
+        ) from None
     Running(accounts).setServiceParent(top)
     StateService(state, clock, config.limits.auth_failure_window, workers).setServiceParent(top)
     if not accounts.directory.hashes:

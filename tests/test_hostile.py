@@ -183,3 +183,40 @@ def test_only_rcpt_says_a_user_is_unknown(unit):
     assert s.cmd("RCPT TO:<nobody@example.test>") == (
         "550 5.1.1 <nobody@example.test>: Recipient address rejected: User unknown"
     )
+
+
+# --- issue 11: the accounts reload survives what it cannot read ------------------------
+
+
+def test_the_accounts_reload_survives_an_unreadable_file_and_says_so_once(unit):
+    from twisted.logger import capturedLogs
+
+    accounts = unit.config.mailbox.accounts
+    good = accounts.read_text()
+    with capturedLogs() as events:
+        accounts.unlink()
+        accounts.mkdir()  # IsADirectoryError, as an operator's mistake would give
+        for _ in range(3):
+            unit.store.check()
+        assert unit.store.directory.hashes  # still the accounts loaded before
+        accounts.rmdir()
+        accounts.write_text(good)
+        unit.store.check()
+    said = [e["log_format"] for e in events]
+    assert (
+        said.count("cannot read {problem}; still serving the {count} accounts loaded before") == 1
+    )
+    assert "accounts and aliases readable again" in said
+    assert len(unit.store.directory.hashes) == 2
+
+
+def test_a_rewrite_keeps_the_accounts_file_mode(tmp_path):
+    import stat
+
+    from mailboxd.accounts import write_atomically
+
+    path = tmp_path / "accounts"
+    path.write_text("x\n")
+    path.chmod(0o640)
+    write_atomically(path, "y\n")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640 and path.read_text() == "y\n"
