@@ -123,3 +123,33 @@ def test_pop3_reads_and_deletes_on_a_full_disk(small_disk):
 def p_size(server: MailServer) -> str:
     [path] = server.messages(ALICE)
     return path.name.rsplit(",W=", 1)[1].split(":")[0]
+
+
+def test_the_accounts_reload_survives_an_operator_mistake(untrusted):
+    from test_blackbox import wait_for
+    from test_relay_blackbox import plain
+
+    def auth(ip: str, address: str, password: str) -> str:
+        r = smtp_from(server, ip)
+        r.send(f"AUTH PLAIN {plain(address, password)}\r\n")
+        reply = r.reply()
+        r.close()
+        return reply
+
+    server = untrusted()
+    accounts = server.home / "etc" / "accounts"
+    good = accounts.read_text()
+    accounts.unlink()
+    accounts.mkdir()  # a mistake that gives IsADirectoryError
+    assert wait_for(lambda: "cannot read" in server.log(), timeout=5)
+    assert auth("127.0.0.54", ALICE, ALICE_PW) == "235 2.7.0 Authentication successful"
+    accounts.rmdir()
+    accounts.write_text(good)
+    server.add_user("erin@example.test", "erin pw")
+    assert wait_for(lambda: "readable again" in server.log(), timeout=5)
+    assert wait_for(lambda: "loaded 3 accounts" in server.log(), timeout=5)
+    assert auth("127.0.0.55", "erin@example.test", "erin pw") == (
+        "235 2.7.0 Authentication successful"
+    )
+    assert server.log().count("cannot read") == 1  # once when it started, not every second
+    server.check_log()
