@@ -175,8 +175,23 @@ def _endpoints(text: str) -> tuple[str, ...]:
                 f"Twisted server endpoint strings such as tcp:2525:interface=127.0.0.1; "
                 f"{word!r} is not one ({e.__class__.__name__}: {e})"
             ) from None
+        port = _endpoint_port(parsed)
+        if port is not None and not 0 <= port <= 65535:
+            raise _Invalid(f"a port from 0 to 65535 in {word!r}, not {port}")
         found.append(word)
     return tuple(found)
+
+
+def _endpoint_port(description: str) -> int | None:
+    """The port of a tcp:, tcp6: or ssl: endpoint string (checked by the parser
+    only when it binds, as an OverflowError); None for other kinds."""
+    kind, _, rest = description.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    words = rest.split(":")
+    named = [w[5:] for w in words if w.startswith("port=")]
+    value = named[0] if named else words[0]
+    return int(value) if value.isdigit() else None
 
 
 def _hostname(text: str) -> str:
@@ -187,6 +202,8 @@ def _smarthost(text: str) -> str:
     text = text.strip()
     if text and not re.fullmatch(r"[^\s:]+:\d{1,5}|\[[0-9a-fA-F:.]+\]:\d{1,5}", text):
         raise _Invalid("host:port or nothing")
+    if text and not 1 <= int(text.rpartition(":")[2]) <= 65535:
+        raise _Invalid("host:port with a port from 1 to 65535")
     return text
 
 
@@ -271,18 +288,25 @@ def parse(text: str, path: Path) -> Config:
         parser.read_string(text, source=str(path))
     except configparser.Error as e:
         first = str(e).splitlines()[0]
-        raise ConfigError(f"{path}: not a valid INI file: {first}") from None
+        errors = getattr(e, "errors", None)
+        line = getattr(e, "lineno", None) or (errors[0][0] if errors else None)
+        where = f"line {line}: " if line else ""
+        raise ConfigError(f"{path}: {where}not a valid INI file: {first}") from None
+
+    def at(section: str, key: str | None = None) -> str:
+        line = _line_of(text, section, key)
+        return f"line {line}: " if line else ""
 
     for section in parser.sections():
         if section not in SPEC:
             raise ConfigError(
-                f"{path}: unknown section [{section}]; expected one of "
+                f"{path}: {at(section)}unknown section [{section}]; expected one of "
                 + ", ".join(f"[{s}]" for s in SPEC)
             )
         for key in parser[section]:
             if key not in SPEC[section]:
                 raise ConfigError(
-                    f"{path}: [{section}] unknown key {key!r}; expected one of "
+                    f"{path}: {at(section, key)}[{section}] unknown key {key!r}; expected one of "
                     + ", ".join(SPEC[section])
                 )
 
@@ -295,33 +319,70 @@ def parse(text: str, path: Path) -> Config:
                 values[key] = convert(raw)
             except _Invalid as e:
                 raise ConfigError(
-                    f"{path}: [{section}] {key} = {raw.strip()!r}: expected {e}"
+                    f"{path}: {at(section, key)}[{section}] {key} = {raw.strip()!r}: expected {e}"
                 ) from None
         sections[section] = _SECTIONS[section](**values)
 
     config = Config(path=path, **sections)
-    _check(config)
+    try:
+        _check(config)
+    except _Mistake as e:
+        raise ConfigError(f"{path}: {at(e.section, e.key)}{e}") from None
     return config
+
+
+class _Mistake(ValueError):
+    """A value that is well-formed but wrong with the others; str() says why."""
+
+    def __init__(self, section: str, key: str, text: str) -> None:
+        super().__init__(text)
+        self.section, self.key = section, key
+
+
+def _line_of(text: str, section: str, key: str | None) -> int | None:
+    """The line (1-based) where `key` of [`section`] is set, or the section starts."""
+    current, found = None, None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            current = stripped[1:-1].strip()
+            if current == section and key is None:
+                return number
+            continue
+        if current == section and key is not None and not line[:1].isspace():
+            name = re.split(r"[=:]", stripped, maxsplit=1)[0].strip().lower()
+            if name == key:
+                found = number
+    return found
 
 
 def _check(config: Config) -> None:
     m = config.mailbox
     for alias, canonical in m.domain_aliases:
         if canonical not in m.domains:
-            raise ConfigError(
-                f"{config.path}: [mailbox] domain_aliases = '{alias}={canonical}': "
+            raise _Mistake(
+                "mailbox",
+                "domain_aliases",
+                f"[mailbox] domain_aliases = '{alias}={canonical}': "
                 f"expected an alias of one of the domains ({', '.join(m.domains) or 'none'}); "
-                f"{canonical!r} is not one"
+                f"{canonical!r} is not one",
             )
         if alias in m.domains:
-            raise ConfigError(
-                f"{config.path}: [mailbox] domain_aliases = '{alias}={canonical}': "
-                f"{alias!r} is already a local domain"
+            raise _Mistake(
+                "mailbox",
+                "domain_aliases",
+                f"[mailbox] domain_aliases = '{alias}={canonical}': "
+                f"{alias!r} is already a local domain",
             )
     if not m.domains:
-        raise ConfigError(
-            f"{config.path}: [mailbox] domains is empty: expected at least one domain"
+        raise _Mistake(
+            "mailbox", "domains", "[mailbox] domains is empty: expected at least one domain"
         )
+    for key, value in (("accounts", m.accounts), ("aliases", m.aliases), ("mail_dir", m.mail_dir)):
+        kind = "a folder" if key == "mail_dir" else "a file"
+        wrong = value.exists() and value.is_dir() != (key == "mail_dir")
+        if wrong:
+            raise _Mistake("mailbox", key, f"[mailbox] {key} = '{value}': expected {kind}")
     t = config.tls
     implicit = [
         (section, e)
@@ -334,12 +395,14 @@ def _check(config: Config) -> None:
     ]
     if implicit and t.certificate is None:
         section, e = implicit[0]
-        raise ConfigError(
-            f"{config.path}: [{section}] {e!r} needs [tls] certificate and private_key"
+        raise _Mistake(
+            section, "listen", f"[{section}] {e!r} needs [tls] certificate and private_key"
         )
     if (t.certificate is None) != (t.private_key is None):
-        raise ConfigError(
-            f"{config.path}: [tls] certificate and private_key: expected both set or both empty"
+        raise _Mistake(
+            "tls",
+            "certificate",
+            "[tls] certificate and private_key: expected both set or both empty",
         )
 
 

@@ -245,6 +245,21 @@ MISTAKES = [
 ]
 
 
+MISTAKES += [
+    # issue 11: what passed unchecked or escaped as a traceback
+    (
+        "endpoint-port-range",
+        "[smtp]\nlisten = tcp:99999\n",
+        ["[smtp]", "listen", "99999", "line 2"],
+    ),
+    ("endpoint-port-kw", "[pop3]\nlisten = tcp:port=70000\n", ["[pop3]", "listen", "70000"]),
+    ("smarthost-port", "[relay]\nsmarthost = mx.far.test:99999\n", ["[relay]", "smarthost"]),
+    ("accounts-folder", "[mailbox]\naccounts = /\n", ["[mailbox]", "accounts", "'/'", "a file"]),
+    ("value-line", "[smtp]\n\n# x\nmax_recipients = 0\n", ["line 4:", "max_recipients"]),
+    ("syntax-line", "[smtp]\nlisten = tcp:25\nlisten = tcp:26\n", ["line 3:", "INI"]),
+]
+
+
 @pytest.mark.parametrize("text,needles", [m[1:] for m in MISTAKES], ids=[m[0] for m in MISTAKES])
 def test_mistake_is_one_line_naming_file_section_key_value(text, needles):
     with pytest.raises(ConfigError) as info:
@@ -317,6 +332,27 @@ def test_twistd_bad_key_is_one_line(tmp_path):
     assert "Traceback" not in out
     assert len(lines_of(out)) == 1, out
     assert "bad.ini" in out and "[smtp]" in out and "max_size" in out
+
+
+@pytest.mark.blackbox
+@pytest.mark.parametrize(
+    "text,needles",
+    [
+        ("[smtp]\nlisten = tcp:99999\n", ["[smtp]", "listen", "tcp:99999", "line 2"]),
+        ("[mailbox]\naccounts = etc\n", ["[mailbox]", "accounts", "'etc'", "line 2"]),
+        ("[relay]\nsmarthost = mx.far.test:99999\n", ["[relay]", "smarthost", "99999"]),
+        ("[smtp]\nlisten = tcp:25\nlisten = tcp:26\n", ["line 3", "listen"]),
+    ],
+    ids=["port-99999", "accounts-folder", "smarthost-port", "duplicate-key"],
+)
+def test_twistd_config_mistakes_of_issue_11_are_one_line(tmp_path, text, needles):
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "bad.ini").write_text(text)
+    code, out = run_twistd(tmp_path, "-n", "mailbox", "--config", "bad.ini")
+    assert code != 0
+    assert "Traceback" not in out
+    assert len(lines_of(out)) == 1, out
+    assert "bad.ini" in out and all(n in out for n in needles), out
 
 
 def _free_port() -> int:
