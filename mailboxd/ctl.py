@@ -225,8 +225,16 @@ def main(argv: list[str] | None = None) -> None:
             "tls": tls_command,
         }
         commands[args.command](config, args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+    except BrokenPipeError:
+        # `mailboxctl user list | head`: the reader went; say so once, quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(
+            "mailboxctl: the output was closed before everything was written"
+        ) from None
     except OSError as e:
-        raise SystemExit(f"mailboxctl: {e.filename or ''}: {e.strerror}") from None
+        where = f"{e.filename}: " if e.filename else ""
+        raise SystemExit(f"mailboxctl: {where}{e.strerror}") from None
     except StateError as e:
         raise SystemExit(f"mailboxctl: {e}") from None
 

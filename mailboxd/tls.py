@@ -57,6 +57,11 @@ def _context(certificate: Path, private_key: Path) -> SSL.Context:
             path.read_bytes()  # OpenSSL's own error for a missing file says less
             load(str(path))
         except (SSL.Error, OSError) as e:
+            if isinstance(e, SSL.Error) and "mismatch" in str(e):
+                # OpenSSL checks the key against the certificate as it loads it.
+                raise TLSConfigError(
+                    f"{private_key}: the private key does not match {certificate}"
+                ) from None
             reason = e.strerror if isinstance(e, OSError) else "not a PEM " + what
             raise TLSConfigError(f"{path}: cannot load the TLS {what}: {reason}") from None
     try:
