@@ -362,7 +362,12 @@ class Outbound:
             log.info("queue {id} was deleted during delivery", id=entry.id)
             self.entries.pop(entry.id, None)
             return False
-        await self._thread(queue.save, self.directory, entry)
+        try:
+            await self._thread(queue.save, self.directory, entry)
+        except OSError as e:
+            # The entry on disk keeps its last state: a later attempt (or, after
+            # a restart, a retry of what was just done) records it.
+            log.error("queue {id}: cannot save its state: {error}", id=entry.id, error=str(e))
         return True
 
     async def _deliver(self, entry: Entry, dest: str, recipients: list[str]) -> list[Outcome]:

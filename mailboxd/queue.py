@@ -143,12 +143,17 @@ def queue_dir(mail_dir: Path) -> Path:
 
 def _write_json(directory: Path, entry: Entry) -> None:
     tmp = directory / f".{entry.id}.json.tmp"
-    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(entry.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, directory / f"{entry.id}.json")
+    try:
+        with os.fdopen(create_private(tmp, exclusive=False), "w", encoding="utf-8") as f:
+            f.write(entry.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, directory / f"{entry.id}.json")
+    except BaseException:
+        # A full disk: the envelope stays as it was, and no temp file is left behind.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     fsync_dir(directory)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import ALICE, ALICE_PW, MailServer
 from test_blackbox import Raw
-from test_relay_blackbox import pop_from, smtp_from
+from test_relay_blackbox import plain, pop_from, smtp_from
 
 pytestmark = pytest.mark.blackbox
 
@@ -127,7 +127,6 @@ def p_size(server: MailServer) -> str:
 
 def test_the_accounts_reload_survives_an_operator_mistake(untrusted):
     from test_blackbox import wait_for
-    from test_relay_blackbox import plain
 
     def auth(ip: str, address: str, password: str) -> str:
         r = smtp_from(server, ip)
@@ -152,4 +151,27 @@ def test_the_accounts_reload_survives_an_operator_mistake(untrusted):
         "235 2.7.0 Authentication successful"
     )
     assert server.log().count("cannot read") == 1  # once when it started, not every second
+    server.check_log()
+
+
+def test_a_full_disk_while_saving_a_queue_entry_leaves_no_temp_file(small_disk):
+    from conftest import ctl
+    from test_blackbox import wait_for
+
+    server, filler = small_disk()
+    r = smtp_from(server, "127.0.0.56")
+    r.send(f"AUTH PLAIN {plain(ALICE, ALICE_PW)}\r\n")
+    assert r.reply().startswith("235")
+    r.send("MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@far.test>\r\nDATA\r\n")
+    assert [r.reply()[:3] for _ in range(3)] == ["250", "250", "354"]
+    r.send("Subject: out\r\n\r\nto a smarthost that is not there\r\n.\r\n")
+    assert r.reply().startswith("250 ")
+    r.close()
+    queue = server.mail_dir / ".queue"
+    assert wait_for(lambda: "deferred after attempt 1" in server.log(), timeout=10)
+    filler.fill()
+    ctl(server, "queue", "flush")
+    assert wait_for(lambda: "cannot save its state" in server.log(), timeout=10), server.log()
+    assert not [p.name for p in queue.iterdir() if p.name.endswith(".tmp")]
+    assert len(list(queue.glob("*.json"))) == 1  # the entry, as it was
     server.check_log()
