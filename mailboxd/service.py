@@ -20,6 +20,7 @@ from .config import Config
 from .connections import ConnectionCount
 from .credcache import CredentialCache
 from .guard import Guard
+from .instance import InstanceLock, InstanceRunning, lock_path
 from .maildir import clean_spool
 from .outbound import Outbound
 from .policy import Listener
@@ -166,18 +167,30 @@ class StateService(Service):
             self._loop.stop()
 
 
-def _prepare_mail_dir(config: Config) -> None:
-    """Create the mail store and drop what a crash left unacknowledged."""
+def _prepare_mail_dir(config: Config) -> InstanceLock:
+    """Create the mail store, take it, and drop what a crash left unacknowledged.
+
+    The lock comes first: what is in the spool or half-queued belongs to a
+    dead process only if no other server has the mail directory.
+    """
     mail_dir = config.mailbox.mail_dir
+    lock = InstanceLock(lock_path(mail_dir))
     try:
         private_dir(mail_dir)
+        lock.acquire()
         stale = clean_spool(mail_dir / ".incoming") + remove_unacknowledged(queue_dir(mail_dir))
+    except InstanceRunning as e:
+        raise SystemExit(
+            f"mailbox: {config.path}: [mailbox] mail_dir = '{mail_dir}': {e}"
+        ) from None
     except OSError as e:
+        lock.release()
         raise SystemExit(
             f"mailbox: {config.path}: [mailbox] mail_dir = '{mail_dir}': cannot use it: {e.strerror}"
         ) from None
     if stale:
         log.info("removed {count} unacknowledged spool files left by a crash", count=stale)
+    return lock
 
 
 @attrs.define(eq=False)
@@ -210,10 +223,12 @@ def assemble(config: Config, reactor: Any, clock: Any = None) -> Appliance:
     clock = clock or reactor
     top = MultiService()
     m = config.mailbox
-    _prepare_mail_dir(config)
+    lock = _prepare_mail_dir(config)
+    Running(lock).setServiceParent(top)  # the first part: released last
     try:
         state = SQLiteStateStore(state_path(m.mail_dir))
     except StateError as e:
+        lock.release()
         raise SystemExit(f"mailbox: {e}; move it aside to start afresh (blocks are lost)") from None
 
     workers = make_workers(reactor)
@@ -227,6 +242,8 @@ def assemble(config: Config, reactor: Any, clock: Any = None) -> Appliance:
         )
     except OSError as e:
         key = "aliases" if e.filename == str(m.aliases) else "accounts"
+        state.close()
+        lock.release()
         raise SystemExit(
             f"mailbox: {config.path}: [mailbox] {key} = '{e.filename}': "
             f"cannot read it: {e.strerror}"
@@ -256,6 +273,8 @@ def assemble(config: Config, reactor: Any, clock: Any = None) -> Appliance:
         try:
             tls = ServerTLS(config.tls.certificate, config.tls.private_key, clock)
         except TLSConfigError as e:
+            state.close()
+            lock.release()
             raise SystemExit(f"mailbox: {e}") from None
     # Make the unknown-user hash before the first login needs it (see BcryptChecker).
     cost = accounts.directory.typical_cost or m.bcrypt_rounds

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ALICE, ALICE_PW, MailServer
+from conftest import ALICE, ALICE_PW, TWISTD, MailServer
 from test_blackbox import Raw
 from test_relay_blackbox import plain, pop_from, smtp_from
 
@@ -174,4 +174,32 @@ def test_a_full_disk_while_saving_a_queue_entry_leaves_no_temp_file(small_disk):
     assert wait_for(lambda: "cannot save its state" in server.log(), timeout=10), server.log()
     assert not [p.name for p in queue.iterdir() if p.name.endswith(".tmp")]
     assert len(list(queue.glob("*.json"))) == 1  # the entry, as it was
+    server.check_log()
+
+
+def test_a_second_instance_leaves_the_first_alone(make_server):
+    server = make_server("[mailbox]\ntrusted_networks =\n")
+    server.add_test_accounts()
+    server.start()
+    r = smtp_from(server, "127.0.0.57")
+    r.send(f"MAIL FROM:<friend@far.test>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n")
+    assert [r.reply()[:3] for _ in range(3)] == ["250", "250", "354"]
+    r.send("Subject: in flight\r\n\r\nhalf of it\r\n")  # its spool file is in .incoming
+    second = subprocess.run(
+        [str(TWISTD), "--nodaemon", "--pidfile=", "mailbox", "--config", "etc/mailbox.ini"],
+        cwd=server.home,
+        env=server.env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    out = (second.stdout + second.stderr).strip()
+    assert second.returncode != 0
+    assert "Traceback" not in out and len(out.splitlines()) == 1, out
+    assert f"in use by a running server (process {server.proc.pid})" in out, out
+    r.send("the rest\r\n.\r\n")
+    assert r.reply().startswith("250 2.0.0 Ok: queued as ")
+    r.close()
+    assert len(server.messages(ALICE)) == 1
+    assert "unacknowledged" not in server.log()
     server.check_log()
