@@ -308,9 +308,13 @@ class Outbound:
     # --- one entry --------------------------------------------------------------
 
     async def _work(self, entry: Entry) -> None:
-        if not (self.directory / f"{entry.id}.msg").exists():
+        problem = await self._thread(queue.corruption, self.directory, entry)
+        if problem == queue.DELETED:
             log.info("queue {id} was deleted", id=entry.id)
             self.entries.pop(entry.id, None)
+            return
+        if problem is not None:
+            await self._set_aside(entry, problem)
             return
         now = self.clock.seconds()
         smarthost = self.config.relay.smarthost
@@ -520,9 +524,32 @@ class Outbound:
             log.warn("queue {id}: no mailbox for the bounce to {to}; dropped", id=entry.id, to=to)
 
     def _read_original(self, entry: Entry) -> bytes:
-        with open(self.directory / f"{entry.id}.msg", "rb") as f:
-            f.seek(entry.offset)
-            return f.read(256 * 1024)  # the headers are what the bounce shows
+        try:
+            with open(self.directory / f"{entry.id}.msg", "rb") as f:
+                f.seek(entry.offset)
+                return f.read(256 * 1024)  # the headers are what the bounce shows
+        except FileNotFoundError:  # a corrupt entry's: the bounce says so without it
+            return b""
+
+    async def _set_aside(self, entry: Entry, problem: str) -> None:
+        """A corrupt entry: to corrupt/, one line, and a bounce to a local sender."""
+        moved = await self._thread(
+            queue.move_corrupt, self.directory, self.directory / f"{entry.id}.json"
+        )
+        self.entries.pop(entry.id, None)
+        log.error(
+            "queue: moved corrupt entry {id} to {path}: {why}",
+            id=entry.id,
+            path=str(moved),
+            why=problem,
+        )
+        failed = [r for r in entry.recipients if not r.done]
+        for r in failed:
+            r.status, r.status_code = "failed", "5.3.0"
+            r.last_error = f"the queued copy of the message is lost ({problem})"
+        sender = parse_mailbox(entry.sender) if entry.sender else None
+        if failed and sender is not None and self.accounts().resolve(sender):
+            await self._bounce(entry, failed)
 
     def _deliver_locally(self, data: bytes, accounts: tuple[Account, ...]) -> list[Path]:
         mail_dir = self.config.mailbox.mail_dir

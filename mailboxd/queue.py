@@ -178,6 +178,22 @@ def enqueue_bytes(directory: Path, data: bytes, entry: Entry) -> None:
     _write_json(directory, entry)
 
 
+DELETED = "deleted"  # by mailboxctl queue delete: not a fault
+
+
+def corruption(directory: Path, entry: Entry) -> str | None:
+    """What makes `entry` undeliverable as it stands on disk, or None. Blocking."""
+    if not (directory / f"{entry.id}.json").exists():
+        return DELETED
+    try:
+        size = os.stat(directory / f"{entry.id}.msg").st_size
+    except FileNotFoundError:
+        return "its message file is missing"
+    if entry.offset >= size:
+        return f"its offset {entry.offset} is past the end of its message ({size} bytes)"
+    return None
+
+
 def save(directory: Path, entry: Entry) -> None:
     """Record the recipients' new state. Blocking."""
     _write_json(directory, entry)

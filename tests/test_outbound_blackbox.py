@@ -15,6 +15,7 @@ import signal
 import smtplib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -637,3 +638,35 @@ def test_a_backlog_drains_without_waiting_for_the_timer(relay):
     ctl(server, "queue", "flush")
     assert wait_for(lambda: len(cap.messages()) == count, timeout=20), listing(server)
     assert wait_for(lambda: queue_is_empty(server)), listing(server)
+
+
+# --- issue 11: entries that look right but cannot be delivered ------------------------
+
+FAR_JSON = {
+    "version": 1,
+    "id": "LOST",
+    "sender": ALICE,
+    "offset": 0,
+    "received": 0,
+    "recipients": [{"address": "x@far.test"}],
+}
+
+
+@pytest.mark.parametrize("kind", ["message file missing", "offset past the end"])
+def test_an_entry_whose_message_is_lost_is_set_aside_and_bounced(relay, kind):
+    server, cap = relay()
+    q = queue_dir(server)
+    q.mkdir(parents=True, exist_ok=True)
+    envelope = dict(FAR_JSON, received=time.time())
+    if kind == "offset past the end":
+        (q / "LOST.msg").write_bytes(b"Subject: short\n\nbody\n")
+        envelope["offset"] = 10_000
+    (q / "LOST.json").write_text(json.dumps(envelope))
+    assert wait_for(lambda: (q / "corrupt" / "LOST.json").exists(), timeout=20), server.log()
+    assert server.log().count("moved corrupt entry LOST to") == 1  # once, not every few seconds
+    assert wait_for(lambda: server.messages(ALICE), timeout=10), server.log()
+    [bounce] = server.messages(ALICE)
+    assert b"Content-Type: multipart/report" in bounce.read_bytes()
+    assert b"x@far.test" in bounce.read_bytes()
+    assert cap.messages() == []  # nothing, not an empty message, went to the smarthost
+    assert "queue LOST was deleted" not in server.log()
