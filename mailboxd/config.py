@@ -28,6 +28,7 @@ class MailboxSection:
     mail_dir: Path
     trusted_networks: tuple[IPNetwork, ...]
     bcrypt_rounds: int
+    home: Path | None = None  # what relative paths are resolved against; None: the cwd
 
 
 @attrs.frozen
@@ -227,6 +228,7 @@ SPEC: _Spec = {
         "accounts": ("etc/accounts", _path),
         "aliases": ("etc/aliases", _path),
         "mail_dir": ("mailbox", _path),
+        "home": ("", _optional_path),
         "trusted_networks": ("127.0.0.0/8 ::1/128", _networks),
         "bcrypt_rounds": ("12", _count(4, 31)),
     },
@@ -323,12 +325,45 @@ def parse(text: str, path: Path) -> Config:
                 ) from None
         sections[section] = _SECTIONS[section](**values)
 
-    config = Config(path=path, **sections)
+    config = _resolved(Config(path=path, **sections))
     try:
         _check(config)
     except _Mistake as e:
         raise ConfigError(f"{path}: {at(e.section, e.key)}{e}") from None
     return config
+
+
+def _resolved(config: Config) -> Config:
+    """With [mailbox] home set, every relative path is taken from it, whatever
+    the current directory of the process (the server, or mailboxctl)."""
+    home = config.mailbox.home
+    if home is None:
+        return config
+
+    def under(path: Path | None) -> Path | None:
+        return None if path is None else home / path
+
+    m, t = config.mailbox, config.tls
+    return attrs.evolve(
+        config,
+        mailbox=attrs.evolve(
+            m, accounts=home / m.accounts, aliases=home / m.aliases, mail_dir=home / m.mail_dir
+        ),
+        tls=attrs.evolve(t, certificate=under(t.certificate), private_key=under(t.private_key)),
+    )
+
+
+def relative_paths(config: Config) -> list[tuple[str, Path]]:
+    """The paths that follow the current directory: ('[section] key', path)."""
+    m, t = config.mailbox, config.tls
+    found = [
+        ("[mailbox] accounts", m.accounts),
+        ("[mailbox] aliases", m.aliases),
+        ("[mailbox] mail_dir", m.mail_dir),
+        ("[tls] certificate", t.certificate),
+        ("[tls] private_key", t.private_key),
+    ]
+    return [(key, path) for key, path in found if path is not None and not path.is_absolute()]
 
 
 class _Mistake(ValueError):

@@ -9,12 +9,13 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import bcrypt
 
 from . import accounts, queue
 from .addresses import parse_mailbox
-from .config import Config, ConfigError, load
+from .config import Config, ConfigError, load, relative_paths
 from .private import private_dir
 from .state import SQLiteStateStore, StateError, normalise_ip, state_path
 from .tls import make_self_signed
@@ -209,6 +210,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_home(config: Config) -> None:
+    """Never act on other files than the server's: with relative paths and no
+    [mailbox] home, the current folder must hold the appliance."""
+    relative = relative_paths(config)
+    m = config.mailbox
+    if not relative or m.mail_dir.is_dir() or m.accounts.is_file():
+        return
+    named = ", ".join(f"{key} = '{path}'" for key, path in relative[:3])
+    raise SystemExit(
+        f"mailboxctl: {config.path}: {named} are taken from the current folder {Path.cwd()}, "
+        f"which holds no appliance (neither {m.mail_dir}/ nor {m.accounts}); run mailboxctl "
+        "in the appliance's home, or set [mailbox] home"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     os.umask(0o077)  # what it writes is the server's user's alone
     args = parser().parse_args(argv)
@@ -216,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         config = load(args.config)
     except ConfigError as e:
         raise SystemExit(f"mailboxctl: {e}") from None
+    _check_home(config)
     try:
         commands = {
             "user": user,

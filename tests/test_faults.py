@@ -47,3 +47,54 @@ def test_mailboxctl_into_a_pipe_closed_early_says_so_in_one_line(tmp_path):
     )
     assert done.stdout == "user00000@example.test\n"
     assert done.stderr == "mailboxctl: the output was closed before everything was written\n"
+
+
+def ctl_in(cwd: Path, config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(MAILBOXCTL), "--config", str(config), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+
+
+@pytest.fixture
+def appliance(tmp_path):
+    """An appliance's home with one account; mailboxctl is run from elsewhere."""
+    home = tmp_path / "home"
+    (home / "etc").mkdir(parents=True)
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
+    (home / "etc" / "accounts").write_text(f"alice@example.test:{hashed}\n")
+    (home / "etc" / "aliases").write_text("")
+    (home / "mailbox").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    return home, elsewhere
+
+
+@pytest.mark.parametrize("command", [["user", "list"], ["popauth", "list"], ["blocked", "list"]])
+def test_mailboxctl_elsewhere_refuses_rather_than_act_on_other_files(appliance, command):
+    home, elsewhere = appliance
+    config = home / "etc" / "mailbox.ini"
+    config.write_text("[mailbox]\ndomains = example.test\n")
+    done = ctl_in(elsewhere, config, *command)
+    assert done.returncode != 0 and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert f"current folder {elsewhere}" in done.stderr and "[mailbox] home" in done.stderr
+    assert list(elsewhere.iterdir()) == []  # no stray ./mailbox/.state
+
+
+def test_mailboxctl_with_a_home_acts_on_the_appliance_from_anywhere(appliance):
+    home, elsewhere = appliance
+    config = home / "etc" / "mailbox.ini"
+    config.write_text(f"[mailbox]\ndomains = example.test\nhome = {home}\n")
+    done = ctl_in(elsewhere, config, "user", "list")
+    assert (done.returncode, done.stdout) == (0, "alice@example.test\n"), done.stderr
+    assert ctl_in(elsewhere, config, "popauth", "list").returncode == 0
+    assert (home / "mailbox" / ".state" / "state.sqlite3").exists()
+    assert list(elsewhere.iterdir()) == []
+    # and from the home itself, without `home`, as `make run` does
+    config.write_text("[mailbox]\ndomains = example.test\n")
+    assert ctl_in(home, config, "user", "list").stdout == "alice@example.test\n"
