@@ -92,6 +92,15 @@ class _Sender(ESMTPSender):
             error = SMTPConnectError(-1, f"connection lost: {reason.getErrorMessage()}")
             result.errback(error)
 
+    def smtpState_helo(self, code: int, resp: bytes) -> None:
+        super().smtpState_helo(code, resp)
+        # Twisted leaves EHLO's failure handler in place, which sends HELO:
+        # a server that refuses HELO too would get HELO again, for ever.
+        self._failresponse = self.smtpHELORefused
+
+    def smtpHELORefused(self, code: int, resp: bytes) -> None:
+        self.sendError(SMTPConnectError(code, resp, self.log.str()))
+
     def transformChunk(self, chunk: bytes) -> bytes:
         self.resetTimeout()
         if self._line_start and chunk.startswith(b"."):
@@ -109,6 +118,20 @@ class _SenderFactory(ESMTPSenderFactory):
         if self.clock is not None:
             p.callLater = self.clock.callLater  # the client's timeouts on our clock
         return p
+
+
+def attempt_deadline(step_timeout: int) -> float:
+    """How long one delivery attempt may take in all: four steps' worth, and
+    at least ten minutes (a big message to a slow server)."""
+    return max(4 * step_timeout, 600)
+
+
+def _give_up(result: Deferred, connecting: Deferred) -> None:
+    if not result.called:
+        result.errback(SMTPConnectError(-1, "the delivery attempt took too long"))
+    connecting.addCallback(
+        lambda p: p.transport.abortConnection() if hasattr(p, "transport") else None
+    )
 
 
 def _text(value: bytes | str) -> str:
@@ -428,10 +451,18 @@ class Outbound:
             factory.clock = self.clock
             connecting = (self.connect or self._connect)(hop, factory)
             connecting.addErrback(lambda f: result.called or result.errback(f))
+            # Whatever the remote does (replies that each reset the step timeout,
+            # a trickle of bytes), an attempt ends: its slot is then free again.
+            deadline = self.clock.callLater(
+                attempt_deadline(relay.timeout), _give_up, result, connecting
+            )
             try:
                 value = await result
             except Exception as e:  # noqa: BLE001 - every failure becomes an outcome
                 value = e
+            finally:
+                if deadline.active():
+                    deadline.cancel()
             return outcomes_of(value, recipients, hop.host)
         finally:
             message.close()

@@ -670,3 +670,21 @@ def test_an_entry_whose_message_is_lost_is_set_aside_and_bounced(relay, kind):
     assert b"x@far.test" in bounce.read_bytes()
     assert cap.messages() == []  # nothing, not an empty message, went to the smarthost
     assert "queue LOST was deleted" not in server.log()
+
+
+def test_a_smarthost_refusing_ehlo_and_helo_defers_once_and_frees_its_slot(relay):
+    server, cap = relay("[relay]\nmax_connections_per_destination = 1\n")
+    cap.set_script("helo 450 4.3.2 not now\n")  # EHLO and HELO alike
+    first = send(server, [FAR], message("refused at helo"))
+    assert wait_for(lambda: deferred_with(server, first, FAR, "450 4.3.2 not now"), timeout=20), (
+        listing(server),
+        server.log(),
+    )
+    helos = cap.transcript().count("HELO ")
+    assert 1 <= helos <= 2, helos  # once (and its retry), not in a loop
+    # The server recovers: a flush delivers both, the slot was not held.
+    cap.set_script("")
+    second = send(server, [FAR], message("after the recovery"))
+    ctl(server, "queue", "flush")
+    assert wait_for(lambda: len(cap.messages()) == 2, timeout=20), server.log()
+    assert {split_trace(m["data"])[0] for m in cap.messages()} == {first, second}
