@@ -981,3 +981,16 @@ def test_max_connections(make):
     r.advance(1)
     assert len(r.net.attempts) == 2 and r.queued() == []
     assert r.net.most_open == 1
+
+
+def test_a_server_refusing_ehlo_and_helo_gets_one_helo_and_a_deferral(make):
+    r = make(SMARTHOST + "timeout = 30\n")
+    refuse = "450 4.3.2 not now"
+    host = r.net.add("127.0.0.1", {"ehlo": refuse, "helo": refuse}, {})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    [session] = host.sessions
+    assert [c.split(b" ")[0] for c in session.commands].count(b"HELO") == 1  # not a loop
+    rcpt = r.recipient("E1", "a@far.test")
+    assert (rcpt["status"], rcpt["last_error"]) == ("deferred", refuse)
+    assert "E1" not in r.outbound._busy  # its slot is free
