@@ -116,7 +116,10 @@ class SQLiteStateStore:
             private_dir(path.parent)
             db = self._connect()
             # SQLite makes the file (and its -wal and -shm, like it) 0644 less the umask.
-            os.chmod(path, 0o600)
+            # Not ours to change if another user made it (root's mailboxctl): then
+            # it stays as that user left it.
+            with contextlib.suppress(PermissionError):
+                os.chmod(path, 0o600)
             # Check before writing anything: a file that is not ours stays as it is.
             existing = {
                 name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")
