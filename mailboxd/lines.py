@@ -34,6 +34,7 @@ log = Logger()
 # the peer to read its replies) before it stops reading from the socket.
 HELD_INPUT_MAX = 65536
 CLOSING_TIMEOUT = 30  # seconds a hung-up connection may take to go
+PEER_NOT_READING = "peer not reading"  # a reason to pause: the transport's buffer is full
 
 
 @implementer(IHandshakeListener, IPushProducer)
@@ -113,10 +114,10 @@ class LineProtocol(Protocol):
             # TLS holds what is written before its handshake is done and says
             # "pause"; reading must go on, or the handshake never ends.
             return
-        self._pause("peer not reading")
+        self._pause(PEER_NOT_READING)
 
     def resumeProducing(self) -> None:
-        self._pauses.discard("peer not reading")
+        self._pauses.discard(PEER_NOT_READING)
         # What waited for room writes now, and may fill the buffer again.
         waiting, self._waiting_for_room = self._waiting_for_room, []
         for d in waiting:
@@ -128,7 +129,7 @@ class LineProtocol(Protocol):
 
     @property
     def peer_reading(self) -> bool:
-        return "peer not reading" not in self._pauses
+        return PEER_NOT_READING not in self._pauses
 
     def drained(self) -> Deferred:
         """Fires once the transport has room for more (at once if it has)."""
@@ -252,7 +253,7 @@ class LineProtocol(Protocol):
         self.transport.startTLS(context)
         # startTLS registers this producer again, behind TLS, unpaused: a
         # pause from before it would never be lifted.
-        self._pauses.discard("peer not reading")
+        self._pauses.discard(PEER_NOT_READING)
 
     def discard_input(self) -> None:
         """Drop everything received but not yet handled (plaintext before TLS)."""
