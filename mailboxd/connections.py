@@ -37,6 +37,3 @@ class ConnectionCount:
             self._open.pop(key, None)
         else:
             self._open[key] -= 1
-
-    def open(self, ip: str) -> int:
-        return self._open[normalise_ip(ip)]
