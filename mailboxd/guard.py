@@ -15,9 +15,9 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from .clocks import Wall
 from .config import LimitsSection
 from .state import FailureLimit, FailureVerdict, StateError, StateStore, normalise_ip
 
@@ -34,7 +34,7 @@ def refusal(ip: str) -> str:
 @attrs.define
 class Guard:
     store: StateStore
-    clock: IReactorTime
+    wall: Wall  # failures and blocks are instants other processes read
     limits: LimitsSection
     run: Callable[..., Deferred]  # runs a store call off the reactor thread
     # Failures the store could not record (it was locked, or broken). Until
@@ -47,7 +47,7 @@ class Guard:
         the store cannot say, or cannot record this IP's earlier failures."""
         ip = normalise_ip(ip)
         owed = self._unrecorded.pop(ip, 0)
-        now = self.clock.seconds()
+        now = self.wall()
 
         def ask() -> bool:
             for _ in range(owed):
@@ -83,7 +83,7 @@ class Guard:
             self._unrecorded[ip] += 1
             return f
 
-        d = self.run(self.store.record_failure, ip, self.clock.seconds(), self._limit)
+        d = self.run(self.store.record_failure, ip, self.wall(), self._limit)
         return d.addCallbacks(verdict, unrecorded)
 
     @property

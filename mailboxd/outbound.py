@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import re
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from . import queue
 from .accounts import Account, Directory
 from .addresses import parse_mailbox
 from .bounce import Failure, build_dsn
+from .clocks import Wall
 from .config import Config
 from .maildir import IncomingMessage
 from .printable import shown
@@ -191,7 +193,11 @@ class Outbound:
     connect: Callable[[Hop, Any], Deferred] | None = None
     interval: float = 1.0
     delivered: Callable[[Delivery], object] | None = None  # told of local bounces (testing)
+    wall: Wall = time.time
     entries: dict[str, Entry] = attrs.field(factory=dict)
+    # Per entry, wall time minus monotonic time when it was first looked at:
+    # see `_now`.
+    _anchors: dict[str, float] = attrs.field(factory=dict)
     _busy: set[str] = attrs.field(factory=set)
     _active: collections.Counter = attrs.field(factory=collections.Counter)
     _bad_hosts: dict[str, float] = attrs.field(factory=dict)
@@ -282,6 +288,9 @@ class Outbound:
                 del self.entries[entry_id]
         for entry_id, entry in found.items():
             self.entries.setdefault(entry_id, entry)
+        for entry_id in list(self._anchors):
+            if entry_id not in self.entries:
+                del self._anchors[entry_id]
         self._dispatch()
 
     def _scan_failed(self, f: Any) -> None:
@@ -303,7 +312,7 @@ class Outbound:
                 if self._finish_after.get(entry_id, 0) > now:
                     continue
                 work = self._finish(entry)
-            elif not entry.due(now) or not self._has_room(entry, now):
+            elif not self._due(entry) or not self._has_room(entry):
                 continue
             else:
                 work = self._work(entry)
@@ -312,10 +321,26 @@ class Outbound:
             d.addErrback(lambda f, e=entry: log.failure("queue: {id} failed", f, id=e.id))
             d.addBoth(self._done, entry_id)
 
-    def _has_room(self, entry: Entry, now: float) -> bool:
+    def _has_room(self, entry: Entry) -> bool:
         limit = self.config.relay.max_connections_per_destination
         smarthost = self.config.relay.smarthost
-        return any(self._active[destination(r.address, smarthost)] < limit for r in entry.due(now))
+        return any(
+            self._active[destination(r.address, smarthost)] < limit for r in self._due(entry)
+        )
+
+    def _now(self, entry: Entry) -> float:
+        """Now, on `entry`'s own timeline: the wall time when this process
+        first saw it, moved on by the monotonic clock since.
+
+        Its arrival and retry times are stored as wall-clock instants (they
+        outlive the process); measured this way, a step of the wall clock
+        neither expires a young message nor holds back a due retry.
+        """
+        anchor = self._anchors.setdefault(entry.id, self.wall() - self.clock.seconds())
+        return self.clock.seconds() + anchor
+
+    def _due(self, entry: Entry) -> list[Recipient]:
+        return entry.due(self._now(entry))
 
     def _done(self, _: object, entry_id: str) -> None:
         self._busy.discard(entry_id)
@@ -339,10 +364,9 @@ class Outbound:
         if problem is not None:
             await self._set_aside(entry, problem)
             return
-        now = self.clock.seconds()
         smarthost = self.config.relay.smarthost
         groups: dict[str, list[Recipient]] = collections.defaultdict(list)
-        for r in entry.due(now):
+        for r in self._due(entry):
             groups[destination(r.address, smarthost)].append(r)
         for dest, recipients in groups.items():
             if self._active[dest] >= self.config.relay.max_connections_per_destination:
@@ -361,7 +385,7 @@ class Outbound:
             await self._finish(entry)
 
     def _record(self, entry: Entry, recipients: list[Recipient], outcomes: list[Outcome]) -> None:
-        now = self.clock.seconds()
+        now = self._now(entry)
         lifetime = self.config.relay.queue_lifetime
         for r, o in zip(recipients, outcomes, strict=True):
             r.attempts += 1
@@ -516,7 +540,7 @@ class Outbound:
             failures=failures,
             original=original,
             arrival=entry.received,
-            now=self.clock.seconds(),
+            now=self.wall(),
             message_id=bounce_id,
             to=to,
         )
@@ -544,7 +568,7 @@ class Outbound:
                 to=to,
             )
         elif address is not None and not directory.is_local_domain(address.domain):
-            now = self.clock.seconds()
+            now = self.wall()
             bounce = Entry(bounce_id, "", 0, now, [Recipient(to, next_attempt=now)], client="")
             await self._thread(queue.enqueue_bytes, self.directory, dsn, bounce)
             self.entries[bounce_id] = bounce

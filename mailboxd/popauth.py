@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from .clocks import Wall
 from .state import PopAuth, StateStore, normalise_ip
 
 log = Logger()
@@ -24,7 +24,7 @@ class PopAuthRegistry:
     """
 
     store: StateStore
-    clock: IReactorTime
+    wall: Wall  # expiries are instants other processes read
     ttl: int
     run: Callable[..., Deferred]  # runs a store call off the reactor thread
 
@@ -33,7 +33,7 @@ class PopAuthRegistry:
         if self.ttl <= 0:  # POP-before-SMTP is off: nothing to record
             return succeed(None)
         ip = normalise_ip(ip)
-        now = self.clock.seconds()
+        now = self.wall()
 
         def logged(auth: PopAuth) -> None:
             log.info(
@@ -54,5 +54,5 @@ class PopAuthRegistry:
         def found(auth: PopAuth | None) -> tuple[str, ...] | None:
             return None if auth is None else auth.domains
 
-        d = self.run(self.store.popauth, normalise_ip(ip), self.clock.seconds())
+        d = self.run(self.store.popauth, normalise_ip(ip), self.wall())
         return d.addCallback(found)

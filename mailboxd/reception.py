@@ -18,11 +18,11 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .accounts import Account
 from .addresses import Address
+from .clocks import Wall
 from .config import Config
 from .maildir import IncomingMessage
 from .printable import arg_safe, shown
@@ -87,7 +87,7 @@ class Intake:
     """What every reception shares: where mail goes and who is told of it."""
 
     config: Config
-    clock: IReactorTime
+    wall: Wall
     workers: Workers
     queued: Callable[[Entry], object]  # hands new entries to the outbound queue
     delivered: Callable[[Delivery], object] | None = None  # told of each accepted message
@@ -102,7 +102,7 @@ class Intake:
         directory update, which can wait for the disk.
         """
         message_id = secrets.token_hex(6).upper()
-        header = received_header(self.config.mailbox.hostname, trace, tx, message_id, self.clock)
+        header = received_header(self.config.mailbox.hostname, trace, tx, message_id, self.wall())
         spool = self.config.mailbox.mail_dir / ".incoming"
 
         def spool_file() -> tuple[IncomingMessage, int]:
@@ -186,7 +186,7 @@ class Reception:
         mail_dir = intake.config.mailbox.mail_dir
         entry = relay = None
         if tx.relay:
-            now = intake.clock.seconds()
+            now = intake.wall()
             entry = Entry(
                 id=self.id,
                 sender=tx.sender,
@@ -240,7 +240,7 @@ class Reception:
 
 
 def received_header(
-    hostname: str, trace: Trace, tx: Transaction, message_id: str, clock: IReactorTime
+    hostname: str, trace: Trace, tx: Transaction, message_id: str, when: float
 ) -> str:
     """RFC 5321 §4.4 trace header; the client's address as a literal."""
     ip = trace.ip
@@ -251,7 +251,7 @@ def received_header(
         proto = "SMTP" if not trace.tls else "SMTPS"
     rcpt = f"\n\tfor <{tx.recipients[0]}>" if len(tx.recipients) == 1 else ""
     using = f"\n\t(using {trace.tls})" if trace.tls else ""
-    now = format_datetime(datetime.datetime.fromtimestamp(clock.seconds()).astimezone())
+    now = format_datetime(datetime.datetime.fromtimestamp(when).astimezone())
     return (
         f"Received: from {arg_safe(trace.helo or 'unknown')} ([{literal}]){using}\n"
         f"\tby {hostname} (Mailbox) with {proto} id {message_id}{rcpt};\n"

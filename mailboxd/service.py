@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from .accounts import AccountStore
 from .auth import Authenticator
+from .clocks import Wall
 from .config import Config
 from .connections import ConnectionCount
 from .credcache import CredentialCache
@@ -122,6 +123,7 @@ class StateService(Service):
     clock: Any
     failure_window: int
     workers: Workers
+    wall: Wall = time.time  # what expired is judged by the instants stored
     interval: float = 2.0
     prune_every: int = 30  # intervals
     _loop: LoopingCall | None = None
@@ -131,7 +133,7 @@ class StateService(Service):
     def tick(self) -> Any:
         self._ticks += 1
         prune = self._ticks % self.prune_every == 1
-        now = self.clock.seconds()
+        now = self.wall()
 
         def read() -> tuple[list[tuple[int, float, str]], list[Any]]:
             events = self.store.events_after(self._last_event)
@@ -218,8 +220,9 @@ def build(config: Config, reactor: Any) -> MultiService:
     return assemble(config, reactor).service
 
 
-def assemble(config: Config, reactor: Any, clock: Any = None) -> Appliance:
-    """Build every part; `clock` (default: the reactor) times everything that is timed."""
+def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.time) -> Appliance:
+    """Build every part; `clock` (default: the reactor) times everything that
+    waits, and `wall` gives the instants that are stored (see clocks.py)."""
     clock = clock or reactor
     top = MultiService()
     m = config.mailbox
@@ -249,7 +252,9 @@ def assemble(config: Config, reactor: Any, clock: Any = None) -> Appliance:
             f"cannot read it: {e.strerror}"
         ) from None
     Running(accounts).setServiceParent(top)
-    StateService(state, clock, config.limits.auth_failure_window, workers).setServiceParent(top)
+    StateService(state, clock, config.limits.auth_failure_window, workers, wall).setServiceParent(
+        top
+    )
     if not accounts.directory.hashes:
         log.warn(
             "no accounts yet: add one with 'mailboxctl --config {config} user add you@{domain}'",
@@ -260,14 +265,14 @@ def assemble(config: Config, reactor: Any, clock: Any = None) -> Appliance:
     def directory() -> Any:
         return accounts.directory
 
-    guard = Guard(state, clock, config.limits, workers.db)
+    guard = Guard(state, wall, config.limits, workers.db)
     hashing = HashingQueue(
         workers.hash, per_client=per_client_hashing(workers), admit=guard.unblocked
     )
     cache = CredentialCache(config.limits.auth_cache_ttl, time.monotonic)
     checker = BcryptChecker(directory, hashing, cache, rounds=m.bcrypt_rounds)
     auth = Authenticator(make_portal(MailboxRealm(directory), checker), guard)
-    popauth = PopAuthRegistry(state, clock, config.relay.pop_before_smtp_ttl, workers.db)
+    popauth = PopAuthRegistry(state, wall, config.relay.pop_before_smtp_ttl, workers.db)
     tls = None
     if config.tls.certificate is not None and config.tls.private_key is not None:
         try:
@@ -281,7 +286,14 @@ def assemble(config: Config, reactor: Any, clock: Any = None) -> Appliance:
     reactor.callWhenRunning(workers.hashing.callInThread, checker.dummy_hash, cost)
 
     outbound = Outbound(
-        config, queue_dir(m.mail_dir), clock, reactor, workers.storage, directory, resolver=None
+        config,
+        queue_dir(m.mail_dir),
+        clock,
+        reactor,
+        workers.storage,
+        directory,
+        resolver=None,
+        wall=wall,
     )
     Running(outbound).setServiceParent(top)
 
@@ -297,6 +309,7 @@ def assemble(config: Config, reactor: Any, clock: Any = None) -> Appliance:
             outbound.add,
             tls,
             connections=connections,
+            wall=wall,
         )
 
     connections = ConnectionCount(config.limits.connections_per_ip, m.trusted_networks)

@@ -8,6 +8,7 @@ a multi-line reply. What happens to the data after DATA is `reception`'s.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -22,6 +23,7 @@ from twisted.protocols.policies import TimeoutMixin
 from .accounts import Account, Directory
 from .addresses import parse_mailbox
 from .auth import Authenticator, AuthResult, Outcome
+from .clocks import Wall
 from .config import Config
 from .connections import ConnectionCount
 from .faults import Faults
@@ -82,6 +84,7 @@ class SMTPFactory(ServerFactory):
     delivered: Callable[[Delivery], object] | None = None  # told of each accepted message
     faults: Faults | None = None  # test-only fault injection (mailboxd.testing)
     connections: ConnectionCount | None = None  # shared by every listener
+    wall: Wall = time.time  # for the instants a message carries (Received:, queue entries)
 
     noisy = False  # the connection log lines say more
 
@@ -90,7 +93,7 @@ class SMTPFactory(ServerFactory):
 
     @property
     def intake(self) -> Intake:
-        return Intake(self.config, self.clock, self.workers, self.queued, self.delivered)
+        return Intake(self.config, self.wall, self.workers, self.queued, self.delivered)
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
         p = SMTPServer()

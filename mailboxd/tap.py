@@ -25,6 +25,7 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    from .clocks import use_monotonic_clock
     from .service import build
 
     # Mail, accounts and state are for the server's user only, whatever
@@ -34,4 +35,5 @@ def makeService(options: Options) -> IService:
         config = load(options["config"])
     except ConfigError as e:
         raise SystemExit(f"mailbox: {e}") from None
+    use_monotonic_clock(reactor)  # before anything is scheduled
     return build(config, reactor)

@@ -142,6 +142,10 @@ class ShiftedClock:
     def seconds(self) -> float:
         return self.reactor.seconds() + self.offset
 
+    def wall(self) -> float:
+        """The wall clock, moved by the same offset (see mailboxd.clocks)."""
+        return time.time() + self.offset
+
     def callLater(self, delay: float, f: Callable, *args: Any, **kw: Any) -> _ShiftedCall:
         call = _ShiftedCall(self, self.seconds() + delay, f, args, kw)
         self.calls.add(call)
@@ -426,7 +430,7 @@ class MailServer(ServerAPI):
     def _start_server(self, reactor: Any) -> Any:
         from .service import assemble
 
-        self.appliance = appliance = assemble(self.config, reactor, self.clock)
+        self.appliance = appliance = assemble(self.config, reactor, self.clock, self.clock.wall)
         for factory in (appliance.smtp, appliance.submission):
             factory.delivered = self._delivered
             factory.faults = self.faults

@@ -47,6 +47,7 @@ class MailServer:
         self.private_key = home / "etc" / "key.pem"
         self.log_path = home / "twistd.log"
         self.proc: subprocess.Popen | None = None
+        self.daemon_env: dict[str, str] = {}  # for twistd only, not for mailboxctl
         (home / "etc").mkdir(parents=True, exist_ok=True)
         self.config = home / "etc" / "mailbox.ini"
         # Relayed mail goes to a loopback port where nothing listens unless a
@@ -104,7 +105,7 @@ class MailServer:
         self.proc = subprocess.Popen(
             [str(TWISTD), "--nodaemon", "--pidfile=", "mailbox", "--config", "etc/mailbox.ini"],
             cwd=self.home,
-            env=self.env(),
+            env={**self.env(), **self.daemon_env},
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
         )
@@ -355,8 +356,10 @@ def unit(tmp_path: Path):
     u.state = SQLiteStateStore(state_path(m.mail_dir))
     u.hash_pool = SyncPool()  # apart, to hold bcrypt checks alone
     u.workers = Workers(u.reactor, u.pool, u.hash_pool, u.pool)
-    u.guard = Guard(u.state, u.clock, u.config.limits, u.workers.db)
-    u.popauth = PopAuthRegistry(u.state, u.clock, u.config.relay.pop_before_smtp_ttl, u.workers.db)
+    u.guard = Guard(u.state, u.clock.seconds, u.config.limits, u.workers.db)
+    u.popauth = PopAuthRegistry(
+        u.state, u.clock.seconds, u.config.relay.pop_before_smtp_ttl, u.workers.db
+    )
     directory = lambda: u.store.directory  # noqa: E731
     u.cache = CredentialCache(u.config.limits.auth_cache_ttl, u.clock.seconds)
     u.hashing = HashingQueue(u.workers.hash, admit=u.guard.unblocked)

@@ -1,11 +1,13 @@
 """Operator mistakes (issue 11) that need no running server: mailboxctl's
-output closed early, a certificate and a key that do not belong together."""
+output closed early, a certificate and a key that do not belong together, and
+the reactor's clock."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import bcrypt
@@ -98,3 +100,38 @@ def test_mailboxctl_with_a_home_acts_on_the_appliance_from_anywhere(appliance):
     # and from the home itself, without `home`, as `make run` does
     config.write_text("[mailbox]\ndomains = example.test\n")
     assert ctl_in(home, config, "user", "list").stdout == "alice@example.test\n"
+
+
+# --- item 6: the reactor's clock -----------------------------------------------------
+
+
+def test_the_reactor_is_moved_to_the_monotonic_clock_keeping_what_it_scheduled():
+    from twisted.internet.selectreactor import SelectReactor
+    from twisted.internet.task import Clock
+
+    from mailboxd.clocks import use_monotonic_clock
+
+    reactor = SelectReactor()  # not installed: only this test uses it
+    try:
+        later = reactor.callLater(30, lambda: None)
+        sooner = reactor.callLater(10, lambda: None)
+        use_monotonic_clock(reactor)
+        assert reactor.seconds() == pytest.approx(time.monotonic(), abs=1)
+        assert later.getTime() - time.monotonic() == pytest.approx(30, abs=1)
+        assert sooner.getTime() - time.monotonic() == pytest.approx(10, abs=1)
+        sooner.reset(5)  # a reset counts on the new clock too
+        assert sooner.getTime() - time.monotonic() == pytest.approx(5, abs=1)
+        new = reactor.callLater(1, lambda: None)
+        assert new.getTime() - time.monotonic() == pytest.approx(1, abs=1)
+        use_monotonic_clock(reactor)  # a second time changes nothing
+        assert later.getTime() - time.monotonic() == pytest.approx(30, abs=1)
+        for call in (later, sooner, new):
+            call.cancel()
+    finally:
+        reactor.disconnectAll()
+        for reader in list(reactor.getReaders()):
+            reactor.removeReader(reader)
+
+    clock = Clock()
+    use_monotonic_clock(clock)  # a test's clock is left as it is
+    assert clock.seconds() == 0

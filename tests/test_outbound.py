@@ -241,6 +241,7 @@ class Runner:
         self.net = Net()
         self.resolver = FakeResolver(dns)
         self.events = events
+        self.wall_step = 0.0  # how far the wall clock has been stepped
         self.outbound = Outbound(
             self.config,
             self.dir,
@@ -251,6 +252,7 @@ class Runner:
             resolver=self.resolver,
             mx_port=25,
             connect=self.net.connect,
+            wall=lambda: unit.clock.seconds() + self.wall_step,
         )
 
     def enqueue(
@@ -783,6 +785,24 @@ def test_queue_lifetime_expiry_fails_with_4_4_7_and_bounces(make):
     assert b"Final-Recipient: rfc822; a@far.test" in dsn
     assert b"Status: 4.4.7" in dsn
     assert b"451 4.3.0 try later" in dsn
+
+
+def test_a_wall_clock_step_neither_expires_nor_delays_an_entry(make):
+    r = make(SMARTHOST + "queue_lifetime = 3600\n")
+    r.net.add("127.0.0.1", {"rcpt": "451 4.3.0 try later"})
+    r.advance(10_000)
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    assert r.recipient("E1", "a@far.test")["attempts"] == 1
+    r.wall_step = 2 * 3600  # two hours ahead: the entry is still seconds old
+    r.advance(backoff(1))
+    rcpt = r.recipient("E1", "a@far.test")
+    assert (rcpt["status"], rcpt["attempts"]) == ("deferred", 2)
+    r.wall_step = -3600  # three hours back: the next retry is not held back
+    r.advance(backoff(2))
+    rcpt = r.recipient("E1", "a@far.test")
+    assert (rcpt["status"], rcpt["attempts"]) == ("deferred", 3)
+    assert r.inbox("alice@example.test") == []
 
 
 # --- servers that hang or go away ------------------------------------------------------

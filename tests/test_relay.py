@@ -443,7 +443,7 @@ def test_state_service_logs_operator_changes_and_expired_blocks(unit):
 
     from mailboxd.service import StateService
 
-    service = StateService(unit.state, unit.clock, 3600, unit.workers)
+    service = StateService(unit.state, unit.clock, 3600, unit.workers, unit.clock.seconds)
     unit.state.note(0, "before start: not logged again")
     service.startService()
     block(unit, "192.0.2.40")

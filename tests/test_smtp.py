@@ -20,6 +20,7 @@ class Session:
             unit.auth,
             unit.popauth,
             listener,
+            wall=unit.clock.seconds,
         )
         self.proto = factory.buildProtocol(None)
         self.transport = StringTransport(peerAddress=_Peer(ip))
