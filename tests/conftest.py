@@ -48,6 +48,7 @@ class MailServer:
         self.log_path = home / "twistd.log"
         self.proc: subprocess.Popen | None = None
         self.daemon_env: dict[str, str] = {}  # for twistd only, not for mailboxctl
+        self.daemon_prefix: list[str] = []  # a command twistd runs under
         (home / "etc").mkdir(parents=True, exist_ok=True)
         self.config = home / "etc" / "mailbox.ini"
         # Relayed mail goes to a loopback port where nothing listens unless a
@@ -103,7 +104,11 @@ class MailServer:
     def start(self) -> MailServer:
         self.log_file = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [str(TWISTD), "--nodaemon", "--pidfile=", "mailbox", "--config", "etc/mailbox.ini"],
+            [
+                *self.daemon_prefix,
+                str(TWISTD),
+                *("--nodaemon", "--pidfile=", "mailbox", "--config", "etc/mailbox.ini"),
+            ],
             cwd=self.home,
             env={**self.env(), **self.daemon_env},
             stdout=self.log_file,

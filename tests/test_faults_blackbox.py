@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ALICE, ALICE_PW, TWISTD, MailServer
+from conftest import ALICE, ALICE_PW, TWISTD, MailServer, need
 from test_blackbox import Raw
 from test_relay_blackbox import plain, pop_from, smtp_from
 
@@ -152,6 +152,63 @@ def test_the_accounts_reload_survives_an_operator_mistake(untrusted):
     )
     assert server.log().count("cannot read") == 1  # once when it started, not every second
     server.check_log()
+
+
+def without_root_powers(server: MailServer) -> None:
+    """Run `server` as root cannot read a file it may not (as a service user).
+
+    Root reads any file: without its DAC capabilities, the file's owner and
+    mode decide, as they do for the service user a real install runs as."""
+    if os.geteuid() == 0:
+        server.daemon_prefix = [need("setpriv"), "--bounding-set", "-dac_override,-dac_read_search"]
+
+
+def test_the_accounts_reload_survives_a_file_it_may_not_read(make_server):
+    from conftest import ctl
+    from test_blackbox import wait_for
+
+    server = make_server("[mailbox]\ntrusted_networks =\n").add_test_accounts()
+    without_root_powers(server)
+    server.start()
+    accounts = server.home / "etc" / "accounts"
+    accounts.chmod(0o000)  # as if another user had rewritten it, 0600
+    assert wait_for(lambda: "Permission denied" in server.log(), timeout=5), server.log()
+    assert auth(server, "127.0.0.57", ALICE, ALICE_PW) == "235 2.7.0 Authentication successful"
+    accounts.chmod(0o600)
+    server.add_user("erin@example.test", "erin pw")
+    assert wait_for(lambda: "readable again" in server.log(), timeout=5)
+    assert wait_for(lambda: "loaded 3 accounts" in server.log(), timeout=5)
+    assert auth(server, "127.0.0.58", "erin@example.test", "erin pw") == (
+        "235 2.7.0 Authentication successful"
+    )
+    assert server.log().count("cannot read") == 1  # once when it started, not every second
+
+    # mailboxctl (here with all of root's powers) keeps the file's owner,
+    # group and mode: the server can still read what it rewrote.
+    if os.geteuid() == 0:  # the service user's file, which the server reads as its group
+        os.chown(accounts, 12345, os.getgid())
+        accounts.chmod(0o640)
+    before = accounts.stat()
+    ctl(server, "user", "add", "frank@example.test", input="frank pw\n")
+    after = accounts.stat()
+    assert (after.st_uid, after.st_gid, after.st_mode) == (
+        before.st_uid,
+        before.st_gid,
+        before.st_mode,
+    )
+    assert wait_for(lambda: "loaded 4 accounts" in server.log(), timeout=5), server.log()
+    assert auth(server, "127.0.0.59", "frank@example.test", "frank pw") == (
+        "235 2.7.0 Authentication successful"
+    )
+    server.check_log()
+
+
+def auth(server: MailServer, ip: str, address: str, password: str) -> str:
+    r = smtp_from(server, ip)
+    r.send(f"AUTH PLAIN {plain(address, password)}\r\n")
+    reply = r.reply()
+    r.close()
+    return reply
 
 
 def test_a_full_disk_while_saving_a_queue_entry_leaves_no_temp_file(small_disk):

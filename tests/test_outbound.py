@@ -1014,3 +1014,25 @@ def test_a_server_refusing_ehlo_and_helo_gets_one_helo_and_a_deferral(make):
     rcpt = r.recipient("E1", "a@far.test")
     assert (rcpt["status"], rcpt["last_error"]) == ("deferred", refuse)
     assert "E1" not in r.outbound._busy  # its slot is free
+
+
+def test_a_server_that_never_finishes_an_answer_meets_the_attempt_deadline(make):
+    r = make(SMARTHOST + "timeout = 30\n")
+    host = r.net.add("127.0.0.1", {"eod": HANG}, {})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    [pump] = r.net.pumps
+    elapsed = 0
+    # A line of a multi-line reply every 20 s: each resets the 30 s step
+    # timeout, and the reply never ends.
+    while elapsed < 580:
+        pump.serverIO.write(b"250-still thinking\r\n")
+        r.advance(20)
+        elapsed += 20
+        assert "E1" in r.outbound._busy, (elapsed, r.envelope("E1"))
+    r.advance(20)
+    assert "E1" not in r.outbound._busy  # its slot is free again
+    rcpt = r.recipient("E1", "a@far.test")
+    assert rcpt["status"] == "deferred"
+    assert "took too long" in rcpt["last_error"]
+    assert not host.sessions[0].open
