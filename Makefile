@@ -42,6 +42,7 @@ test: install lint
 bench: install
 	$(BIN)/python bench/smtp_throughput.py
 	$(BIN)/python bench/capacity.py
+	$(BIN)/python bench/connect_burst.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

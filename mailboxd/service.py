@@ -38,6 +38,21 @@ from .workers import Workers, make_workers
 log = Logger()
 
 
+# Connections the kernel queues before they are accepted. Twisted's default of
+# 50 overflows in a burst of connections, and each dropped SYN costs its client
+# a second; the kernel caps it at net.core.somaxconn.
+DEFAULT_BACKLOG = 1024
+_TAKES_BACKLOG = ("tcp", "tcp6", "ssl", "unix", IMPLICIT_PREFIX[:-1])
+
+
+def with_backlog(description: str) -> str:
+    """An endpoint string, with the default backlog unless it names one."""
+    kind, _, rest = description.partition(":")
+    if kind not in _TAKES_BACKLOG or any(w.startswith("backlog=") for w in rest.split(":")):
+        return description
+    return f"{description}:backlog={DEFAULT_BACKLOG}"
+
+
 class ListenerService(StreamServerEndpointService):
     """An endpoint service that stops start-up with one line if it cannot listen."""
 
@@ -50,10 +65,10 @@ class ListenerService(StreamServerEndpointService):
         tls: ServerTLS | None = None,
     ) -> None:
         if description.startswith(IMPLICIT_PREFIX) and tls is not None:
-            endpoint = implicit_endpoint(reactor, description)
+            endpoint = implicit_endpoint(reactor, with_backlog(description))
             factory = wrap_implicit(tls, factory)
         else:
-            endpoint = serverFromString(reactor, description)
+            endpoint = serverFromString(reactor, with_backlog(description))
         super().__init__(endpoint, factory)
         self.description = description
         self.setName(name)
