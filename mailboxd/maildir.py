@@ -2,7 +2,8 @@
 
 Messages are stored with LF line ends, as other Maildir tools expect; the
 file name carries ``S=`` (bytes on disk) and ``W=`` (bytes on the wire, with
-CRLF) so POP3 can answer STAT and LIST without reading any file.
+CRLF) so POP3 can answer STAT and LIST without reading any file (listing.py
+has the POP3 listing).
 """
 
 from __future__ import annotations
@@ -10,12 +11,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import itertools
 import os
-import re
 import secrets
-import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,11 +22,10 @@ from typing import BinaryIO
 import attrs
 
 from .accounts import Account
+from .listing import Listings, Message, scan
 from .private import create_private, private_dir
 
 _counter = itertools.count(1)
-_UID_OK = re.compile(r"[\x21-\x7e]{1,70}")
-_SIZES = re.compile(r",S=(\d+)(?:,W=(\d+))?")
 
 
 def maildir_path(mail_dir: Path, account: Account) -> Path:
@@ -162,63 +159,6 @@ def clean_spool(spool_dir: Path) -> int:
 # --- POP3 side ------------------------------------------------------------------
 
 
-@attrs.define
-class Message:
-    path: Path
-    uid: str
-    size: int
-    deleted: bool = False
-
-
-def uid_for(name: str) -> str:
-    """A UIDL that stays the same for the message's whole life (RFC 1939 §7)."""
-    base = name.split(":", 1)[0].split(",", 1)[0]
-    if _UID_OK.fullmatch(base):
-        return base
-    return hashlib.sha1(base.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def open_message(path: Path) -> BinaryIO:
-    """Open a message file to read: a regular file, not a link to one, and
-    never a FIFO or a device that could block the reading thread for ever."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _wire_size(path: Path, name: str, on_disk: int) -> int:
-    """What the message is on the wire (CRLF ends, a final CRLF; RFC 1939's size).
-
-    The name's W= is believed only beside an S= that is the file's size and
-    a W= that size could give: else the file is measured, so that LIST never
-    announces what RETR does not send.
-    """
-    m = _SIZES.search(name)
-    if m and m.group(2) and int(m.group(1)) == on_disk:
-        wire = int(m.group(2))
-        if on_disk <= wire <= 2 * on_disk + 2:
-            return wire
-    with open_message(path) as f:
-        return measure_wire(f)
-
-
-def measure_wire(f: BinaryIO) -> int:
-    """The wire size of what `f` holds, read in chunks."""
-    total = crlf = lf = 0
-    last = b""
-    while chunk := f.read(1 << 20):
-        total += len(chunk)
-        lf += chunk.count(b"\n")
-        crlf += chunk.count(b"\r\n") + (last == b"\r" and chunk[:1] == b"\n")
-        last = chunk[-1:]
-    return total - crlf + lf + (2 if total and last != b"\n" else 0)
-
-
 class MailboxLocked(Exception):
     pass
 
@@ -231,11 +171,12 @@ class Mailbox:
     """
 
     path: Path
-    messages: list[Message]
+    messages: tuple[Message, ...]
     _lock_fd: int | None = attrs.field(repr=False, default=None)
+    deleted: set[int] = attrs.field(factory=set)  # message numbers
 
     @classmethod
-    def open(cls, path: Path) -> Mailbox:
+    def open(cls, path: Path, listings: Listings | None = None) -> Mailbox:
         """Lock and list the Maildir. Blocking: call it in a thread pool."""
         ensure_maildir(path)
         fd = os.open(path / ".pop3.lock", os.O_CREAT | os.O_RDWR, 0o600)
@@ -245,21 +186,8 @@ class Mailbox:
             os.close(fd)
             raise MailboxLocked(str(path)) from None
         try:
-            messages = []
-            entries = []
-            for sub in ("cur", "new"):
-                for entry in os.scandir(path / sub):
-                    # Regular files only: a link could serve any file the
-                    # server can read, a FIFO would hang the reader.
-                    if entry.is_file(follow_symlinks=False) and not entry.name.startswith("."):
-                        on_disk = entry.stat(follow_symlinks=False).st_size
-                        entries.append((entry.name, Path(entry.path), on_disk))
-            for name, file_path, on_disk in sorted(entries):
-                try:
-                    size = _wire_size(file_path, name, on_disk)
-                except OSError:  # gone, or swapped for what is not a message
-                    continue
-                messages.append(Message(file_path, uid_for(name), size))
+            maildir = str(path)
+            messages = listings.list(maildir) if listings else tuple(scan(maildir))
         except BaseException:
             os.close(fd)
             raise
@@ -267,31 +195,32 @@ class Mailbox:
 
     def get(self, number: int) -> Message | None:
         """Message `number` (1-based), unless missing or marked deleted."""
-        if 1 <= number <= len(self.messages):
-            message = self.messages[number - 1]
-            if not message.deleted:
-                return message
+        if 1 <= number <= len(self.messages) and number not in self.deleted:
+            return self.messages[number - 1]
         return None
 
+    def delete(self, number: int) -> None:
+        self.deleted.add(number)
+
     def live(self) -> list[tuple[int, Message]]:
-        return [(i, m) for i, m in enumerate(self.messages, 1) if not m.deleted]
+        deleted = self.deleted
+        return [(i, m) for i, m in enumerate(self.messages, 1) if i not in deleted]
 
     def undelete_all(self) -> None:
-        for message in self.messages:
-            message.deleted = False
+        self.deleted.clear()
 
     def commit(self) -> int:
         """Remove what was marked deleted. Blocking: call it in a thread pool."""
         removed = 0
         dirs = set()
-        for message in self.messages:
-            if message.deleted:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(message.path)
-                    removed += 1
-                    dirs.add(message.path.parent)
+        for number in sorted(self.deleted):
+            message = self.messages[number - 1]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(message.path)
+                removed += 1
+                dirs.add(os.path.dirname(message.path))
         for d in dirs:
-            fsync_dir(d)
+            fsync_dir(Path(d))
         return removed
 
     def close(self) -> None:

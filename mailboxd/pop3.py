@@ -23,7 +23,8 @@ from .faults import Faults
 from .faults import apply as apply_fault
 from .guard import refusal
 from .lines import LineProtocol
-from .maildir import Mailbox, MailboxLocked, Message, maildir_path, open_message
+from .listing import Listings, Message, open_message
+from .maildir import Mailbox, MailboxLocked, maildir_path
 from .popauth import PopAuthRegistry
 from .sasl import Aborted, Challenge, Credentials, Exchange, Forbidden, Malformed, Unsupported
 from .state import StateError
@@ -58,6 +59,7 @@ class POP3Factory(ServerFactory):
     tls: ServerTLS | None = None  # offered as STLS when set
     faults: Faults | None = None  # test-only fault injection (mailboxd.testing)
     connections: ConnectionCount | None = None  # shared by every listener
+    listings: Listings = attrs.field(factory=Listings)  # Maildirs listed at recent logins
 
     noisy = False  # the connection log lines say more
 
@@ -326,7 +328,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
 
         d = self.factory.popauth.authorise(self.peer_ip, account.domain)
         d.addErrback(unrecorded)
-        d.addCallback(lambda _: self.thread(Mailbox.open, path))
+        d.addCallback(lambda _: self.thread(Mailbox.open, path, self.factory.listings))
         return d.addCallbacks(opened, not_opened)
 
     # --- TRANSACTION state ---------------------------------------------------
@@ -441,7 +443,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
         found = self._message_arg(arg)
         if isinstance(found, str):
             return found
-        found[1].deleted = True
+        self.mailbox.delete(found[0])
         return f"+OK message {found[0]} marked for deletion at QUIT"
 
     def pop_RSET(self, arg: str) -> Reply:
