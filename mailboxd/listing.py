@@ -75,6 +75,17 @@ def open_message(path: str | os.PathLike[str]) -> BinaryIO:
         raise
 
 
+def read_small(path: str | os.PathLike[str], limit: int) -> bytes:
+    """Up to `limit` bytes of a message file, checked as `open_message` does."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
 def measure_wire(f: BinaryIO) -> int:
     """The wire size of what `f` holds, read in chunks."""
     total = crlf = lf = 0

@@ -23,7 +23,7 @@ from .faults import Faults
 from .faults import apply as apply_fault
 from .guard import refusal
 from .lines import LineProtocol
-from .listing import Listings, Message, open_message
+from .listing import Listings, Message, open_message, read_small
 from .maildir import Mailbox, MailboxLocked, maildir_path
 from .popauth import PopAuthRegistry
 from .sasl import Aborted, Challenge, Credentials, Exchange, Forbidden, Malformed, Unsupported
@@ -107,6 +107,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
         self.sasl = Exchange(("PLAIN",))
         self.setTimeout(self.factory.config.pop3.idle_timeout)
         self.errors = 0
+        self.retrieved = self.retrieved_octets = 0  # by RETR, for the session's log line
         log.info("pop3 connection from {client}", client=self.peer_ip)
         if not self.count_connection(self.factory.connections):
             log.info("pop3 refused {client}: too many connections", client=self.peer_ip)
@@ -167,6 +168,14 @@ class POP3Server(LineProtocol, TimeoutMixin):
             self.mailbox.close()  # nothing marked deleted is removed
             self.mailbox = None
         if self.account is not None:
+            # One line a session, as Dovecot's logout line: a line for each
+            # message would cost as much as sending it.
+            log.info(
+                "pop3 {user} retrieved {count} messages ({octets} octets)",
+                user=self.account.address,
+                count=self.retrieved,
+                octets=self.retrieved_octets,
+            )
             # The end of an authenticated session refreshes POP-before-SMTP.
             d = self.factory.popauth.authorise(self.peer_ip, self.account.domain)
             d.addErrback(lambda f: log.error("{error}", error=str(f.value)))
@@ -391,8 +400,8 @@ class POP3Server(LineProtocol, TimeoutMixin):
         first = b"+OK " + str(message.size).encode() + b" octets\r\n"
         if message.size < CHUNK:
             try:
-                with open_message(message.path) as f:
-                    data = f.read(CHUNK * 2 + 2)  # what LIST said, or a file that grew: no more
+                # What LIST said, or a file that grew: no more.
+                data = read_small(message.path, CHUNK * 2 + 2)
             except OSError as e:
                 return self._unreadable(message, e)
             self._sent(message, command)
@@ -428,12 +437,9 @@ class POP3Server(LineProtocol, TimeoutMixin):
         return None
 
     def _sent(self, message: Message, command: str) -> None:
-        log.info(
-            "pop3 {command} {uid} by {user}",
-            command=command,
-            uid=message.uid,
-            user=self.account.address,
-        )
+        if command == "RETR":
+            self.retrieved += 1
+            self.retrieved_octets += message.size
 
     def _unreadable(self, message: Message, error: OSError) -> Reply:
         log.warn("pop3 cannot read {path}: {error}", path=str(message.path), error=str(error))

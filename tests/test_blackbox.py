@@ -259,13 +259,14 @@ def test_logs_are_structured_and_never_hold_a_password(server):
     p.dele(1)
     p.quit()
     assert wait_for(lambda: "deleted 1 messages" in server.log())
+    assert wait_for(lambda: "retrieved 1 messages" in server.log())
     log = server.log()
     for event in (
         "smtp connection from 127.0.0.1",
         "delivered ",
         "pop3 login failed for alice@example.test from 127.0.0.1",
         "pop3 login alice@example.test from 127.0.0.1",
-        "pop3 RETR ",
+        "pop3 alice@example.test retrieved 1 messages (",
     ):
         assert event in log
     assert "but wrong" not in log
