@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.task import LoopingCall
@@ -77,6 +78,15 @@ class _Sender(ESMTPSender):
 
     _line_start = True
 
+    def connectionMade(self) -> None:
+        # Commands and the message's last bytes are small writes that wait
+        # for a reply: with Nagle's algorithm each would wait for the peer's
+        # delayed ACK (40 ms on Linux) first.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        super().connectionMade()
+
     def timeoutConnection(self) -> None:
         if self.factory.sendFinished:  # only the QUIT exchange is left: just hang up
             self.transport.abortConnection()
@@ -114,6 +124,7 @@ class _Sender(ESMTPSender):
 class _SenderFactory(ESMTPSenderFactory):
     protocol = _Sender
     clock: Any = None
+    noisy = False  # the queue logs each attempt; "Starting factory" a message is noise
 
     def buildProtocol(self, addr: Any) -> Any:
         p = super().buildProtocol(addr)
@@ -312,21 +323,37 @@ class Outbound:
                 if self._finish_after.get(entry_id, 0) > now:
                     continue
                 work = self._finish(entry)
-            elif not self._due(entry) or not self._has_room(entry):
-                continue
             else:
-                work = self._work(entry)
+                reserved = self._reserve(entry)
+                if not reserved:
+                    continue
+                work = self._work(entry, reserved)
             self._busy.add(entry_id)
             d = ensureDeferred(work)
             d.addErrback(lambda f, e=entry: log.failure("queue: {id} failed", f, id=e.id))
             d.addBoth(self._done, entry_id)
 
-    def _has_room(self, entry: Entry) -> bool:
-        limit = self.config.relay.max_connections_per_destination
-        smarthost = self.config.relay.smarthost
-        return any(
-            self._active[destination(r.address, smarthost)] < limit for r in self._due(entry)
-        )
+    def _reserve(self, entry: Entry) -> list[str]:
+        """Take a connection slot for each destination `entry` is due for and
+        that has room, before any work starts: so that one pass never starts
+        more deliveries than there are slots."""
+        relay = self.config.relay
+        reserved: list[str] = []
+        for r in self._due(entry):
+            dest = destination(r.address, relay.smarthost)
+            if (
+                dest not in reserved
+                and self._active[dest] < relay.max_connections_per_destination
+                and sum(self._active.values()) < relay.max_connections
+            ):
+                self._active[dest] += 1
+                reserved.append(dest)
+        return reserved
+
+    def _release(self, dest: str) -> None:
+        self._active[dest] -= 1
+        if self._active[dest] <= 0:
+            del self._active[dest]
 
     def _now(self, entry: Entry) -> float:
         """Now, on `entry`'s own timeline: the wall time when this process
@@ -355,32 +382,38 @@ class Outbound:
 
     # --- one entry --------------------------------------------------------------
 
-    async def _work(self, entry: Entry) -> None:
-        problem = await self._thread(queue.corruption, self.directory, entry)
-        if problem == queue.DELETED:
-            log.info("queue {id} was deleted", id=entry.id)
-            self.entries.pop(entry.id, None)
-            return
-        if problem is not None:
-            await self._set_aside(entry, problem)
-            return
-        smarthost = self.config.relay.smarthost
-        groups: dict[str, list[Recipient]] = collections.defaultdict(list)
-        for r in self._due(entry):
-            groups[destination(r.address, smarthost)].append(r)
-        for dest, recipients in groups.items():
-            if self._active[dest] >= self.config.relay.max_connections_per_destination:
-                continue  # tried again when a connection there is free
-            self._active[dest] += 1
-            try:
-                outcomes = await self._deliver(entry, dest, [r.address for r in recipients])
-            finally:
-                self._active[dest] -= 1
-                if self._active[dest] <= 0:
-                    del self._active[dest]
-            self._record(entry, recipients, outcomes)
-            if not await self._save(entry):
+    async def _work(self, entry: Entry, reserved: list[str]) -> None:
+        """Deliver `entry` to the destinations it holds a slot for (`_reserve`);
+        each slot is given back as soon as its delivery is done."""
+        held = list(reserved)
+        try:
+            problem = await self._thread(queue.corruption, self.directory, entry)
+            if problem == queue.DELETED:
+                log.info("queue {id} was deleted", id=entry.id)
+                self.entries.pop(entry.id, None)
                 return
+            if problem is not None:
+                await self._set_aside(entry, problem)
+                return
+            smarthost = self.config.relay.smarthost
+            groups: dict[str, list[Recipient]] = collections.defaultdict(list)
+            for r in self._due(entry):
+                groups[destination(r.address, smarthost)].append(r)
+            for dest in reserved:
+                recipients = groups.get(dest, [])
+                try:
+                    if not recipients:
+                        continue
+                    outcomes = await self._deliver(entry, dest, [r.address for r in recipients])
+                finally:
+                    held.remove(dest)
+                    self._release(dest)
+                self._record(entry, recipients, outcomes)
+                if not await self._save(entry):
+                    return
+        finally:
+            for dest in held:
+                self._release(dest)
         if entry.done:
             await self._finish(entry)
 
@@ -492,9 +525,16 @@ class Outbound:
             message.close()
 
     def _connect(self, hop: Hop, factory: Any) -> Deferred:
-        endpoint = HostnameEndpoint(
-            self.reactor, hop.host, hop.port, timeout=self.config.relay.timeout
-        )
+        timeout = self.config.relay.timeout
+        endpoint: Any
+        # An address (a smarthost given as one, MX hosts resolved to one) needs
+        # no name resolution, and none of HostnameEndpoint's machinery.
+        if isIPAddress(hop.host):
+            endpoint = TCP4ClientEndpoint(self.reactor, hop.host, hop.port, timeout=timeout)
+        elif isIPv6Address(hop.host):
+            endpoint = TCP6ClientEndpoint(self.reactor, hop.host, hop.port, timeout=timeout)
+        else:
+            endpoint = HostnameEndpoint(self.reactor, hop.host, hop.port, timeout=timeout)
         return endpoint.connect(factory)
 
     # --- the end of an entry ------------------------------------------------------
