@@ -29,6 +29,7 @@ class MailboxSection:
     trusted_networks: tuple[IPNetwork, ...]
     bcrypt_rounds: int
     home: Path | None = None  # what relative paths are resolved against; None: the cwd
+    workers: int = 1  # serving processes; 0: one per core
 
 
 @attrs.frozen
@@ -214,6 +215,15 @@ def _path(text: str) -> Path:
     return Path(text.strip())
 
 
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        return _count(1, 256)(text)
+    except _Invalid:
+        raise _Invalid("auto or a number of processes from 1 to 256") from None
+
+
 def _optional_path(text: str) -> Path | None:
     return Path(text.strip()) if text.strip() else None
 
@@ -231,6 +241,7 @@ SPEC: _Spec = {
         "home": ("", _optional_path),
         "trusted_networks": ("127.0.0.0/8 ::1/128", _networks),
         "bcrypt_rounds": ("12", _count(4, 31)),
+        "workers": ("1", _workers),
     },
     "smtp": {
         "listen": ("tcp:2525:interface=127.0.0.1", _endpoints),

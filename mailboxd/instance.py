@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from pathlib import Path
 
 import attrs
@@ -26,21 +27,38 @@ class InstanceLock:
     path: Path
     _fd: int | None = attrs.field(init=False, default=None, repr=False)
 
-    def acquire(self) -> None:
-        """Take the lock, or raise InstanceRunning naming the process that has it."""
+    def acquire(self, orphans_grace: float = 10.0) -> None:
+        """Take the lock, or raise InstanceRunning naming the process that has it.
+
+        Worker processes share the lock with the process that took it (see
+        processes.py), so a server whose primary died holds it until its
+        workers have stopped, which they do on their own: that is waited for,
+        up to `orphans_grace` seconds.
+        """
         private_dir(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
-            os.close(fd)
-            raise InstanceRunning(
-                f"{self.path.parent.parent} is in use by a running server (process {holder})"
-            ) from None
+        deadline = time.monotonic() + orphans_grace
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                if holder.isdigit() and not _alive(int(holder)) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                os.close(fd)
+                raise InstanceRunning(
+                    f"{self.path.parent.parent} is in use by a running server "
+                    f"(process {holder or 'unknown'})"
+                ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+
+    def fileno(self) -> int | None:
+        """The locked file, for worker processes to share the lock."""
+        return self._fd
 
     def release(self) -> None:
         if self._fd is not None:
@@ -55,6 +73,16 @@ class InstanceLock:
 
     def stop(self) -> None:
         self.release()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def lock_path(mail_dir: Path) -> Path:

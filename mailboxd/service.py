@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -10,9 +11,11 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from .accounts import AccountStore
 from .auth import Authenticator
@@ -28,6 +31,7 @@ from .policy import Listener
 from .pop3 import POP3Factory
 from .popauth import PopAuthRegistry
 from .private import private_dir
+from .processes import Supervisor, adopt, worker_count
 from .queue import queue_dir, remove_unacknowledged
 from .realm import BcryptChecker, HashingQueue, MailboxRealm, make_portal
 from .smtp import SMTPFactory
@@ -53,8 +57,25 @@ def with_backlog(description: str) -> str:
     return f"{description}:backlog={DEFAULT_BACKLOG}"
 
 
+@implementer(IStreamServerEndpoint)
+@attrs.frozen
+class _Noting:
+    """An endpoint that tells `seen` the port it listens on."""
+
+    endpoint: Any
+    seen: Any
+
+    def listen(self, factory: Any) -> Any:
+        def note(port: Any) -> Any:
+            self.seen(port)
+            return port
+
+        return self.endpoint.listen(factory).addCallback(note)
+
+
 class ListenerService(StreamServerEndpointService):
-    """An endpoint service that stops start-up with one line if it cannot listen."""
+    """An endpoint service that stops start-up with one line if it cannot
+    listen, and keeps its port (child processes serve it too)."""
 
     def __init__(
         self,
@@ -69,11 +90,15 @@ class ListenerService(StreamServerEndpointService):
             factory = wrap_implicit(tls, factory)
         else:
             endpoint = serverFromString(reactor, with_backlog(description))
-        super().__init__(endpoint, factory)
+        self.port: Any = None
+        super().__init__(_Noting(endpoint, self._listening), factory)
         self.description = description
         self.setName(name)
         # Fail at start-up rather than log and run without the listener.
         self._raiseSynchronously = True
+
+    def _listening(self, port: Any) -> None:
+        self.port = port
 
     def privilegedStartService(self) -> None:
         try:
@@ -235,19 +260,48 @@ def build(config: Config, reactor: Any) -> MultiService:
     return assemble(config, reactor).service
 
 
-def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.time) -> Appliance:
-    """Build every part; `clock` (default: the reactor) times everything that
-    waits, and `wall` gives the instants that are stored (see clocks.py)."""
-    clock = clock or reactor
-    top = MultiService()
-    m = config.mailbox
-    lock = _prepare_mail_dir(config)
-    Running(lock).setServiceParent(top)  # the first part: released last
+@attrs.define(eq=False)
+class _Parts:
+    """What every serving process has, the primary and its children alike."""
+
+    state: SQLiteStateStore
+    workers: Workers
+    accounts: AccountStore
+    auth: Authenticator
+    popauth: PopAuthRegistry
+    tls: ServerTLS | None
+    connections: ConnectionCount
+
+    def directory(self) -> Any:
+        return self.accounts.directory
+
+
+def _open_state(config: Config, lock: InstanceLock | None) -> SQLiteStateStore:
     try:
-        state = SQLiteStateStore(state_path(m.mail_dir))
+        return SQLiteStateStore(state_path(config.mailbox.mail_dir))
     except StateError as e:
-        lock.release()
+        if lock is not None:
+            lock.release()
         raise SystemExit(f"mailbox: {e}; move it aside to start afresh (blocks are lost)") from None
+
+
+def _serving_parts(
+    config: Config,
+    reactor: Any,
+    clock: Any,
+    wall: Wall,
+    top: MultiService,
+    state: SQLiteStateStore,
+    lock: InstanceLock | None,
+) -> _Parts:
+    """Pools, accounts, the login path and TLS, as services of `top`."""
+    m = config.mailbox
+
+    def give_up(message: str) -> SystemExit:
+        state.close()
+        if lock is not None:
+            lock.release()
+        return SystemExit(message)
 
     workers = make_workers(reactor)
     # Services stop in the reverse order: the store closes once the pools have
@@ -260,22 +314,11 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
         )
     except OSError as e:
         key = "aliases" if e.filename == str(m.aliases) else "accounts"
-        state.close()
-        lock.release()
-        raise SystemExit(
+        raise give_up(
             f"mailbox: {config.path}: [mailbox] {key} = '{e.filename}': "
             f"cannot read it: {e.strerror}"
         ) from None
     Running(accounts).setServiceParent(top)
-    StateService(state, clock, config.limits.auth_failure_window, workers, wall).setServiceParent(
-        top
-    )
-    if not accounts.directory.hashes:
-        log.warn(
-            "no accounts yet: add one with 'mailboxctl --config {config} user add you@{domain}'",
-            config=str(config.path),
-            domain=m.domains[0],
-        )
 
     def directory() -> Any:
         return accounts.directory
@@ -293,51 +336,141 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
         try:
             tls = ServerTLS(config.tls.certificate, config.tls.private_key, clock)
         except TLSConfigError as e:
-            state.close()
-            lock.release()
-            raise SystemExit(f"mailbox: {e}") from None
+            raise give_up(f"mailbox: {e}") from None
     # Make the unknown-user hash before the first login needs it (see BcryptChecker).
     cost = accounts.directory.typical_cost or m.bcrypt_rounds
     reactor.callWhenRunning(workers.hashing.callInThread, checker.dummy_hash, cost)
+    connections = ConnectionCount(config.limits.connections_per_ip, m.trusted_networks)
+    return _Parts(state, workers, accounts, auth, popauth, tls, connections)
 
-    outbound = Outbound(
-        config,
-        queue_dir(m.mail_dir),
-        clock,
-        reactor,
-        workers.storage,
-        directory,
-        resolver=None,
-        wall=wall,
-    )
-    Running(outbound).setServiceParent(top)
 
+def _factories(
+    config: Config,
+    parts: _Parts,
+    clock: Any,
+    wall: Wall,
+    queued: Any,
+) -> tuple[SMTPFactory, SMTPFactory, POP3Factory]:
     def smtp(listener: Listener) -> SMTPFactory:
         return SMTPFactory(
             config,
-            directory,
+            parts.directory,
             clock,
-            workers,
-            auth,
-            popauth,
+            parts.workers,
+            parts.auth,
+            parts.popauth,
             listener,
-            outbound.add,
-            tls,
-            connections=connections,
+            queued,
+            parts.tls,
+            connections=parts.connections,
             wall=wall,
         )
 
-    connections = ConnectionCount(config.limits.connections_per_ip, m.trusted_networks)
-    mta, submission = smtp(Listener.MTA), smtp(Listener.SUBMISSION)
-    pop3 = POP3Factory(config, auth, popauth, clock, workers, tls, connections=connections)
-    listeners = []
+    pop3 = POP3Factory(
+        config,
+        parts.auth,
+        parts.popauth,
+        clock,
+        parts.workers,
+        parts.tls,
+        connections=parts.connections,
+    )
+    return smtp(Listener.MTA), smtp(Listener.SUBMISSION), pop3
+
+
+def _listeners(config: Config, factories: tuple[Any, Any, Any]) -> list[tuple[str, str, Any]]:
+    """(name, endpoint description, factory) for every listener configured."""
+    mta, submission, pop3 = factories
+    found = []
     for name, descriptions, factory in (
         ("smtp", config.smtp.listen, mta),
         ("submission", config.smtp.submission, submission),
         ("pop3", config.pop3.listen, pop3),
     ):
         for i, desc in enumerate(descriptions):
-            listener = ListenerService(reactor, desc, factory, f"{name}-{i}", tls)
-            listener.setServiceParent(top)
-            listeners.append(listener)
-    return Appliance(top, accounts, state, outbound, mta, submission, pop3, listeners)
+            found.append((f"{name}-{i}", desc, factory))
+    return found
+
+
+def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.time) -> Appliance:
+    """Build every part; `clock` (default: the reactor) times everything that
+    waits, and `wall` gives the instants that are stored (see clocks.py)."""
+    clock = clock or reactor
+    top = MultiService()
+    m = config.mailbox
+    lock = _prepare_mail_dir(config)
+    Running(lock).setServiceParent(top)  # the first part: released last
+    state = _open_state(config, lock)
+    parts = _serving_parts(config, reactor, clock, wall, top, state, lock)
+    StateService(
+        state, clock, config.limits.auth_failure_window, parts.workers, wall
+    ).setServiceParent(top)
+    if not parts.accounts.directory.hashes:
+        log.warn(
+            "no accounts yet: add one with 'mailboxctl --config {config} user add you@{domain}'",
+            config=str(config.path),
+            domain=m.domains[0],
+        )
+    outbound = Outbound(
+        config,
+        queue_dir(m.mail_dir),
+        clock,
+        reactor,
+        parts.workers.storage,
+        parts.directory,
+        resolver=None,
+        wall=wall,
+    )
+    Running(outbound).setServiceParent(top)
+    mta, submission, pop3 = factories = _factories(config, parts, clock, wall, outbound.add)
+    listeners = []
+    for name, desc, factory in _listeners(config, factories):
+        listener = ListenerService(reactor, desc, factory, name, parts.tls)
+        listener.setServiceParent(top)
+        listeners.append(listener)
+    children = worker_count(m.workers) - 1
+    if children > 0:
+        Supervisor(
+            reactor,
+            str(Path(config.path).resolve()),
+            children,
+            lambda: [(x.name, x.port.fileno()) for x in listeners if x.port is not None],
+            outbound.adopt,
+            lock.fileno(),
+        ).setServiceParent(top)
+    return Appliance(top, parts.accounts, state, outbound, mta, submission, pop3, listeners)
+
+
+@attrs.define(eq=False)
+class AdoptedListener(Service):
+    """A listening socket the primary bound, served in a child process."""
+
+    reactor: Any
+    fd: int
+    factory: Any
+    _port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._port = adopt(self.reactor, self.fd, self.factory)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._port is not None:
+            return self._port.stopListening()
+        return None
+
+
+def assemble_child(config: Config, reactor: Any, fds: dict[str, int], queued: Any) -> MultiService:
+    """A child process's part (see processes.py): it serves the listeners in
+    `fds` (name -> listening socket) and hands what it queues to `queued`."""
+    top = MultiService()
+    state = _open_state(config, None)
+    parts = _serving_parts(config, reactor, reactor, time.time, top, state, None)
+    factories = _factories(config, parts, reactor, time.time, lambda entry: queued(entry.id))
+    for name, desc, factory in _listeners(config, factories):
+        if name in fds:
+            if desc.startswith(IMPLICIT_PREFIX) and parts.tls is not None:
+                factory = wrap_implicit(parts.tls, factory)
+            AdoptedListener(reactor, fds[name], factory).setServiceParent(top)
+    return top
