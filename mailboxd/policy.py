@@ -7,6 +7,7 @@ Nothing here does I/O. The protocol gathers the facts about a client into a
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 
 import attrs
@@ -58,6 +59,7 @@ class Client:
         return self.account is not None or self.pop_domains is not None or self.trusted
 
 
+@functools.lru_cache(maxsize=4096)  # asked at every command; parsing is not free
 def is_trusted(ip: str, networks: tuple[IPNetwork, ...]) -> bool:
     try:
         address = ipaddress.ip_address(normalise_ip(ip))

@@ -14,6 +14,7 @@ authorisation or a block), which is the trade this data can afford.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import os
 import sqlite3
@@ -295,6 +296,7 @@ def state_path(mail_dir: Path) -> Path:
     return mail_dir / ".state" / "state.sqlite3"
 
 
+@functools.lru_cache(maxsize=4096)  # asked at every command; parsing is not free
 def normalise_ip(ip: str) -> str:
     """The key form of a client address: IPv4-mapped IPv6 becomes IPv4."""
     try:
