@@ -24,11 +24,11 @@ SENDER = "sender@example.test"
 RCPT = "user@far.test"  # not local: relayed, since 127.0.0.1 is a trusted network
 
 
-def start_server(home: Path, port: int, sink_port: int) -> subprocess.Popen:
+def start_server(home: Path, port: int, sink_port: int, workers: str) -> subprocess.Popen:
     return benchlib.start_server(
         home,
         port,
-        mailbox="trusted_networks = 127.0.0.0/8\n",
+        mailbox=f"trusted_networks = 127.0.0.0/8\nworkers = {workers}\n",
         sections=f"[relay]\nsmarthost = 127.0.0.1:{sink_port}\n",
     )
 
@@ -79,6 +79,7 @@ def main() -> None:
     p.add_argument("-l", "--length", type=int, default=1024, help="payload bytes a message")
     p.add_argument("-r", "--runs", type=int, default=3, help="runs against one server")
     p.add_argument("--limit", type=float, default=1800, help="seconds a run may take at most")
+    p.add_argument("-w", "--workers", default="1", help="[mailbox] workers: a number or auto")
     args = p.parse_args()
     path = f"{os.environ.get('PATH', '')}:/usr/sbin"
     source, sink = shutil.which("smtp-source", path=path), shutil.which("smtp-sink", path=path)
@@ -106,7 +107,7 @@ def run_all(args: argparse.Namespace, home: Path, source: str, sink: str) -> Non
         with (home / "smtp-sink.out").open("wb") as sink_out:
             procs.append(subprocess.Popen(sink_cmd, stdout=sink_out, stderr=subprocess.STDOUT))
         benchlib.wait_listening(sink_port, procs[0], "smtp-sink", home / "smtp-sink.out")
-        procs.append(start_server(home, port, sink_port))
+        procs.append(start_server(home, port, sink_port, args.workers))
         queue = home / "mailbox" / ".queue"
         for i in range(args.runs):
             total, accept, drain = one_run(cmd, queue, time.perf_counter() + args.limit)

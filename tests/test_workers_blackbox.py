@@ -21,7 +21,7 @@ import pytest
 from conftest import ALICE, ALICE_PW, MailServer
 from test_blackbox import wait_for
 from test_outbound_blackbox import Capture, message, split_trace, subject_of, transaction
-from test_relay_blackbox import pop_from, smtp_from
+from test_relay_blackbox import pop_from, smtp_from, smtp_greeting
 
 pytestmark = pytest.mark.blackbox
 
@@ -95,23 +95,13 @@ def test_failed_logins_in_both_workers_block_the_address_in_both(workers):
             reply, p = pop_pass(server, ip, ALICE, "wrong")
             p.close()
         assert "Too many authorization failures" in reply  # the tenth: blocked
-        r = smtp_from_refused(server, ip)
+        r = smtp_greeting(server, ip)
         assert r.startswith("554"), r
     with only(server, "child"):
-        r = smtp_from_refused(server, ip)
+        r = smtp_greeting(server, ip)
         assert r.startswith("554"), r
     assert served_by_child(server, f"pop3 login failed for {ALICE} from {ip}")
     assert served_by_primary(server, f"pop3 login failed for {ALICE} from {ip}")
-
-
-def smtp_from_refused(server: MailServer, ip: str) -> str:
-    from test_blackbox import Raw
-
-    r = Raw(server.smtp_port, source=ip)
-    try:
-        return r.reply()
-    finally:
-        r.close()
 
 
 def test_a_pop3_login_in_one_worker_authorises_relay_in_the_other(workers):
