@@ -19,14 +19,20 @@ from typing import Any
 
 import attrs
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.mail.smtp import ESMTPSender, ESMTPSenderFactory, SMTPClientError, SMTPConnectError
+from twisted.mail.smtp import (
+    Address,
+    ESMTPSender,
+    ESMTPSenderFactory,
+    SMTPClientError,
+    SMTPConnectError,
+)
 from twisted.names.client import createResolver
 from twisted.python.threadpool import ThreadPool
 
@@ -47,6 +53,7 @@ log = Logger()
 # Seconds to wait after each failed attempt; then hourly until queue_lifetime.
 BACKOFF = (60, 300, 900, 1800, 3600)
 BAD_HOST_SECONDS = 300
+REUSE_SECONDS = 5.0  # a connection waits this long for the next message to its host
 
 
 def backoff(attempts: int) -> int:
@@ -72,11 +79,95 @@ class Outcome:
         return 500 <= self.code < 600
 
 
+@attrs.frozen
+class _Job:
+    """One message for one connection: its envelope, its data and the
+    Deferred that hears how it went."""
+
+    sender: str
+    recipients: list[str]
+    file: Any
+    result: Deferred
+
+
+@attrs.define(eq=False)
+class _Idle:
+    """Connections that have sent a message and wait for the next one to the
+    same host (RFC 5321 §3.3 allows many transactions a session), for
+    `seconds`. Each is used by one delivery at a time."""
+
+    clock: Any
+    seconds: float = REUSE_SECONDS
+    _waiting: dict[Hop, list[tuple[Any, float]]] = attrs.field(factory=dict)
+    # Done with a message, its RSET not yet answered: about to wait here.
+    _settling: set[Any] = attrs.field(factory=set)
+
+    def settle(self, sender: Any) -> None:
+        self._settling.add(sender)
+
+    def park(self, hop: Hop, sender: Any) -> None:
+        self._settling.discard(sender)
+        self._waiting.setdefault(hop, []).append((sender, self.clock.seconds() + self.seconds))
+
+    def _all(self, dest: str | None) -> list[tuple[float, Any]]:
+        found = [(-1.0, s) for s in self._settling]
+        found += [(until, s) for waiting in self._waiting.values() for s, until in waiting]
+        return [(until, s) for until, s in found if dest is None or s.factory.dest == dest]
+
+    def count(self, dest: str | None = None) -> int:
+        """Connections between messages, in all or to `dest`."""
+        return len(self._all(dest))
+
+    def evict(self, dest: str | None = None) -> Deferred | None:
+        """Let a connection between messages (to `dest`, if given) go, the
+        longest-waiting first; fires once it is closed. None if there is none."""
+        found = self._all(dest)
+        if not found:
+            return None
+        _, sender = min(found, key=lambda pair: pair[0])
+        sender.leave()
+        return sender.closed
+
+    def take(self, hop: Hop) -> Any:
+        """A connection waiting for `hop`, or None. One that has waited its
+        time (its QUIT is due, the reactor was busy) is let go, not used."""
+        waiting = self._waiting.get(hop, [])
+        while waiting:
+            sender, until = waiting.pop()
+            if until > self.clock.seconds():
+                break
+            sender.leave()
+        else:
+            sender = None
+        if not waiting:
+            self._waiting.pop(hop, None)
+        return sender
+
+    def close_all(self) -> None:
+        for waiting in list(self._waiting.values()):
+            for sender, _ in list(waiting):
+                sender.leave()
+
+    def discard(self, hop: Hop, sender: Any) -> None:
+        self._settling.discard(sender)
+        waiting = self._waiting.get(hop, [])
+        waiting[:] = [(s, until) for s, until in waiting if s is not sender]
+        if not waiting:
+            self._waiting.pop(hop, None)
+
+
 class _Sender(ESMTPSender):
     """Twisted's sender, with dot-stuffing that holds across chunk boundaries,
-    and an end to the attempt when the server hangs up."""
+    an end to the attempt when the server hangs up, and more than one message
+    a connection: after a message it waits (`_Idle`) for the next one to the
+    same host instead of saying QUIT."""
 
     _line_start = True
+    _idle_call: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.closed: Deferred = Deferred()  # fires when the connection is gone
 
     def connectionMade(self) -> None:
         # Commands and the message's last bytes are small writes that wait
@@ -93,8 +184,59 @@ class _Sender(ESMTPSender):
         else:
             super().timeoutConnection()
 
+    _leaving = False
+
+    def smtpState_msgSent(self, code: int, resp: bytes) -> None:
+        if self.factory.idle is not None:
+            self.factory.idle.settle(self)
+        super().smtpState_msgSent(code, resp)
+
+    def smtpState_from(self, code: int, resp: bytes) -> None:
+        factory = self.factory
+        if self.done and factory.idle is not None and self._idle_call is None:
+            if self._leaving:  # let go while its RSET was on the way
+                factory.idle.discard(factory.hop, self)
+                super().smtpState_from(code, resp)
+                return
+            # A message went (RSET has been answered): wait for another.
+            factory.idle.park(factory.hop, self)
+            self._idle_call = self.callLater(factory.idle.seconds, self.leave)
+            return
+        super().smtpState_from(code, resp)
+
+    def take(self, job: _Job) -> None:
+        """Send `job` on this waiting connection."""
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        factory = self.factory
+        factory.fromEmail = Address(job.sender)
+        factory.toEmail = [r.encode("utf-8") for r in job.recipients]
+        factory.file, factory.result, factory.sendFinished = job.file, job.result, False
+        self.done = 0
+        self._line_start = True
+        self.resetTimeout()
+        super().smtpState_from(250, b"")
+
+    def leave(self) -> None:
+        """No message came, or the queue stops or needs the slot: QUIT
+        (getMailFrom has none to give), at once or once RSET is answered."""
+        if self._idle_call is None:  # still settling
+            self._leaving = True
+            return
+        if self._idle_call.active():
+            self._idle_call.cancel()
+        self.factory.idle.discard(self.factory.hop, self)
+        super().smtpState_from(250, b"")
+
     def connectionLost(self, reason: Any = connectionDone) -> None:
+        if self.factory.idle is not None:
+            self.factory.idle.discard(self.factory.hop, self)
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
         super().connectionLost(reason)
+        if not self.closed.called:
+            self.closed.callback(None)
         # Only a Connector calls the factory's clientConnectionLost; through an
         # endpoint nothing would, and the attempt would wait for ever.
         factory = self.factory
@@ -124,6 +266,9 @@ class _Sender(ESMTPSender):
 class _SenderFactory(ESMTPSenderFactory):
     protocol = _Sender
     clock: Any = None
+    idle: _Idle | None = None  # where its connection waits after a message
+    hop: Hop | None = None
+    dest: str | None = None  # the destination its connections count against
     noisy = False  # the queue logs each attempt; "Starting factory" a message is noise
 
     def buildProtocol(self, addr: Any) -> Any:
@@ -217,6 +362,7 @@ class Outbound:
         factory=lambda: CertificateOptions(raiseMinimumTo=TLSVersion.TLSv1_2)
     )
     _finish_after: dict[str, float] = attrs.field(factory=dict)
+    _idle: _Idle = attrs.field(init=False)
     _redispatch: bool = False
     _scanning: bool = False
     _rescan: bool = True
@@ -224,6 +370,9 @@ class Outbound:
     rescan_every: int = 5  # ticks: notices `mailboxctl queue delete` and stray files
 
     # --- running ------------------------------------------------------------
+
+    def __attrs_post_init__(self) -> None:
+        self._idle = _Idle(self.clock)
 
     def start(self) -> None:
         self._loop = LoopingCall(self.tick)
@@ -233,6 +382,7 @@ class Outbound:
     def stop(self) -> None:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        self._idle.close_all()
 
     def wake(self) -> None:
         """Look at the directory on the next turn."""
@@ -494,39 +644,44 @@ class Outbound:
         good = [h for h in hops if h.host not in self._bad_hosts]
         outcomes: list[Outcome] = []
         for hop in good or hops:  # a bad host is skipped for a while, unless all are bad
-            outcomes = await self._send(entry, hop, recipients)
+            outcomes = await self._send(entry, dest, hop, recipients)
             if any(o.code for o in outcomes):
                 return outcomes  # a server answered: its answers stand
             self._bad_hosts[hop.host] = self.clock.seconds() + BAD_HOST_SECONDS  # from the failure
         return outcomes
 
-    async def _send(self, entry: Entry, hop: Hop, recipients: list[str]) -> list[Outcome]:
+    async def _room(self, dest: str) -> None:
+        """Close waiting connections until a new one to `dest` keeps within
+        max_connections and max_connections_per_destination (this delivery's
+        slot is already counted in `_active`)."""
         relay = self.config.relay
+        while True:
+            if self._active[dest] + self._idle.count(dest) > relay.max_connections_per_destination:
+                closing = self._idle.evict(dest)
+            elif sum(self._active.values()) + self._idle.count() > relay.max_connections:
+                closing = self._idle.evict()
+            else:
+                return
+            if closing is None:
+                return
+            await closing
+
+    async def _send(
+        self, entry: Entry, dest: str, hop: Hop, recipients: list[str]
+    ) -> list[Outcome]:
+        relay = self.config.relay
+        waiting = self._idle.take(hop)
+        if waiting is None:
+            await self._room(dest)
         message = open(self.directory / f"{entry.id}.msg", "rb")  # noqa: SIM115
         try:
             message.seek(entry.offset)
             result: Deferred = Deferred()
-            factory = _SenderFactory(
-                relay.smarthost_username.encode() or None,
-                relay.smarthost_password.encode() or None,
-                entry.sender,
-                recipients,
-                message,
-                result,
-                retries=0,
-                timeout=relay.timeout,
-                heloFallback=True,
-                requireAuthentication=bool(relay.smarthost and relay.smarthost_username),
-                requireTransportSecurity=False,
-            )
-            # Our name in EHLO/HELO. (ESMTPSenderFactory's `hostname` is the
-            # *server's* name for TLS verification, and must be text.)
-            factory.domain = self.config.mailbox.hostname.encode()
-            # STARTTLS whenever the other side offers it, without verification,
-            # as MTAs do between themselves (RFC 7435 opportunistic security).
-            factory._contextFactory = self._client_tls
-            factory.clock = self.clock
-            connecting = (self.connect or self._connect)(hop, factory)
+            if waiting is not None:
+                connecting: Deferred = succeed(waiting)
+                waiting.take(_Job(entry.sender, recipients, message, result))
+            else:
+                connecting = self._open(dest, hop, entry, recipients, message, result)
             connecting.addErrback(lambda f: result.called or result.errback(f))
             # Whatever the remote does (replies that each reset the step timeout,
             # a trickle of bytes), an attempt ends: its slot is then free again.
@@ -543,6 +698,40 @@ class Outbound:
             return outcomes_of(value, recipients, hop.host)
         finally:
             message.close()
+
+    def _open(
+        self,
+        dest: str,
+        hop: Hop,
+        entry: Entry,
+        recipients: list[str],
+        message: Any,
+        result: Deferred,
+    ) -> Deferred:
+        """A new connection to `hop` that sends the message first."""
+        relay = self.config.relay
+        factory = _SenderFactory(
+            relay.smarthost_username.encode() or None,
+            relay.smarthost_password.encode() or None,
+            entry.sender,
+            recipients,
+            message,
+            result,
+            retries=0,
+            timeout=relay.timeout,
+            heloFallback=True,
+            requireAuthentication=bool(relay.smarthost and relay.smarthost_username),
+            requireTransportSecurity=False,
+        )
+        # Our name in EHLO/HELO. (ESMTPSenderFactory's `hostname` is the
+        # *server's* name for TLS verification, and must be text.)
+        factory.domain = self.config.mailbox.hostname.encode()
+        # STARTTLS whenever the other side offers it, without verification,
+        # as MTAs do between themselves (RFC 7435 opportunistic security).
+        factory._contextFactory = self._client_tls
+        factory.clock = self.clock
+        factory.idle, factory.hop, factory.dest = self._idle, hop, dest
+        return (self.connect or self._connect)(hop, factory)
 
     def _connect(self, hop: Hop, factory: Any) -> Deferred:
         timeout = self.config.relay.timeout

@@ -19,10 +19,14 @@ A child serves SMTP and POP3 only. What must be one stays in one place:
   message writes its id to a pipe, and the primary delivers it. So each
   entry is delivered by exactly one process.
 
-A child never cleans anything at start-up. It stops when the primary does
-(SIGTERM, or its end of the child's stdin closing); a child that dies is
-started again after a pause. A child's log events go to the primary as JSON
-over a pipe and are published there, marked with the worker's number.
+A child never cleans anything at start-up. It talks to the primary over a
+socket pair: the ids of what it queued, and its log events as JSON, which the
+primary publishes marked with the worker's number (log lines are dropped
+rather than stop a worker when the primary does not keep up). It stops when
+the primary does (SIGTERM, or the socket pair closing when the primary dies);
+a child that dies is started again, after a pause that grows while it keeps
+dying at once. Listeners whose socket a child cannot serve as it is (ssl:,
+unix:) stay with the primary.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import (
     Logger,
     eventAsJSON,
@@ -45,13 +50,22 @@ from twisted.logger import (
     globalLogBeginner,
     globalLogPublisher,
 )
+from twisted.python.threadable import isInIOThread
+from zope.interface import implementer
 
 log = Logger(namespace="mailboxd.processes")  # also when run as __main__
 
-RESTART_PAUSE = 1.0  # seconds before a dead child is started again
+RESTART_PAUSE = 1.0  # seconds before a dead child is started again, doubled...
+RESTART_PAUSE_MAX = 60.0  # ...after each quick death, up to this
+RAN_LONG_ENOUGH = 30.0  # seconds a child must have run for its next pause to reset
 STOP_GRACE = 10.0  # seconds a child has to stop before it is killed
-_RECORD = b"\x1e"  # between JSON log events (RFC 7464)
-_QUEUED_FD, _LOG_FD, _LOCK_FD, _FIRST_LISTENER_FD = 3, 4, 5, 6
+_RECORD = b"\x1e"  # between records on the channel (RFC 7464's separator)
+_QUEUED, _LOG = b"Q", b"L"  # a record's first byte: an entry id, a JSON log event
+_CHANNEL_FD, _LOCK_FD, _FIRST_LISTENER_FD = 3, 4, 5
+# Listeners a child can serve: their socket carries plain TCP, and the child
+# adds TLS itself for tls:. ssl: (TLS added inside the endpoint) and unix:
+# (whose adopted port would chmod and unlink the path) stay with the primary.
+_SHARED_KINDS = ("tcp", "tcp6", "tls", "systemd")
 
 
 def worker_count(setting: int) -> int:
@@ -59,31 +73,54 @@ def worker_count(setting: int) -> int:
     return setting if setting > 0 else max(1, len(os.sched_getaffinity(0)))
 
 
+def shared(description: str) -> bool:
+    """Whether child processes serve this listener too."""
+    return description.partition(":")[0] in _SHARED_KINDS
+
+
+class _Records(protocol.Protocol):
+    """Records separated by _RECORD, each handed to `received`."""
+
+    received: Callable[[bytes], None]
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        *records, self._buffer = self._buffer.split(_RECORD)
+        for record in records:
+            if record:
+                self.received(record)
+
+
 # --- the primary's side ----------------------------------------------------------------
 
 
 class _Child(protocol.ProcessProtocol):
-    def __init__(self, supervisor: Supervisor, number: int) -> None:
+    def __init__(self, supervisor: Supervisor, number: int, started: float) -> None:
         self.supervisor = supervisor
         self.number = number
+        self.started = started
         self.ended: Deferred = Deferred()
-        self._queued = b""
-        self._log = b""
-
-    def childDataReceived(self, fd: int, data: bytes) -> None:
-        if fd == _QUEUED_FD:
-            self._queued += data
-            *ids, self._queued = self._queued.split(b"\n")
-            self.supervisor.queued([i.decode("ascii", "replace") for i in ids if i])
-        elif fd == _LOG_FD:
-            self._log += data
-            *records, self._log = self._log.split(_RECORD)
-            for record in records:
-                self.supervisor.child_event(self.number, record)
 
     def processEnded(self, reason: Any) -> None:
         self.ended.callback(reason.value)
         self.supervisor.child_ended(self, reason.value)
+
+
+class _FromChild(_Records):
+    def __init__(self, supervisor: Supervisor, number: int) -> None:
+        super().__init__()
+        self.supervisor = supervisor
+        self.number = number
+
+    def received(self, record: bytes) -> None:  # type: ignore[override]
+        kind, body = record[:1], record[1:]
+        if kind == _QUEUED:
+            self.supervisor.queued([body.decode("ascii", "replace")])
+        elif kind == _LOG:
+            self.supervisor.child_event(self.number, body)
 
 
 @attrs.define(eq=False)
@@ -93,12 +130,18 @@ class Supervisor(Service):
     reactor: Any
     config_path: str
     count: int  # children: workers - 1
-    listeners: Callable[[], list[tuple[str, int]]]  # (name, listening fd), once bound
+    listeners: Callable[[], list[tuple[str, str, int]]]  # (name, description, fd), bound
     queued: Callable[[list[str]], object]  # entry ids a child queued
     lock_fd: int | None = None  # the instance lock, held by the children too
     clock: Any = None
     _children: dict[int, tuple[_Child, Any]] = attrs.field(factory=dict)
+    _pauses: dict[int, float] = attrs.field(factory=dict)
+    _restarts: dict[int, Any] = attrs.field(factory=dict)
     _stopping: bool = False
+
+    @property
+    def _clock(self) -> Any:
+        return self.clock or self.reactor
 
     def startService(self) -> None:
         super().startService()
@@ -107,36 +150,42 @@ class Supervisor(Service):
             self._spawn(number)
 
     def _spawn(self, number: int) -> None:
+        self._restarts.pop(number, None)
         if self._stopping:
             return
-        child = _Child(self, number)
-        fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, _QUEUED_FD: "r", _LOG_FD: "r"}
+        child = _Child(self, number, self._clock.seconds())
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds: dict[int, Any] = {0: 0, 1: 1, 2: 2, _CHANNEL_FD: theirs.fileno()}
         if self.lock_fd is not None:
             # Until every worker has gone, no new server may clean up what
             # they still write.
             fds[_LOCK_FD] = self.lock_fd
-        args = [
-            sys.executable,
-            "-m",
-            "mailboxd.processes",
-            "--config",
-            self.config_path,
-            "--worker",
-            str(number),
-        ]
-        for i, (name, fd) in enumerate(self.listeners()):
+        args = [sys.executable, "-m", "mailboxd.processes", "--config", self.config_path]
+        args += ["--worker", str(number)]
+        shared_listeners = [x for x in self.listeners() if shared(x[1])]
+        for i, (name, description, fd) in enumerate(shared_listeners):
             fds[_FIRST_LISTENER_FD + i] = fd
-            args += ["--listener", f"{name}={_FIRST_LISTENER_FD + i}"]
-        transport = self.reactor.spawnProcess(
-            child, sys.executable, args, env=os.environ, childFDs=fds
+            tls = "tls" if description.startswith("tls:") else "plain"
+            args += ["--listener", f"{name}={_FIRST_LISTENER_FD + i}={tls}"]
+        try:
+            transport = self.reactor.spawnProcess(
+                child, sys.executable, args, env=os.environ, childFDs=fds
+            )
+        finally:
+            theirs.close()
+        self.reactor.adoptStreamConnection(
+            ours.fileno(), socket.AF_UNIX, _ChannelFactory(self, number)
         )
+        ours.close()
         self._children[number] = (child, transport)
         log.info("worker {number} started (process {pid})", number=number, pid=transport.pid)
 
     def child_event(self, number: int, record: bytes) -> None:
         try:
             event = eventFromJSON(record.decode("utf-8", "replace"))
-        except ValueError:
+        except Exception:  # noqa: BLE001 - a record we cannot read is dropped
+            return
+        if not isinstance(event, dict):
             return
         namespace = event.get("log_namespace", "-")
         level = event.get("log_level")
@@ -149,17 +198,27 @@ class Supervisor(Service):
             del self._children[child.number]
         if self._stopping:
             return
+        # A child that dies at once again and again (a broken config file, a
+        # full disk) is started less and less often, not every second.
+        ran = self._clock.seconds() - child.started
+        pause = self._pauses.get(child.number, RESTART_PAUSE / 2)
+        pause = RESTART_PAUSE if ran >= RAN_LONG_ENOUGH else min(pause * 2, RESTART_PAUSE_MAX)
+        self._pauses[child.number] = pause
         log.warn(
-            "worker {number} ended ({reason}); starting it again",
+            "worker {number} ended ({reason}); starting it again in {pause:.0f}s",
             number=child.number,
             reason=str(reason),
+            pause=pause,
         )
-        clock = self.clock or self.reactor
-        clock.callLater(RESTART_PAUSE, self._spawn, child.number)
+        self._restarts[child.number] = self._clock.callLater(pause, self._spawn, child.number)
 
     def stopService(self) -> Deferred:
         super().stopService()
         self._stopping = True
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
         ending = []
         for child, transport in list(self._children.values()):
             ending.append(child.ended)
@@ -167,12 +226,24 @@ class Supervisor(Service):
                 transport.signalProcess("TERM")
             except Exception:  # noqa: BLE001 - already gone
                 continue
-            clock = self.clock or self.reactor
-            kill = clock.callLater(STOP_GRACE, _kill, transport)
+            kill = self._clock.callLater(STOP_GRACE, _kill, transport)
             child.ended.addBoth(lambda result, k=kill: (k.active() and k.cancel(), result)[1])
         if not ending:
             return succeed(None)
         return DeferredList(ending, consumeErrors=True)
+
+
+class _ChannelFactory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, supervisor: Supervisor, number: int) -> None:
+        self.supervisor = supervisor
+        self.number = number
+
+    def buildProtocol(self, addr: Any) -> _FromChild:
+        p = _FromChild(self.supervisor, self.number)
+        p.factory = self
+        return p
 
 
 def _kill(transport: Any) -> None:
@@ -185,29 +256,68 @@ def _kill(transport: Any) -> None:
 # --- the child's side --------------------------------------------------------------------
 
 
-class _Parent(protocol.Protocol):
-    """The child's stdin: the primary holds the other end. When it closes
-    (the primary stopped or died), the child stops too."""
+@implementer(IPushProducer)
+class _ToPrimary(protocol.Protocol):
+    """The child's end of the channel. Log records are dropped while the
+    primary does not keep up (the transport has paused us), rather than let
+    them pile up or stop this process; queued ids are always sent. When the
+    channel closes (the primary stopped or died), the child stops too."""
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
+        self.paused = False
+        self.dropped = 0
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+    def send(self, kind: bytes, body: bytes) -> None:
+        """Send one record; from any thread."""
+        if not isInIOThread():
+            self.reactor.callFromThread(self.send, kind, body)
+            return
+        if kind == _LOG and self.paused:
+            self.dropped += 1
+            return
+        self.transport.write(kind + body + _RECORD)
 
     def connectionLost(self, reason: Any = None) -> None:
         if self.reactor.running:
             self.reactor.stop()
 
 
-def _log_to_pipe(fd: int, number: int) -> None:
-    out = os.fdopen(fd, "wb", buffering=0)
+class _ToPrimaryFactory(protocol.Factory):
+    noisy = False
 
-    def observer(event: dict) -> None:
-        text = eventAsJSON(event)
-        try:
-            out.write(text.encode("utf-8") + _RECORD)
-        except OSError:
-            pass  # the primary is gone; stdin's end stops us
+    def __init__(self, channel: _ToPrimary) -> None:
+        self.channel = channel
 
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    def buildProtocol(self, addr: Any) -> _ToPrimary:
+        return self.channel
+
+
+def _json_safe(event: dict) -> dict:
+    """A failure's text, where JSON would keep only {"unpersistable": true}."""
+    failure = event.get("log_failure")
+    if failure is None:
+        return event
+    event = dict(event)
+    del event["log_failure"]
+    event["log_format"] = (event.get("log_format") or "") + "\n{failure_text}"
+    try:
+        event["failure_text"] = failure.getTraceback()
+    except Exception:  # noqa: BLE001 - whatever it was, say what we can
+        event["failure_text"] = repr(failure)
+    return event
 
 
 def adopt(reactor: Any, fd: int, factory: Any) -> Any:
@@ -225,39 +335,57 @@ def child_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listener", action="append", default=[])
     args = parser.parse_args(argv)
 
-    from twisted.internet import reactor, stdio
+    from twisted.internet import reactor
 
     from .clocks import use_monotonic_clock
     from .config import ConfigError, load
     from .service import assemble_child
 
     os.umask(0o077)
-    _log_to_pipe(_LOG_FD, args.worker)
     use_monotonic_clock(reactor)
+    channel = _ToPrimary(reactor)
+    reactor.adoptStreamConnection(_CHANNEL_FD, socket.AF_UNIX, _ToPrimaryFactory(channel))
+    os.close(_CHANNEL_FD)
+
+    def observer(event: dict) -> None:
+        try:
+            channel.send(_LOG, eventAsJSON(_json_safe(event)).encode("utf-8"))
+        except Exception:  # noqa: BLE001, S110 - a log line must never stop the worker
+            pass
+
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     try:
         config = load(args.config)
     except ConfigError as e:
         log.critical("{error}", error=str(e))
+        reactor.callLater(0, reactor.stop)  # after the line has gone
+        reactor.run()
         raise SystemExit(1) from None
-    notify = os.fdopen(_QUEUED_FD, "wb", buffering=0)
-
-    def queued(entry_id: str) -> None:
-        try:
-            notify.write(entry_id.encode("ascii") + b"\n")
-        except OSError as e:
-            # The entry is on disk: the primary's rescan finds it in a few seconds.
-            log.error("cannot tell the primary about {id}: {error}", id=entry_id, error=str(e))
 
     listeners = {}
     for item in args.listener:
-        name, _, fd = item.partition("=")
-        listeners[name] = int(fd)
-    service = assemble_child(config, reactor, listeners, queued)
-    stdio.StandardIO(_Parent(reactor), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))
-    reactor.callWhenRunning(service.startService)
+        name, fd, tls = item.split("=")
+        listeners[name] = (int(fd), tls == "tls")
+    service = assemble_child(
+        config, reactor, listeners, lambda entry_id: channel.send(_QUEUED, entry_id.encode())
+    )
+    failed = []
+
+    def start() -> None:
+        try:
+            service.startService()
+        except Exception:
+            log.failure("worker {number} cannot start", number=args.worker)
+            failed.append(True)
+            reactor.stop()
+            return
+        log.info("worker {number} serving", number=args.worker)
+
+    reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    log.info("worker {number} serving", number=args.worker)
     reactor.run()
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from .realm import BcryptChecker, HashingQueue, MailboxRealm, make_portal
 from .smtp import SMTPFactory
 from .state import SQLiteStateStore, StateError, state_path
 from .tls import IMPLICIT_PREFIX, ServerTLS, TLSConfigError, implicit_endpoint, wrap_implicit
-from .workers import Workers, make_workers
+from .workers import Workers, hashing_threads, make_workers
 
 log = Logger()
 
@@ -303,7 +303,9 @@ def _serving_parts(
             lock.release()
         return SystemExit(message)
 
-    workers = make_workers(reactor)
+    # bcrypt threads are for the machine, not for each process.
+    hashing = max(1, hashing_threads() // worker_count(m.workers))
+    workers = make_workers(reactor, hashing=hashing)
     # Services stop in the reverse order: the store closes once the pools have
     # stopped, so that no state thread is using a connection as it closes.
     Running(Closing(state)).setServiceParent(top)
@@ -434,7 +436,9 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
             reactor,
             str(Path(config.path).resolve()),
             children,
-            lambda: [(x.name, x.port.fileno()) for x in listeners if x.port is not None],
+            lambda: [
+                (x.name, x.description, x.port.fileno()) for x in listeners if x.port is not None
+            ],
             outbound.adopt,
             lock.fileno(),
         ).setServiceParent(top)
@@ -461,16 +465,24 @@ class AdoptedListener(Service):
         return None
 
 
-def assemble_child(config: Config, reactor: Any, fds: dict[str, int], queued: Any) -> MultiService:
+def assemble_child(
+    config: Config, reactor: Any, fds: dict[str, tuple[int, bool]], queued: Any
+) -> MultiService:
     """A child process's part (see processes.py): it serves the listeners in
-    `fds` (name -> listening socket) and hands what it queues to `queued`."""
+    `fds` (name -> the listening socket, and whether to add TLS) and hands
+    what it queues to `queued`."""
     top = MultiService()
     state = _open_state(config, None)
     parts = _serving_parts(config, reactor, reactor, time.time, top, state, None)
     factories = _factories(config, parts, reactor, time.time, lambda entry: queued(entry.id))
-    for name, desc, factory in _listeners(config, factories):
+    # The primary said which socket is which; what the config file says now
+    # (it may have been edited since) only names the protocol.
+    for name, _desc, factory in _listeners(config, factories):
         if name in fds:
-            if desc.startswith(IMPLICIT_PREFIX) and parts.tls is not None:
+            fd, tls = fds[name]
+            if tls:
+                if parts.tls is None:
+                    raise SystemExit(f"mailbox: {name} needs [tls], which is not set now")
                 factory = wrap_implicit(parts.tls, factory)
-            AdoptedListener(reactor, fds[name], factory).setServiceParent(top)
+            AdoptedListener(reactor, fd, factory).setServiceParent(top)
     return top

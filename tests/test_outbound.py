@@ -23,7 +23,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.test import iosim
 
 from mailboxd import queue
-from mailboxd.outbound import BAD_HOST_SECONDS, Outbound, _Sender, backoff
+from mailboxd.outbound import BAD_HOST_SECONDS, REUSE_SECONDS, Outbound, _Sender, backoff
 from mailboxd.queue import Entry, Recipient
 from mailboxd.routes import Hop
 
@@ -58,6 +58,7 @@ class Session:
         self.accepted: list[bytes] = []  # the ones answered 2xx
         self.data: bytes | None = None  # the wire bytes before the final ".\r\n"
         self.accepted_data = False  # answered 2xx at the end of the data
+        self.messages = 0  # answered 2xx at the end of the data, over the session
         self.open = True
 
     @property
@@ -118,6 +119,8 @@ class FakeSMTP(LineReceiver):
                 self.setRawMode()
         elif verb == b"RSET":
             self.answer("rset")
+            if self.script.get("quit_after_rset"):
+                self.transport.loseConnection()
         elif verb == b"QUIT":
             self.answer("quit")
             self.transport.loseConnection()
@@ -133,6 +136,7 @@ class FakeSMTP(LineReceiver):
             self.session.data, self.buffer = self.buffer[:-3], b""
             self.setLineMode()
             self.session.accepted_data = self.answer("eod").startswith("2")
+            self.session.messages += self.session.accepted_data
 
 
 class Transport(iosim.FakeTransport):
@@ -154,6 +158,7 @@ class Pump(iosim.IOPump):
             if data:
                 self.clientIO.bufferReceived(data)
             self.serverIO.disconnected = True
+            self.serverIO.reportDisconnect()  # the side that hung up is closed first
             self.clientIO.disconnecting = True
             self.clientIO.reportDisconnect()
             return True
@@ -173,6 +178,11 @@ class Host:
     @property
     def delivered(self) -> list[Session]:
         return [s for s in self.sessions if s.delivered]
+
+    @property
+    def messages(self) -> int:
+        """Messages accepted, over every session."""
+        return sum(s.messages for s in self.sessions)
 
 
 class Net:
@@ -401,11 +411,13 @@ def test_smarthost_delivery_is_byte_exact(make):
     assert s.data == stuffed(message)
     assert b"\r\n..at the boundary\r\n" in s.data
     assert b"Return-Path" not in s.data
-    assert s.commands[-1] == b"QUIT" and not s.open
     assert r.net.attempts == [Hop("127.0.0.1", 2525)]
     assert r.resolver.queries == []  # a smarthost needs no MX lookup
     assert not r.exists("E1") and r.outbound.entries == {}
-    r.clock.advance(0)  # the hand-on to the next delivery
+    # The connection waits for another message, then says QUIT.
+    assert s.commands[-1] == b"RSET" and s.open
+    r.advance(REUSE_SECONDS)
+    assert s.commands[-1] == b"QUIT" and not s.open
     assert r.clock.getDelayedCalls() == [r.outbound._loop.call]  # no timeout left behind
 
 
@@ -556,7 +568,7 @@ def test_a_hanging_mx_is_marked_bad_from_when_it_timed_out(make):
     r.enqueue("E2", ["b@far.test"])
     r.wake()
     assert len(mx1.sessions) == 1, "mx1 was tried again right after it timed out"
-    assert len(mx2.delivered) == 2 and not r.exists("E2")
+    assert mx2.messages == 2 and not r.exists("E2")
 
 
 def test_every_mx_refusing_defers(make):
@@ -978,10 +990,11 @@ def test_max_connections_per_destination(make):
     r.net.pump()
     assert r.net.most_open == 3
     r.advance(1)
-    assert len(far.sessions) == 4
     r.advance(1)
     r.advance(1)
-    assert len(far.delivered) == 5 and len(other.delivered) == 1
+    # The two connections carried all five, one after the other.
+    assert len(far.sessions) == 2 and far.messages == 5 and other.messages == 1
+    assert r.net.most_open == 3
     assert r.queued() == []
     assert r.net.most_open == 3
 
@@ -1036,3 +1049,52 @@ def test_a_server_that_never_finishes_an_answer_meets_the_attempt_deadline(make)
     assert rcpt["status"] == "deferred"
     assert "took too long" in rcpt["last_error"]
     assert not host.sessions[0].open
+
+
+# --- several messages a connection ---------------------------------------------------
+
+
+def test_messages_to_one_host_share_a_connection(make):
+    r = make(SMARTHOST + "max_connections_per_destination = 1\n")
+    host = r.net.add("127.0.0.1", {"rcpt": {"bad@far.test": "550 5.1.1 no such user"}})
+    r.enqueue("E1", ["a@far.test"])
+    r.enqueue("E2", ["bad@far.test"])  # refused: the connection goes on all the same
+    r.enqueue("E3", ["c@far.test"], message=b"Subject: third\n\nthree\n")
+    r.start()
+    for _ in range(3):
+        r.advance(0)
+    (s,) = host.sessions
+    verbs = [c.split(b" ")[0] for c in s.commands]
+    assert verbs.count(b"EHLO") == 1 and verbs.count(b"MAIL") == 3
+    assert verbs.count(b"RSET") == 3  # before each next message, and after the last
+    assert host.messages == 2 and s.data == stuffed(b"Subject: third\n\nthree\n")
+    assert not r.exists("E1") and not r.exists("E2") and not r.exists("E3")
+    assert b"Final-Recipient: rfc822; bad@far.test" in bounce_of(r)  # E2's, to alice
+    assert s.open
+    r.advance(REUSE_SECONDS)
+    assert s.commands[-1] == b"QUIT" and not s.open
+
+
+def test_a_connection_the_server_closed_while_waiting_is_not_used(make):
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1", {"quit_after_rset": True}, {})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    (first,) = host.sessions
+    assert not first.open  # it hung up after the RSET
+    r.enqueue("E2", ["b@far.test"])
+    r.wake()
+    assert len(host.sessions) == 2 and host.messages == 2
+    assert not r.exists("E2")
+
+
+def test_the_queue_stopping_says_quit_to_waiting_connections(make):
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1")
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    (s,) = host.sessions
+    assert s.open
+    r.outbound.stop()
+    r.net.pump()
+    assert s.commands[-1] == b"QUIT" and not s.open
