@@ -35,6 +35,7 @@ import argparse
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import (
     Logger,
+    LogLevel,
     eventAsJSON,
     eventFromJSON,
     globalLogBeginner,
@@ -342,6 +344,19 @@ def child_main(argv: list[str] | None = None) -> None:
     from .service import assemble_child
 
     os.umask(0o077)
+    try:
+        config = load(args.config)
+    except ConfigError as e:
+        # Before any reactor runs: said at once, on the channel as it is.
+        event = {
+            "log_format": "{error}",
+            "error": str(e),
+            "log_level": LogLevel.critical,
+            "log_namespace": log.namespace,
+            "log_time": time.time(),
+        }
+        os.write(_CHANNEL_FD, _LOG + eventAsJSON(event).encode("utf-8") + _RECORD)
+        raise SystemExit(1) from None
     use_monotonic_clock(reactor)
     channel = _ToPrimary(reactor)
     reactor.adoptStreamConnection(_CHANNEL_FD, socket.AF_UNIX, _ToPrimaryFactory(channel))
@@ -354,13 +369,6 @@ def child_main(argv: list[str] | None = None) -> None:
             pass
 
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    try:
-        config = load(args.config)
-    except ConfigError as e:
-        log.critical("{error}", error=str(e))
-        reactor.callLater(0, reactor.stop)  # after the line has gone
-        reactor.run()
-        raise SystemExit(1) from None
 
     listeners = {}
     for item in args.listener:

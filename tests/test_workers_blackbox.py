@@ -205,6 +205,7 @@ def test_a_killed_primary_takes_its_workers_and_a_restart_works(make_server):
     assert wait_for(lambda: not _running(child), timeout=15)  # its stdin closed: it stops
     assert len(server.messages(ALICE)) == 10
     server.start()  # the lock is free again once the worker is gone
+    assert wait_for(lambda: server.log().count("worker 1 serving") == 2, timeout=20)
     assert child_pid(server) != child
     server.stop()
     assert not _running(child)
@@ -221,3 +222,17 @@ def test_sigterm_stops_every_worker(make_server):
 def _running(pid: int) -> bool:
     done = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True)
     return bool(done.stdout.strip()) and not done.stdout.strip().startswith("Z")
+
+
+def test_a_worker_that_cannot_start_is_tried_less_and_less_often(workers):
+    server = workers()
+    good = server.config.read_text()
+    server.config.write_text(good.replace("workers = 2", "workers = many"))
+    os.kill(child_pid(server), signal.SIGKILL)
+    assert wait_for(lambda: "starting it again in 4s" in server.log(), timeout=20), server.log()
+    assert "[mailbox] workers = 'many'" in server.log()  # the child's one line, via the primary
+    assert "starting it again in 1s" in server.log() and "in 2s" in server.log()
+    server.config.write_text(good)
+    assert wait_for(lambda: server.log().count("worker 1 serving") == 2, timeout=20)
+    r = smtp_from(server, "127.0.0.75")  # both processes serve again
+    r.close()
