@@ -154,13 +154,21 @@ def test_message_over_the_limit(server):
     assert server.messages("alice@example.test") == []
 
 
-def test_acknowledged_mail_survives_sigkill(server):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_acknowledged_mail_survives_sigkill(make_server, workers):
+    server = make_server(f"[mailbox]\nworkers = {workers}\n").add_test_accounts().start()
+    if workers > 1:
+        assert wait_for(lambda: "worker 1 serving" in server.log(), timeout=20)
     with smtplib.SMTP("127.0.0.1", server.smtp_port) as s:
         for i in range(20):
             s.sendmail(
                 "a@far.test", ["alice@example.test"], f"Subject: {i}\r\n\r\nbody {i}\r\n".encode()
             )
     server.stop(signal.SIGKILL)
+    # A worker goes when its primary has gone; until then it still holds the
+    # listening socket, and a new server waits for it.
+    mine = f"mailboxd.processes --config {server.config.resolve()}"
+    assert wait_for(lambda: mine not in _processes(), timeout=20)
     assert len(server.messages("alice@example.test")) == 20
     server.start()
     p = poplib.POP3("127.0.0.1", server.pop3_port)
@@ -168,6 +176,10 @@ def test_acknowledged_mail_survives_sigkill(server):
     p.pass_("alice pw")
     assert p.stat()[0] == 20
     p.quit()
+
+
+def _processes() -> str:
+    return subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
 
 
 def test_spool_left_by_a_crash_is_cleaned(server):

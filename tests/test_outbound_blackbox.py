@@ -588,12 +588,13 @@ def in_flight(cap: Capture) -> set[str]:
     return waiting
 
 
-def test_sigkill_during_deliveries_loses_nothing(relay):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_during_deliveries_loses_nothing(relay, workers):
     """~50 messages, the smarthost slow; SIGKILL while deliveries are in flight,
     restart: each one arrives at least once and at most twice, and the queue
-    ends empty."""
+    ends empty. With two workers, the primary is killed (its worker follows)."""
     count = 50
-    server, cap = relay()
+    server, cap = relay(f"[mailbox]\nworkers = {workers}\n")
     cap.set_script("end sleep 0.2\n")
     subjects = [f"crash {i:03d}" for i in range(count)]
     with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=15) as s:  # trusted: relays
