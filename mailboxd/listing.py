@@ -62,25 +62,28 @@ def unique_part(name: str) -> str:
     return name.split(":", 1)[0].split(",", 1)[0]
 
 
-def open_message(path: str | os.PathLike[str]) -> BinaryIO:
-    """Open a message file to read: a regular file, not a link to one, and
-    never a FIFO or a device that could block the reading thread for ever."""
+def _open_regular(path: str | os.PathLike[str]) -> int:
+    """A descriptor of a regular file, not a link to one, and never a FIFO or
+    a device that could block the reading thread for ever."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+    return fd
+
+
+def open_message(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open a message file to read (see _open_regular)."""
+    return os.fdopen(_open_regular(path), "rb")
 
 
 def read_small(path: str | os.PathLike[str], limit: int) -> bytes:
-    """Up to `limit` bytes of a message file, checked as `open_message` does."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    """Up to `limit` bytes of a message file (see _open_regular), in one read."""
+    fd = _open_regular(path)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
         return os.read(fd, limit)
     finally:
         os.close(fd)
