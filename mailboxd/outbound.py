@@ -667,10 +667,10 @@ class Outbound:
             await closing
 
     async def _send(
-        self, entry: Entry, dest: str, hop: Hop, recipients: list[str]
+        self, entry: Entry, dest: str, hop: Hop, recipients: list[str], reuse: bool = True
     ) -> list[Outcome]:
         relay = self.config.relay
-        waiting = self._idle.take(hop)
+        waiting = self._idle.take(hop) if reuse else None
         if waiting is None:
             await self._room(dest)
         message = open(self.directory / f"{entry.id}.msg", "rb")  # noqa: SIM115
@@ -695,9 +695,13 @@ class Outbound:
             finally:
                 if deadline.active():
                     deadline.cancel()
-            return outcomes_of(value, recipients, hop.host)
         finally:
             message.close()
+        if waiting is not None and isinstance(value, SMTPConnectError) and value.code < 0:
+            # The server let the waiting connection go just as we used it (its
+            # idle limit): that says nothing about the message; a new one does.
+            return await self._send(entry, dest, hop, recipients, reuse=False)
+        return outcomes_of(value, recipients, hop.host)
 
     def _open(
         self,

@@ -107,6 +107,9 @@ class FakeSMTP(LineReceiver):
             s.helo = line[5:]
             self.answer("helo")
         elif line.upper().startswith(b"MAIL FROM:"):
+            if s.sender is not None and self.script.get("drop_second_mail"):
+                self.transport.loseConnection()  # its idle limit, just as we came back
+                return
             s.sender = line[10:].split(b" ")[0].strip(b"<>")
             self.answer("mail")
         elif line.upper().startswith(b"RCPT TO:"):
@@ -1098,3 +1101,15 @@ def test_the_queue_stopping_says_quit_to_waiting_connections(make):
     r.outbound.stop()
     r.net.pump()
     assert s.commands[-1] == b"QUIT" and not s.open
+
+
+def test_a_waiting_connection_lost_as_it_is_used_costs_the_message_nothing(make):
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1", {"drop_second_mail": True}, {})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    r.enqueue("E2", ["b@far.test"])
+    r.wake()
+    assert len(host.sessions) == 2 and host.messages == 2
+    assert not r.exists("E2")  # delivered at its first attempt, on a new connection
+    assert r.logged("b@far.test delivered after attempt 1")
