@@ -447,8 +447,8 @@ class POP3Server(LineProtocol, TimeoutMixin):
 
     def pop_DELE(self, arg: str) -> Reply:
         found = self._message_arg(arg)
-        if isinstance(found, str):
-            return found
+        if isinstance(found, str) or self.mailbox is None:
+            return found if isinstance(found, str) else "-ERR not authenticated"
         self.mailbox.delete(found[0])
         return f"+OK message {found[0]} marked for deletion at QUIT"
 

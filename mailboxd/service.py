@@ -304,8 +304,8 @@ def _serving_parts(
         return SystemExit(message)
 
     # bcrypt threads are for the machine, not for each process.
-    hashing = max(1, hashing_threads() // worker_count(m.workers))
-    workers = make_workers(reactor, hashing=hashing)
+    hash_threads = max(1, hashing_threads() // worker_count(m.workers))
+    workers = make_workers(reactor, hashing=hash_threads)
     # Services stop in the reverse order: the store closes once the pools have
     # stopped, so that no state thread is using a connection as it closes.
     Running(Closing(state)).setServiceParent(top)
@@ -437,7 +437,9 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
             str(Path(config.path).resolve()),
             children,
             lambda: [
-                (x.name, x.description, x.port.fileno()) for x in listeners if x.port is not None
+                (str(x.name), x.description, x.port.fileno())
+                for x in listeners
+                if x.port is not None
             ],
             outbound.adopt,
             lock.fileno(),
