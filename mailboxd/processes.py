@@ -20,7 +20,9 @@ A child serves SMTP and POP3 only. What must be one stays in one place:
   entry is delivered by exactly one process.
 
 A child never cleans anything at start-up. It talks to the primary over a
-socket pair: the ids of what it queued, and its log events as JSON, which the
+socket pair: first it receives the primary's config (so a child started
+again later serves as the others do, whatever the file says by then), then
+it sends the ids of what it queued, and its log events as JSON, which the
 primary publishes marked with the worker's number (log lines are dropped
 rather than stop a worker when the primary does not keep up). It stops when
 the primary does (SIGTERM, or the socket pair closing when the primary dies);
@@ -33,10 +35,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -117,6 +122,12 @@ class _FromChild(_Records):
         self.supervisor = supervisor
         self.number = number
 
+    def connectionMade(self) -> None:
+        # The child serves with the primary's config, not with what the file
+        # says by the time it starts (it may have been edited since).
+        blob = pickle.dumps(self.supervisor.config)
+        self.transport.write(struct.pack(">Q", len(blob)) + blob)
+
     def received(self, record: bytes) -> None:  # type: ignore[override]
         kind, body = record[:1], record[1:]
         if kind == _QUEUED:
@@ -130,7 +141,7 @@ class Supervisor(Service):
     """Starts, watches and stops the child processes (in the primary)."""
 
     reactor: Any
-    config_path: str
+    config: Any  # the primary's Config, handed to each child
     count: int  # children: workers - 1
     listeners: Callable[[], list[tuple[str, str, int]]]  # (name, description, fd), bound
     queued: Callable[[list[str]], object]  # entry ids a child queued
@@ -162,7 +173,8 @@ class Supervisor(Service):
             # Until every worker has gone, no new server may clean up what
             # they still write.
             fds[_LOCK_FD] = self.lock_fd
-        args = [sys.executable, "-m", "mailboxd.processes", "--config", self.config_path]
+        path = str(Path(self.config.path).resolve())  # for ps: which server this is
+        args = [sys.executable, "-m", "mailboxd.processes", "--config", path]
         args += ["--worker", str(number)]
         shared_listeners = [x for x in self.listeners() if shared(x[1])]
         for i, (name, description, fd) in enumerate(shared_listeners):
@@ -322,6 +334,28 @@ def _json_safe(event: dict) -> dict:
     return event
 
 
+def _read_exactly(fd: int, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            raise SystemExit("mailboxd.processes: the primary went away")
+        data += chunk
+    return data
+
+
+def _say_now(text: str) -> None:
+    """A critical log line to the primary, written before the reactor runs."""
+    event = {
+        "log_format": "{error}",
+        "error": text,
+        "log_level": LogLevel.critical,
+        "log_namespace": log.namespace,
+        "log_time": time.time(),
+    }
+    os.write(_CHANNEL_FD, _LOG + eventAsJSON(event).encode("utf-8") + _RECORD)
+
+
 def adopt(reactor: Any, fd: int, factory: Any) -> Any:
     """Serve `factory` on the listening socket `fd` the primary bound."""
     family = socket.socket(fileno=os.dup(fd)).family
@@ -340,27 +374,14 @@ def child_main(argv: list[str] | None = None) -> None:
     from twisted.internet import reactor
 
     from .clocks import use_monotonic_clock
-    from .config import ConfigError, load
     from .service import assemble_child
 
     os.umask(0o077)
-    try:
-        config = load(args.config)
-    except ConfigError as e:
-        # Before any reactor runs: said at once, on the channel as it is.
-        event = {
-            "log_format": "{error}",
-            "error": str(e),
-            "log_level": LogLevel.critical,
-            "log_namespace": log.namespace,
-            "log_time": time.time(),
-        }
-        os.write(_CHANNEL_FD, _LOG + eventAsJSON(event).encode("utf-8") + _RECORD)
-        raise SystemExit(1) from None
+    (size,) = struct.unpack(">Q", _read_exactly(_CHANNEL_FD, 8))
+    config = pickle.loads(_read_exactly(_CHANNEL_FD, size))  # noqa: S301 - from our primary
     use_monotonic_clock(reactor)
     channel = _ToPrimary(reactor)
     reactor.adoptStreamConnection(_CHANNEL_FD, socket.AF_UNIX, _ToPrimaryFactory(channel))
-    os.close(_CHANNEL_FD)
 
     def observer(event: dict) -> None:
         try:
@@ -374,9 +395,15 @@ def child_main(argv: list[str] | None = None) -> None:
     for item in args.listener:
         name, fd, tls = item.split("=")
         listeners[name] = (int(fd), tls == "tls")
-    service = assemble_child(
-        config, reactor, listeners, lambda entry_id: channel.send(_QUEUED, entry_id.encode())
-    )
+    try:
+        service = assemble_child(
+            config, reactor, listeners, lambda entry_id: channel.send(_QUEUED, entry_id.encode())
+        )
+    except SystemExit as e:
+        # No reactor runs yet to carry a log line: said at once, on the channel.
+        _say_now(str(e.code))
+        raise SystemExit(1) from None
+    os.close(_CHANNEL_FD)  # the adopted connection has its own copy
     failed = []
 
     def start() -> None:

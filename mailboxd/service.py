@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -434,7 +433,7 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
     if children > 0:
         Supervisor(
             reactor,
-            str(Path(config.path).resolve()),
+            config,
             children,
             lambda: [
                 (str(x.name), x.description, x.port.fileno())

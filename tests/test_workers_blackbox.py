@@ -226,13 +226,31 @@ def _running(pid: int) -> bool:
 
 def test_a_worker_that_cannot_start_is_tried_less_and_less_often(workers):
     server = workers()
-    good = server.config.read_text()
-    server.config.write_text(good.replace("workers = 2", "workers = many"))
+    kept = server.accounts.read_text()
+    server.accounts.unlink()
+    server.accounts.mkdir()  # an operator's mistake: the primary keeps its accounts
     os.kill(child_pid(server), signal.SIGKILL)
     assert wait_for(lambda: "starting it again in 4s" in server.log(), timeout=20), server.log()
-    assert "[mailbox] workers = 'many'" in server.log()  # the child's one line, via the primary
+    assert "cannot read it: Is a directory" in server.log()  # the child's line, via the primary
     assert "starting it again in 1s" in server.log() and "in 2s" in server.log()
-    server.config.write_text(good)
+    server.accounts.rmdir()
+    server.accounts.write_text(kept)
     assert wait_for(lambda: server.log().count("worker 1 serving") == 2, timeout=20)
-    r = smtp_from(server, "127.0.0.75")  # both processes serve again
-    r.close()
+
+
+def test_a_worker_started_again_serves_with_the_primary_s_config(workers):
+    server = workers()
+    with only(server, "child"):
+        assert "250-SIZE 1000000" in ehlo(server)
+    # Edited, and not yet in force: the primary reads its config at start only.
+    server.config.write_text(server.config.read_text().replace("1000000", "2000"))
+    os.kill(child_pid(server), signal.SIGKILL)
+    assert wait_for(lambda: server.log().count("worker 1 serving") == 2, timeout=20)
+    with only(server, "child"):
+        assert "250-SIZE 1000000" in ehlo(server)
+
+
+def ehlo(server: MailServer) -> str:
+    with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as s:
+        code, text = s.ehlo("client.far.test")
+        return "\n".join(f"{code}-{line}" for line in text.decode().splitlines())
