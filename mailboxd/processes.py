@@ -34,6 +34,7 @@ unix:) stay with the primary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import socket
@@ -48,6 +49,7 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import (
     Logger,
@@ -305,7 +307,8 @@ class _ToPrimary(protocol.Protocol):
         self.transport.write(kind + body + _RECORD)
 
     def connectionLost(self, reason: Any = None) -> None:
-        if self.reactor.running:
+        # Also while it already stops (SIGTERM first, then the primary goes).
+        with contextlib.suppress(ReactorNotRunning):
             self.reactor.stop()
 
 
