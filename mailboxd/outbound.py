@@ -144,9 +144,10 @@ class _Idle:
         return sender
 
     def close_all(self) -> None:
-        for waiting in list(self._waiting.values()):
-            for sender, _ in list(waiting):
-                sender.leave()
+        """Let every connection between messages go, those whose RSET is
+        still on the way included."""
+        for _, sender in self._all(None):
+            sender.leave()
 
     def discard(self, hop: Hop, sender: Any) -> None:
         self._settling.discard(sender)

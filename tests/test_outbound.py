@@ -1113,3 +1113,18 @@ def test_a_waiting_connection_lost_as_it_is_used_costs_the_message_nothing(make)
     assert len(host.sessions) == 2 and host.messages == 2
     assert not r.exists("E2")  # delivered at its first attempt, on a new connection
     assert r.logged("b@far.test delivered after attempt 1")
+
+
+def test_the_queue_stopping_lets_go_a_connection_whose_rset_is_unanswered(make):
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1", {"rset": HANG})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    (s,) = host.sessions
+    assert s.commands[-1] == b"RSET" and s.open  # the message went; no answer to RSET yet
+    r.outbound.stop()
+
+    pump = r.net.pumps[0]
+    pump.serverIO.write(b"250 2.0.0 reset\r\n")
+    r.net.pump()
+    assert s.commands[-1] == b"QUIT" and not s.open
