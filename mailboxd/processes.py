@@ -22,19 +22,21 @@ A child serves SMTP and POP3 only. What must be one stays in one place:
 A child never cleans anything at start-up. It talks to the primary over a
 socket pair: first it receives the primary's config (so a child started
 again later serves as the others do, whatever the file says by then), then
-it sends the ids of what it queued, and its log events as JSON, which the
-primary publishes marked with the worker's number (log lines are dropped
-rather than stop a worker when the primary does not keep up). It stops when
-the primary does (SIGTERM, or the socket pair closing when the primary dies);
-a child that dies is started again, after a pause that grows while it keeps
-dying at once. Listeners whose socket a child cannot serve as it is (ssl:,
-unix:) stay with the primary.
+it sends the ids of what it queued, and its log events (the text rendered,
+the plain fields as JSON), which the primary publishes marked with the
+worker's number (log lines are dropped rather than stop a worker when the
+primary does not keep up). It stops when the primary does (SIGTERM, or the
+socket pair closing when the primary dies); a child that dies is started
+again, after a pause that grows while it keeps dying at once. Listeners
+whose socket a child cannot serve as it is (ssl:, unix:) stay with the
+primary.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import pickle
 import socket
@@ -52,10 +54,10 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import (
+    InvalidLogLevelError,
     Logger,
     LogLevel,
-    eventAsJSON,
-    eventFromJSON,
+    eventAsText,
     globalLogBeginner,
     globalLogPublisher,
 )
@@ -69,7 +71,7 @@ RESTART_PAUSE_MAX = 60.0  # ...after each quick death, up to this
 RAN_LONG_ENOUGH = 30.0  # seconds a child must have run for its next pause to reset
 STOP_GRACE = 10.0  # seconds a child has to stop before it is killed
 _RECORD = b"\x1e"  # between records on the channel (RFC 7464's separator)
-_QUEUED, _LOG = b"Q", b"L"  # a record's first byte: an entry id, a JSON log event
+_QUEUED, _LOG = b"Q", b"L"  # a record's first byte: an entry id, a log event
 _CHANNEL_FD, _LOCK_FD, _FIRST_LISTENER_FD = 3, 4, 5
 # Listeners a child can serve: their socket carries plain TCP, and the child
 # adds TLS itself for tls:. ssl: (TLS added inside the endpoint) and unix:
@@ -197,11 +199,8 @@ class Supervisor(Service):
         log.info("worker {number} started (process {pid})", number=number, pid=transport.pid)
 
     def child_event(self, number: int, record: bytes) -> None:
-        try:
-            event = eventFromJSON(record.decode("utf-8", "replace"))
-        except Exception:  # noqa: BLE001 - a record we cannot read is dropped
-            return
-        if not isinstance(event, dict):
+        event = event_from_record(record)
+        if event is None:
             return
         namespace = event.get("log_namespace", "-")
         level = event.get("log_level")
@@ -322,18 +321,47 @@ class _ToPrimaryFactory(protocol.Factory):
         return self.channel
 
 
-def _json_safe(event: dict) -> dict:
-    """A failure's text, where JSON would keep only {"unpersistable": true}."""
-    failure = event.get("log_failure")
-    if failure is None:
-        return event
-    event = dict(event)
-    del event["log_failure"]
-    event["log_format"] = (event.get("log_format") or "") + "\n{failure_text}"
+def log_record(event: dict) -> bytes:
+    """A child's log event as the primary publishes it: the text rendered here
+    (with any traceback), and the event's plain fields for observers that want
+    them. Far cheaper on both sides than Twisted's eventAsJSON/eventFromJSON,
+    which matters at several lines a message."""
+    record = {k: v for k, v in event.items() if not k.startswith("log_") and _plain(v)}
     try:
-        event["failure_text"] = failure.getTraceback()
+        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
     except Exception:  # noqa: BLE001 - whatever it was, say what we can
-        event["failure_text"] = repr(failure)
+        text = repr(event.get("log_format"))
+    level = event.get("log_level")
+    record["log_text"] = text
+    record["log_level"] = getattr(level, "name", "info")
+    record["log_namespace"] = event.get("log_namespace", "-")
+    record["log_time"] = event.get("log_time") or time.time()
+    return json.dumps(record).encode("utf-8")
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(type(v) in _PLAIN for v in value)
+    return type(value) in _PLAIN
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def event_from_record(record: bytes) -> dict | None:
+    """The event a child's record stands for, or None for one we cannot read."""
+    try:
+        event = json.loads(record)
+        text = event["log_text"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(text, str):
+        return None
+    try:
+        event["log_level"] = LogLevel.levelWithName(event.get("log_level"))
+    except (InvalidLogLevelError, TypeError):
+        event["log_level"] = LogLevel.info
+    event["log_format"] = "{log_text}"
     return event
 
 
@@ -356,7 +384,7 @@ def _say_now(text: str) -> None:
         "log_namespace": log.namespace,
         "log_time": time.time(),
     }
-    os.write(_CHANNEL_FD, _LOG + eventAsJSON(event).encode("utf-8") + _RECORD)
+    os.write(_CHANNEL_FD, _LOG + log_record(event) + _RECORD)
 
 
 def adopt(reactor: Any, fd: int, factory: Any) -> Any:
@@ -388,7 +416,7 @@ def child_main(argv: list[str] | None = None) -> None:
 
     def observer(event: dict) -> None:
         try:
-            channel.send(_LOG, eventAsJSON(_json_safe(event)).encode("utf-8"))
+            channel.send(_LOG, log_record(event))
         except Exception:  # noqa: BLE001, S110 - a log line must never stop the worker
             pass
 

@@ -1,0 +1,86 @@
+"""A worker's log events on their way to the primary (mailboxd.processes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from twisted.logger import LogLevel, formatEvent, formatEventAsClassicLogText
+from twisted.python.failure import Failure
+
+from mailboxd.processes import event_from_record, log_record
+
+
+def _event(**fields):
+    event = {
+        "log_format": "accepted {id} from <{sender}>: delivered to {recipients}",
+        "log_level": LogLevel.info,
+        "log_namespace": "mailboxd.reception",
+        "log_time": 1_790_000_000.25,
+        "log_logger": object(),
+        "id": "1.M1P2Q3",
+        "sender": "a@far.test",
+        "recipients": ["alice@example.test", "bob@example.test"],
+    }
+    event.update(fields)
+    return event
+
+
+def test_the_primary_writes_a_workers_line_as_the_worker_would_have():
+    event = event_from_record(log_record(_event()))
+    assert formatEvent(event) == (
+        "accepted 1.M1P2Q3 from <a@far.test>: delivered to "
+        "['alice@example.test', 'bob@example.test']"
+    )
+    assert event["log_level"] is LogLevel.info
+    assert event["log_namespace"] == "mailboxd.reception"
+    assert event["log_time"] == 1_790_000_000.25
+    # Plain fields stay for observers that want them; objects do not cross.
+    assert event["sender"] == "a@far.test"
+    assert event["recipients"] == ["alice@example.test", "bob@example.test"]
+    assert "log_logger" not in event
+
+
+def test_braces_in_what_was_said_are_not_formatted_again():
+    event = event_from_record(log_record(_event(sender="{log_time}{0}")))
+    assert "from <{log_time}{0}>" in formatEvent(event)
+
+
+def test_a_failure_travels_as_its_traceback():
+    try:
+        raise ZeroDivisionError("division by zero")
+    except ZeroDivisionError:
+        failure = Failure()
+    event = event_from_record(
+        log_record(
+            _event(log_format="cannot go on", log_failure=failure, log_level=LogLevel.critical)
+        )
+    )
+    text = formatEventAsClassicLogText(event)
+    assert "cannot go on" in text
+    assert "ZeroDivisionError" in text
+    assert event["log_level"] is LogLevel.critical
+
+
+def test_an_object_field_is_left_out_not_fatal():
+    record = json.loads(log_record(_event(peer=object(), count=3, ratio=0.5, ok=True)))
+    assert "peer" not in record
+    assert (record["count"], record["ratio"], record["ok"]) == (3, 0.5, True)
+
+
+def test_a_format_that_cannot_be_rendered_still_gives_a_line():
+    event = event_from_record(log_record(_event(log_format="{missing} field")))
+    assert "missing" in formatEvent(event)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [b"", b"not json", b"[1, 2]", b'"text"', b'{"no": "text"}', b'{"log_text": 3}', b"\xff\xfe"],
+)
+def test_a_record_that_cannot_be_read_is_dropped(record):
+    assert event_from_record(record) is None
+
+
+def test_an_unknown_level_is_said_at_info():
+    record = json.dumps({"log_text": "x", "log_level": "loud"}).encode()
+    assert event_from_record(record)["log_level"] is LogLevel.info
