@@ -59,6 +59,7 @@ class Session:
         self.data: bytes | None = None  # the wire bytes before the final ".\r\n"
         self.accepted_data = False  # answered 2xx at the end of the data
         self.messages = 0  # answered 2xx at the end of the data, over the session
+        self.batches: list[list[bytes]] = []  # the commands, as they arrived together
         self.open = True
 
     @property
@@ -78,6 +79,10 @@ class FakeSMTP(LineReceiver):
         self.session = session
         self.net = net
         self.buffer = b""
+        # This transaction's state, as a real server keeps it: RCPT needs an
+        # accepted MAIL, DATA an accepted RCPT.
+        self.mail_ok = False
+        self.rcpt_ok = 0
 
     def answer(self, stage: str, key: str | None = None) -> str:
         reply = self.script.get(stage, DEFAULT[stage])
@@ -96,9 +101,15 @@ class FakeSMTP(LineReceiver):
         self.session.open = False
         self.net.open -= 1
 
+    def dataReceived(self, data: bytes) -> None:
+        self.session.batches.append([])
+        super().dataReceived(data)
+
     def lineReceived(self, line: bytes) -> None:
         s = self.session
         s.commands.append(line)
+        if s.batches:
+            s.batches[-1].append(line.split(b":")[0].split(b" ")[0].upper())
         verb = line.split(b" ", 1)[0].upper()
         if verb == b"EHLO":
             s.helo = line[5:]
@@ -111,16 +122,23 @@ class FakeSMTP(LineReceiver):
                 self.transport.loseConnection()  # its idle limit, just as we came back
                 return
             s.sender = line[10:].split(b" ")[0].strip(b"<>")
-            self.answer("mail")
+            self.mail_ok = self.answer("mail").startswith("2")
+            self.rcpt_ok = 0
+        elif line.upper().startswith(b"RCPT TO:") and not self.mail_ok:
+            self.transport.write(b"503 5.5.1 Error: need MAIL command\r\n")
         elif line.upper().startswith(b"RCPT TO:"):
             address = line[8:].split(b" ")[0].strip(b"<>")
             s.recipients.append(address)
             if self.answer("rcpt", address.decode()).startswith("2"):
                 s.accepted.append(address)
+                self.rcpt_ok += 1
+        elif verb == b"DATA" and not self.rcpt_ok and not self.script.get("always_354"):
+            self.transport.write(b"554 5.5.1 Error: no valid recipients\r\n")
         elif verb == b"DATA":
             if self.answer("data").startswith("354"):
                 self.setRawMode()
         elif verb == b"RSET":
+            self.mail_ok, self.rcpt_ok = False, 0
             self.answer("rset")
             if self.script.get("quit_after_rset"):
                 self.transport.loseConnection()
@@ -137,6 +155,7 @@ class FakeSMTP(LineReceiver):
         self.buffer += data
         if self.buffer == b".\r\n" or self.buffer.endswith(b"\r\n.\r\n"):
             self.session.data, self.buffer = self.buffer[:-3], b""
+            self.mail_ok, self.rcpt_ok = False, 0
             self.setLineMode()
             self.session.accepted_data = self.answer("eod").startswith("2")
             self.session.messages += self.session.accepted_data
@@ -364,6 +383,9 @@ def stuffed(message: bytes) -> bytes:
 
 def sender() -> _Sender:
     return _Sender(None, None, None, b"mail.example.test")
+
+
+_sender_alone = sender
 
 
 @pytest.mark.parametrize(
@@ -1128,3 +1150,103 @@ def test_the_queue_stopping_lets_go_a_connection_whose_rset_is_unanswered(make):
     pump.serverIO.write(b"250 2.0.0 reset\r\n")
     r.net.pump()
     assert s.commands[-1] == b"QUIT" and not s.open
+
+
+# --- PIPELINING (RFC 2920) ------------------------------------------------------
+
+NO_PIPELINING = "250-mx.far.test hello\r\n250 8BITMIME"
+
+
+def test_a_transaction_goes_in_one_write_where_the_server_pipelines(make):
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1", {})
+    r.enqueue("E1", ["a@far.test", "b@far.test"])
+    r.start()
+    (session,) = host.delivered
+    assert [b"MAIL", b"RCPT", b"RCPT", b"DATA"] in session.batches
+    assert session.accepted == [b"a@far.test", b"b@far.test"]
+    assert session.data == stuffed(MESSAGE)
+    assert not r.exists("E1")
+
+
+def test_one_command_at_a_time_where_the_server_does_not_pipeline(make):
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1", {"ehlo": NO_PIPELINING})
+    r.enqueue("E1", ["a@far.test", "b@far.test"])
+    r.start()
+    (session,) = host.delivered
+    commands = [b for b in session.batches if b and b != [b"QUIT"]]
+    assert all(len(batch) == 1 for batch in commands), commands
+    assert session.data == stuffed(MESSAGE)
+
+
+def test_pipelining_offered_only_before_starttls_does_not_count():
+    sender = _sender_alone()
+    sender.tryTLS = lambda code, resp, items: None  # what comes next is not tested here
+    sender.esmtpState_serverConfig(250, b"mx.far.test\nPIPELINING\nSTARTTLS")
+    assert sender.pipelining
+    sender.esmtpState_serverConfig(250, b"mx.far.test\n8BITMIME")
+    assert not sender.pipelining
+    sender.esmtpState_serverConfig(250, b"mx.far.test\npipelining")
+    assert sender.pipelining
+
+
+# The same outcomes, one command at a time or pipelined: script -> for each
+# recipient (a, b), its last error ("" if delivered) and whether it is still queued.
+OUTCOMES = [
+    ({}, [("", False), ("", False)]),
+    ({"mail": "451 4.3.0 later"}, [("451 4.3.0 later", True), ("451 4.3.0 later", True)]),
+    (
+        {"mail": "553 5.1.8 bad sender"},
+        [("553 5.1.8 bad sender", False), ("553 5.1.8 bad sender", False)],
+    ),
+    (
+        {"rcpt": {"a@far.test": "550 5.1.1 no such user"}},
+        [("550 5.1.1 no such user", False), ("", False)],
+    ),
+    (
+        {"rcpt": "450 4.2.1 busy"},
+        [("450 4.2.1 busy", True), ("450 4.2.1 busy", True)],
+    ),
+    (
+        {"rcpt": "450 4.2.1 busy", "always_354": True},
+        [("450 4.2.1 busy", True), ("450 4.2.1 busy", True)],
+    ),
+    (
+        {"data": "451 4.3.0 no data now"},
+        [("451 4.3.0 no data now", True), ("451 4.3.0 no data now", True)],
+    ),
+    (
+        {"eod": "554 5.7.1 spam"},
+        [("554 5.7.1 spam", False), ("554 5.7.1 spam", False)],
+    ),
+]
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "one-by-one"])
+@pytest.mark.parametrize("script, expected", OUTCOMES)
+def test_refusals_at_each_step_count_the_same_pipelined_or_not(make, script, expected, pipelining):
+    r = make(SMARTHOST)
+    if not pipelining:
+        script = {**script, "ehlo": NO_PIPELINING}
+    host = r.net.add("127.0.0.1", script)
+    r.enqueue("E1", ["a@far.test", "b@far.test"])
+    r.start()
+    (session,) = host.sessions
+    for address, (error, queued) in zip(["a@far.test", "b@far.test"], expected, strict=True):
+        if not r.exists("E1"):
+            assert not queued, address
+            continue
+        recipient = r.recipient("E1", address)
+        assert (recipient["last_error"] or "") == error, address
+        assert (recipient["status"] not in queue.DONE) == queued, (address, recipient)
+    if script.get("always_354") and pipelining:
+        assert session.data == b""  # a lone dot ended what nobody was to get
+        return
+    delivered = [
+        a
+        for a, (error, _) in zip([b"a@far.test", b"b@far.test"], expected, strict=True)
+        if not error
+    ]
+    assert session.accepted_data == bool(delivered)
+    assert session.messages == (1 if delivered else 0)
