@@ -52,39 +52,73 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+SPOOL_MEMORY = 65536  # bytes of a message held in memory before its spool file is made
+
+
 @attrs.define
 class IncomingMessage:
-    """A message being received, streamed to a spool file line by line.
+    """A message being received, line by line.
 
-    Lines are written as they arrive; nothing but the current line is held in
-    memory. `commit` (run in a thread pool) makes it durable in every Maildir.
+    Most mail is small: it is held in memory and written once, by `commit`
+    (in a thread pool), so receiving it costs no trip to the pool before the
+    final dot. Past SPOOL_MEMORY it goes to a spool file (`spill`), and then
+    line by line as it arrives: nothing but the current line and a write
+    buffer is held. With `spill_inline`, `write_line` spills by itself (for
+    callers already off the reactor thread); otherwise the owner calls
+    `spill` in a thread pool once `must_spill` says so.
     """
 
     spool_dir: Path
     hostname: str
+    spill_inline: bool = True
     path: Path = attrs.field(init=False)
     size: int = attrs.field(init=False, default=0)
     wire_size: int = attrs.field(init=False, default=0)
-    _file: BinaryIO = attrs.field(init=False, repr=False)
+    _file: BinaryIO | None = attrs.field(init=False, default=None, repr=False)
+    _held: list[bytes] = attrs.field(init=False, factory=list, repr=False)
+    _held_size: int = attrs.field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
         self.path = self.spool_dir / unique_name(self.hostname)
+
+    def write_line(self, line: bytes) -> None:
+        """Append one line, given without its line end."""
+        self.size += len(line) + 1
+        self.wire_size += len(line) + 2
+        if self._file is not None:
+            self._file.write(line)
+            self._file.write(b"\n")
+            return
+        self._held.append(line)
+        self._held_size += len(line) + 1
+        if self.spill_inline and self.must_spill:
+            self.spill()
+
+    @property
+    def must_spill(self) -> bool:
+        return self._file is None and self._held_size > SPOOL_MEMORY
+
+    def spill(self) -> None:
+        """Make the spool file and write what is held to it. Blocking."""
+        if self._file is not None:
+            return
         flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
         try:
             fd = os.open(self.path, flags, 0o600)
         except FileNotFoundError:  # first message, or the folder was removed
             private_dir(self.spool_dir)
             fd = os.open(self.path, flags, 0o600)
-        self._file = os.fdopen(fd, "wb", buffering=65536)
-
-    def write_line(self, line: bytes) -> None:
-        """Append one line, given without its line end."""
-        self._file.write(line)
-        self._file.write(b"\n")
-        self.size += len(line) + 1
-        self.wire_size += len(line) + 2
+        f = os.fdopen(fd, "wb", buffering=65536)
+        self._file = f
+        held, self._held, self._held_size = self._held, [], 0
+        if held:
+            held.append(b"")
+            f.write(b"\n".join(held))
 
     def discard(self) -> None:
+        self._held, self._held_size = [], 0
+        if self._file is None:
+            return
         with contextlib.suppress(OSError):
             self._file.close()
         with contextlib.suppress(FileNotFoundError):
@@ -102,6 +136,8 @@ class IncomingMessage:
         Blocking: call it in a thread pool.
         """
         try:
+            self.spill()
+            assert self._file is not None
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()

@@ -95,33 +95,17 @@ class Intake:
     def __repr__(self) -> str:
         return "<Intake>"
 
-    def begin(self, tx: Transaction, trace: Trace) -> Deferred:
-        """Fires with a Reception whose spool file holds the trace headers.
-
-        The file is created in the storage pool: creating a file is a
-        directory update, which can wait for the disk.
-        """
+    def begin(self, tx: Transaction, trace: Trace) -> Reception:
+        """A Reception holding the trace headers; nothing is on disk yet."""
         message_id = secrets.token_hex(6).upper()
         header = received_header(self.config.mailbox.hostname, trace, tx, message_id, self.wall())
         spool = self.config.mailbox.mail_dir / ".incoming"
-
-        def spool_file() -> tuple[IncomingMessage, int]:
-            message = IncomingMessage(spool, self.config.mailbox.hostname)
-            try:
-                message.write_line(f"Return-Path: <{tx.sender}>".encode())
-                return_path_size = message.size
-                for line in header.split("\n"):
-                    message.write_line(line.encode())
-            except BaseException:
-                message.discard()
-                raise
-            return message, return_path_size
-
-        def opened(result: tuple[IncomingMessage, int]) -> Reception:
-            message, return_path_size = result
-            return Reception(self, tx, trace, message_id, message, return_path_size)
-
-        return self.workers.disk(spool_file).addCallback(opened)
+        message = IncomingMessage(spool, self.config.mailbox.hostname, spill_inline=False)
+        message.write_line(f"Return-Path: <{tx.sender}>".encode())
+        return_path_size = message.size
+        for line in header.split("\n"):
+            message.write_line(line.encode())
+        return Reception(self, tx, trace, message_id, message, return_path_size)
 
 
 @attrs.define(eq=False)
@@ -138,32 +122,46 @@ class Reception:
     def __attrs_post_init__(self) -> None:
         self.header_size = self.message.wire_size
 
-    def line(self, line: bytes) -> None:
-        """One line of data, with the SMTP transparency dot and CRLF removed."""
+    def line(self, line: bytes) -> Deferred | None:
+        """One line of data, with the SMTP transparency dot and CRLF removed.
+        Returns a Deferred while the spool file is being made: the next line
+        must wait for it."""
         if self.error is not None:
-            return
+            return None
         if b"\r" in line or b"\n" in line:
             # A bare CR or LF never ends the message (SMTP smuggling); refuse it whole.
             self.error = BARE_CR_OR_LF
-            return
+            return None
         if b"\0" in line:
             # RFC 5321 §4.5.2 allows no NUL, and a next hop that drops it could
             # find an end of data where we saw none (smuggling again).
             self.error = NUL
-            return
+            return None
         if line.startswith(b"."):
             line = line[1:]
         body_size = self.message.wire_size - self.header_size + len(line) + 2
         if body_size > self.intake.config.smtp.max_message_size:
             self.error = TOO_BIG
-            return
+            return None
         try:
             self.message.write_line(line)
         except OSError as e:
-            # Read on to the final dot and say so there (RFC 5321 §4.2.5): the
-            # client keeps the message and tries again later.
-            log.error("smtp cannot spool {id}: {error}", id=self.id, error=str(e))
-            self.error = storage_error(e, NOT_SPOOLED)
+            self._not_spooled(e)
+            return None
+        if not self.message.must_spill:
+            return None
+        # A spool file is a directory update, which can wait for the disk.
+        return self.intake.workers.disk(self.message.spill).addErrback(self._spill_failed)
+
+    def _spill_failed(self, f: Any) -> None:
+        f.trap(OSError)
+        self._not_spooled(f.value)
+
+    def _not_spooled(self, e: BaseException) -> None:
+        # Read on to the final dot and say so there (RFC 5321 §4.2.5): the
+        # client keeps the message and tries again later.
+        log.error("smtp cannot spool {id}: {error}", id=self.id, error=str(e))
+        self.error = storage_error(e, NOT_SPOOLED)
 
     def too_long(self) -> None:
         self.error = self.error or (500, "5.5.2 Error: line too long")

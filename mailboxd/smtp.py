@@ -43,13 +43,11 @@ from .popauth import PopAuthRegistry
 from .printable import arg_safe, shown
 from .queue import Entry
 from .reception import (
-    NOT_SPOOLED,
     Delivery,
     Intake,
     Reception,
     Trace,
     Transaction,
-    storage_error,
 )
 from .sasl import Aborted, Challenge, Credentials, Exchange, Forbidden, Malformed, Unsupported
 from .state import StateError
@@ -226,8 +224,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         if self.reception is not None:
             if line == b".":
                 return self.end_of_data()
-            self.reception.line(line)
-            return None
+            return self.reception.line(line)
         text = line.decode("latin-1")
         if self.sasl.waiting:
             self.max_line = COMMAND_LINE_MAX
@@ -392,22 +389,11 @@ class SMTPServer(LineProtocol, TimeoutMixin):
             self.account.address if self.account else None,
         )
 
-        def receiving(reception: Reception) -> Reply | None:
-            if self._closed:
-                reception.discard()
-                return None
-            self.reception = reception
-            self.strict_crlf = True
-            self.max_line = TEXT_LINE_MAX
-            self.setTimeout(max(600, self.factory.config.smtp.idle_timeout))  # RFC 5321 §4.5.3.2.6
-            return (354, "End data with <CR><LF>.<CR><LF>")
-
-        def not_spooled(f: Any) -> Reply:
-            f.trap(OSError)
-            log.error("smtp cannot spool a message: {error}", error=str(f.value))
-            return storage_error(f.value, NOT_SPOOLED)
-
-        return self.factory.intake.begin(tx, trace).addCallbacks(receiving, not_spooled)
+        self.reception = self.factory.intake.begin(tx, trace)
+        self.strict_crlf = True
+        self.max_line = TEXT_LINE_MAX
+        self.setTimeout(max(600, self.factory.config.smtp.idle_timeout))  # RFC 5321 §4.5.3.2.6
+        return (354, "End data with <CR><LF>.<CR><LF>")
 
     def end_of_data(self) -> Deferred | None:
         reception = self.reception

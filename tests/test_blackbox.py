@@ -123,7 +123,7 @@ def test_disconnect_mid_data_leaves_no_message_and_no_temp_file(server):
     r.send("MAIL FROM:<a@far.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
     for _ in range(3):
         r.reply()
-    r.send("Subject: half\r\n\r\n" + "line\r\n" * 1000)
+    r.send("Subject: half\r\n\r\n" + "line\r\n" * 20_000)  # past what is held in memory
     incoming = server.mail_dir / ".incoming"
     assert wait_for(lambda: incoming.is_dir() and any(incoming.iterdir()))
     r.close()
@@ -187,7 +187,7 @@ def test_spool_left_by_a_crash_is_cleaned(server):
     r.send("MAIL FROM:<a@far.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
     for _ in range(3):
         r.reply()
-    r.send("Subject: never acknowledged\r\n\r\n" + "x\r\n" * 100)
+    r.send("Subject: never acknowledged\r\n\r\n" + "x\r\n" * 50_000)  # spooled: past 64 KB
     incoming = server.mail_dir / ".incoming"
     assert wait_for(lambda: incoming.is_dir() and any(incoming.iterdir()))
     server.stop(signal.SIGKILL)

@@ -253,24 +253,55 @@ def test_storage_failure_is_a_temporary_error(s, monkeypatch, errno, reply):
     assert s.cmd("NOOP") == "250 2.0.0 Ok"
 
 
-def test_a_full_disk_in_the_middle_of_data_is_said_after_the_final_dot(s, monkeypatch):
+class _FullFile:
+    """A spool file on a full disk: every write fails."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        raise OSError(28, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [1, 8],  # held in memory until the final dot; spilled to a spool file during DATA
+    ids=["small", "spilled"],
+)
+def test_a_full_disk_during_data_is_said_after_the_final_dot(s, monkeypatch, lines):
     import os
 
+    monkeypatch.setattr("mailboxd.maildir.SPOOL_MEMORY", 4096)  # under the size limit here
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda *a, **kw: _FullFile(real_fdopen(*a, **kw)))
     s.envelope()
     s.cmd("DATA")
-    real_write = os.write
-    message = s.proto.reception.message
-
-    def full(fd, data):
-        if fd == message._file.fileno():
-            raise OSError(28, "No space left on device")
-        return real_write(fd, data)
-
-    monkeypatch.setattr(message._file, "write", lambda data: full(message._file.fileno(), data))
-    replies = s.send("Subject: big\r\n\r\n" + "x" * 998 + "\r\n" + "more\r\n.\r\nNOOP\r\n")
+    replies = s.send(
+        "Subject: big\r\n\r\n" + ("x" * 998 + "\r\n") * lines + "more\r\n.\r\nNOOP\r\n"
+    )
     assert replies == ["452 4.3.1 Insufficient system storage", "250 2.0.0 Ok"]
     assert s.delivered() == []
     assert not list((s.unit.mail_dir / ".incoming").iterdir())
+
+
+def test_a_message_past_the_memory_limit_is_spooled_during_data(s, monkeypatch):
+    SPOOL_MEMORY = 4096  # under the size limit here
+    monkeypatch.setattr("mailboxd.maildir.SPOOL_MEMORY", SPOOL_MEMORY)
+    s.envelope()
+    s.cmd("DATA")
+    message = s.proto.reception.message
+    line = "y" * 998 + "\r\n"
+    assert s.send(line * 2) == []
+    assert not message.path.exists()  # small so far: held in memory
+    assert s.send(line * (SPOOL_MEMORY // 998)) == []
+    assert message.path.exists()  # past the limit: in the spool file, line by line
+    assert s.send(line + ".\r\n")[0].startswith("250 2.0.0 Ok: queued")
+    (delivered,) = s.delivered()
+    assert delivered.read_bytes().count(b"y" * 998 + b"\n") == 3 + SPOOL_MEMORY // 998
+    assert not message.path.exists()
 
 
 def test_message_over_the_size_limit(s):
@@ -326,10 +357,11 @@ def test_idle_timeout(s):
     assert s.transport.disconnecting
 
 
-def test_disconnect_mid_data_leaves_nothing(s):
+def test_disconnect_mid_data_leaves_nothing(s, monkeypatch):
+    monkeypatch.setattr("mailboxd.maildir.SPOOL_MEMORY", 4096)
     s.envelope()
     s.cmd("DATA")
-    s.send("Subject: half\r\n\r\nhalf a message\r\n")
+    s.send("Subject: half\r\n\r\n" + "half a message\r\n" * 500)
     assert list((s.unit.mail_dir / ".incoming").iterdir())
     s.proto.connectionLost(None)
     assert not list((s.unit.mail_dir / ".incoming").iterdir())
