@@ -139,7 +139,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
         if reply is None or self._closed:
             return None
         if isinstance(reply, bytes):
-            self.transport.write(reply)
+            self.write(reply)
             return None
         self.sendLine(reply)
         if reply.startswith("-ERR"):
@@ -416,6 +416,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
         except OSError as e:
             return self._unreadable(message, e)
         try:
+            self.through_transport()
             self.transport.write(first)
             while not encoder.done and not self._closed:
                 chunk = await self.thread(file.read, CHUNK)

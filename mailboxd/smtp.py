@@ -165,10 +165,8 @@ class SMTPServer(LineProtocol, TimeoutMixin):
 
     def reply(self, reply: Reply) -> None:
         code, text = reply
-        lines = text.split("\n")
-        for line in lines[:-1]:
-            self.sendLine(f"{code}-{line}")
-        self.sendLine(f"{code} {lines[-1]}")
+        *more, last = text.split("\n")
+        self.sendLine("".join(f"{code}-{line}\r\n" for line in more) + f"{code} {last}")
 
     def close(self, reply: Reply) -> None:
         code, text = reply
