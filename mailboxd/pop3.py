@@ -77,6 +77,9 @@ _NUMBER = re.compile(r"[0-9]{1,9}")  # ASCII digits only: int() takes "1_0", "+1
 
 def numeric_args(arg: str, count: int) -> list[int] | None:
     """Exactly `count` arguments, each a number in ASCII digits (RFC 1939 §3); else None."""
+    if count == 1:  # RETR, DELE, LIST n, UIDL n: the commands a session repeats
+        word = arg.strip()
+        return [int(word)] if _NUMBER.fullmatch(word) else None
     words = arg.strip().split(" ")
     if len(words) != count or not all(_NUMBER.fullmatch(w) for w in words):
         return None

@@ -30,16 +30,14 @@ class WireEncoder:
         if self._held_cr:
             chunk = chunk[:-1]
         data = chunk.replace(b"\r\n", b"\n")
+        if self.top is None:  # RETR: where the header ends does not matter
+            return self._bulk(data)
+        # TOP: line by line, to see where the header ends and count the lines
+        # asked for after it.
         out: list[bytes] = []
         pos = 0
-        # Line by line only while it matters where lines are: in the header,
-        # and for TOP; the rest of a message is done in bulk.
-        while pos < len(data) and (self._in_header or self.top is not None):
+        while pos < len(data) and not self.done:
             pos = self._one_line(data, pos, out)
-            if self.done:
-                return b"".join(out)
-        if pos < len(data):
-            out.append(self._bulk(data[pos:]))
         return b"".join(out)
 
     def finish(self) -> bytes:
