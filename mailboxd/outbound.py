@@ -649,6 +649,10 @@ class Outbound:
                     held.remove(dest)
                     self._release(dest)
                 self._record(entry, recipients, outcomes)
+                if all(r.status == "delivered" for r in entry.recipients):
+                    # Removed below, durably: saving it first would be one
+                    # more fsync, and a crash in between re-sends either way.
+                    continue
                 if not await self._save(entry):
                     return
         finally:

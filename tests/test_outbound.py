@@ -1250,3 +1250,20 @@ def test_refusals_at_each_step_count_the_same_pipelined_or_not(make, script, exp
     ]
     assert session.accepted_data == bool(delivered)
     assert session.messages == (1 if delivered else 0)
+
+
+def test_an_entry_delivered_to_everyone_is_removed_without_saving_it_first(make, monkeypatch):
+    saved = []
+    real_save = queue.save
+    monkeypatch.setattr(
+        queue, "save", lambda d, entry: saved.append(entry.id) or real_save(d, entry)
+    )
+    r = make(SMARTHOST)
+    later = {"rcpt": {"b@far.test": "451 4.3.0 later"}}
+    r.net.add("127.0.0.1", later, later)
+    r.enqueue("E1", ["a@far.test"])
+    r.enqueue("E2", ["a@far.test", "b@far.test"])
+    r.start()
+    assert not r.exists("E1")
+    assert r.recipient("E2", "b@far.test")["status"] == "deferred"
+    assert saved == ["E2"]  # what is left to do is remembered; what is done is just removed
