@@ -43,6 +43,7 @@ bench: install
 	$(BIN)/python bench/smtp_throughput.py
 	$(BIN)/python bench/capacity.py
 	$(BIN)/python bench/connect_burst.py
+	bench/peers.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
