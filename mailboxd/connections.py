@@ -1,8 +1,13 @@
-"""Open connections per client address, across every listener, and their cap."""
+"""Open connections per client address, across every listener and every
+worker process, and their cap."""
 
 from __future__ import annotations
 
 import collections
+import mmap
+import os
+import tempfile
+import zlib
 
 import attrs
 
@@ -10,14 +15,69 @@ from .config import IPNetwork
 from .policy import is_trusted
 from .state import normalise_ip
 
+BOARD_SLOTS = 1 << 18  # addresses hash to this many slots; a sparse table, pages made as touched
+_CELL_MAX = 0xFFFF
+
+
+class Board:
+    """What every worker process has open, per address, for the others to
+    see: a table in memory the processes share (a memfd the primary makes
+    and hands to its children), one column per process.
+
+    Each process writes only its own column, and only from its reactor
+    thread, so no lock is needed and nothing waits: a check reads the other
+    columns. Two connections from one address at the same instant in two
+    processes may both pass, so the cap holds to within the number of
+    processes less one. Addresses that share a slot count together there
+    (one in tens of thousands), which can only make the cap stricter.
+    """
+
+    def __init__(self, fd: int, processes: int, column: int) -> None:
+        self.fd = fd
+        self.processes = processes
+        self.column = column
+        self._map = mmap.mmap(fd, BOARD_SLOTS * processes * 2)
+        self._cells = memoryview(self._map).cast("H")
+
+    @classmethod
+    def create(cls, processes: int) -> Board:
+        """A new, empty board, as the primary's (column 0)."""
+        try:
+            fd = os.memfd_create("mailbox-connections")
+        except (AttributeError, OSError):  # not Linux: an unlinked file does as well
+            f = tempfile.TemporaryFile()  # noqa: SIM115 - the board keeps the descriptor
+            fd = os.dup(f.fileno())
+            f.close()
+        os.ftruncate(fd, BOARD_SLOTS * processes * 2)
+        return cls(fd, processes, 0)
+
+    def _base(self, key: str) -> int:
+        return (zlib.crc32(key.encode()) % BOARD_SLOTS) * self.processes
+
+    def others(self, key: str) -> int:
+        """Connections from `key` open in the other processes."""
+        base = self._base(key)
+        cells = self._cells
+        return sum(cells[base : base + self.processes]) - cells[base + self.column]
+
+    def add(self, key: str, n: int) -> None:
+        i = self._base(key) + self.column
+        self._cells[i] = min(_CELL_MAX, max(0, self._cells[i] + n))
+
+    def clear(self, column: int) -> None:
+        """Forget what a process that ended had open (its connections went with it)."""
+        self._cells[column :: self.processes] = memoryview(bytes(2 * BOARD_SLOTS)).cast("H")
+
 
 @attrs.define
 class ConnectionCount:
-    """At most `cap` connections at once from one address (0: no cap);
-    trusted networks are not counted."""
+    """At most `cap` connections at once from one address (0: no cap), in
+    all processes together when there is a `board`; trusted networks are not
+    counted."""
 
     cap: int
     trusted_networks: tuple[IPNetwork, ...] = ()
+    board: Board | None = None
     _open: collections.Counter = attrs.field(init=False, factory=collections.Counter)
 
     def admit(self, ip: str) -> bool:
@@ -25,15 +85,24 @@ class ConnectionCount:
         if self.cap <= 0 or is_trusted(ip, self.trusted_networks):
             return True
         key = normalise_ip(ip)
-        if self._open[key] >= self.cap:
+        here = self._open[key]
+        elsewhere = self.board.others(key) if self.board is not None else 0
+        if here + elsewhere >= self.cap:
             return False
-        self._open[key] += 1
+        self._open[key] = here + 1
+        if self.board is not None:
+            self.board.add(key, 1)
         return True
 
     def release(self, ip: str) -> None:
         """A connection `admit` counted has closed."""
         key = normalise_ip(ip)
-        if self._open[key] <= 1:
-            self._open.pop(key, None)
+        here = self._open.get(key, 0)
+        if here == 0:  # never counted: trusted, or no cap
+            return
+        if here == 1:
+            del self._open[key]
         else:
-            self._open[key] -= 1
+            self._open[key] = here - 1
+        if self.board is not None:
+            self.board.add(key, -1)

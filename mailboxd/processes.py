@@ -72,7 +72,7 @@ RAN_LONG_ENOUGH = 30.0  # seconds a child must have run for its next pause to re
 STOP_GRACE = 10.0  # seconds a child has to stop before it is killed
 _RECORD = b"\x1e"  # between records on the channel (RFC 7464's separator)
 _QUEUED, _LOG = b"Q", b"L"  # a record's first byte: an entry id, a log event
-_CHANNEL_FD, _LOCK_FD, _FIRST_LISTENER_FD = 3, 4, 5
+_CHANNEL_FD, _LOCK_FD, _BOARD_FD, _FIRST_LISTENER_FD = 3, 4, 5, 6
 # Listeners a child can serve: their socket carries plain TCP, and the child
 # adds TLS itself for tls:. ssl: (TLS added inside the endpoint) and unix:
 # (whose adopted port would chmod and unlink the path) stay with the primary.
@@ -150,6 +150,7 @@ class Supervisor(Service):
     listeners: Callable[[], list[tuple[str, str, int]]]  # (name, description, fd), bound
     queued: Callable[[list[str]], object]  # entry ids a child queued
     lock_fd: int | None = None  # the instance lock, held by the children too
+    board: Any = None  # connections.Board: the connection counts of every process
     clock: Any = None
     _children: dict[int, tuple[_Child, Any]] = attrs.field(factory=dict)
     _pauses: dict[int, float] = attrs.field(factory=dict)
@@ -180,6 +181,9 @@ class Supervisor(Service):
         path = str(Path(self.config.path).resolve())  # for ps: which server this is
         args = [sys.executable, "-m", "mailboxd.processes", "--config", path]
         args += ["--worker", str(number)]
+        if self.board is not None:
+            fds[_BOARD_FD] = self.board.fd
+            args += ["--board", f"{_BOARD_FD}:{self.board.processes}"]
         shared_listeners = [x for x in self.listeners() if shared(x[1])]
         for i, (name, description, fd) in enumerate(shared_listeners):
             fds[_FIRST_LISTENER_FD + i] = fd
@@ -211,6 +215,8 @@ class Supervisor(Service):
     def child_ended(self, child: _Child, reason: Any) -> None:
         if self._children.get(child.number, (None,))[0] is child:
             del self._children[child.number]
+        if self.board is not None:  # its connections ended with it
+            self.board.clear(child.number)
         if self._stopping:
             return
         # A child that dies at once again and again (a broken config file, a
@@ -400,6 +406,7 @@ def child_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--worker", type=int, required=True)
     parser.add_argument("--listener", action="append", default=[])
+    parser.add_argument("--board")  # FD:PROCESSES, the shared connection counts
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor
@@ -426,9 +433,19 @@ def child_main(argv: list[str] | None = None) -> None:
     for item in args.listener:
         name, fd, tls = item.split("=")
         listeners[name] = (int(fd), tls == "tls")
+    board = None
+    if args.board:
+        from .connections import Board
+
+        fd, processes = args.board.split(":")
+        board = Board(int(fd), int(processes), args.worker)
     try:
         service = assemble_child(
-            config, reactor, listeners, lambda entry_id: channel.send(_QUEUED, entry_id.encode())
+            config,
+            reactor,
+            listeners,
+            lambda entry_id: channel.send(_QUEUED, entry_id.encode()),
+            board,
         )
     except SystemExit as e:
         # No reactor runs yet to carry a log line: said at once, on the channel.

@@ -20,7 +20,7 @@ from .accounts import AccountStore
 from .auth import Authenticator
 from .clocks import Wall
 from .config import Config
-from .connections import ConnectionCount
+from .connections import Board, ConnectionCount
 from .credcache import CredentialCache
 from .guard import Guard
 from .instance import InstanceLock, InstanceRunning, lock_path
@@ -292,8 +292,10 @@ def _serving_parts(
     top: MultiService,
     state: SQLiteStateStore,
     lock: InstanceLock | None,
+    board: Board | None = None,
 ) -> _Parts:
-    """Pools, accounts, the login path and TLS, as services of `top`."""
+    """Pools, accounts, the login path and TLS, as services of `top`;
+    `board` shares the connection counts with the other worker processes."""
     m = config.mailbox
 
     def give_up(message: str) -> SystemExit:
@@ -341,7 +343,7 @@ def _serving_parts(
     # Make the unknown-user hash before the first login needs it (see BcryptChecker).
     cost = accounts.directory.typical_cost or m.bcrypt_rounds
     reactor.callWhenRunning(workers.hashing.callInThread, checker.dummy_hash, cost)
-    connections = ConnectionCount(config.limits.connections_per_ip, m.trusted_networks)
+    connections = ConnectionCount(config.limits.connections_per_ip, m.trusted_networks, board)
     return _Parts(state, workers, accounts, auth, popauth, tls, connections)
 
 
@@ -402,7 +404,9 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
     lock = _prepare_mail_dir(config)
     Running(lock).setServiceParent(top)  # the first part: released last
     state = _open_state(config, lock)
-    parts = _serving_parts(config, reactor, clock, wall, top, state, lock)
+    children = worker_count(m.workers) - 1
+    board = Board.create(children + 1) if children > 0 else None
+    parts = _serving_parts(config, reactor, clock, wall, top, state, lock, board)
     StateService(
         state, clock, config.limits.auth_failure_window, parts.workers, wall
     ).setServiceParent(top)
@@ -429,8 +433,7 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
         listener = ListenerService(reactor, desc, factory, name, parts.tls)
         listener.setServiceParent(top)
         listeners.append(listener)
-    children = worker_count(m.workers) - 1
-    if children > 0:
+    if board is not None:
         Supervisor(
             reactor,
             config,
@@ -442,6 +445,7 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
             ],
             outbound.adopt,
             lock.fileno(),
+            board=board,
         ).setServiceParent(top)
     return Appliance(top, parts.accounts, state, outbound, mta, submission, pop3, listeners)
 
@@ -467,14 +471,18 @@ class AdoptedListener(Service):
 
 
 def assemble_child(
-    config: Config, reactor: Any, fds: dict[str, tuple[int, bool]], queued: Any
+    config: Config,
+    reactor: Any,
+    fds: dict[str, tuple[int, bool]],
+    queued: Any,
+    board: Board | None = None,
 ) -> MultiService:
     """A child process's part (see processes.py): it serves the listeners in
-    `fds` (name -> the listening socket, and whether to add TLS) and hands
-    what it queues to `queued`."""
+    `fds` (name -> the listening socket, and whether to add TLS), counts its
+    connections on `board`, and hands what it queues to `queued`."""
     top = MultiService()
     state = _open_state(config, None)
-    parts = _serving_parts(config, reactor, reactor, time.time, top, state, None)
+    parts = _serving_parts(config, reactor, reactor, time.time, top, state, None, board)
     factories = _factories(config, parts, reactor, time.time, lambda entry: queued(entry.id))
     # The primary said which socket is which; what the config file says now
     # (it may have been edited since) only names the protocol.

@@ -254,3 +254,46 @@ def ehlo(server: MailServer) -> str:
     with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as s:
         code, text = s.ehlo("client.far.test")
         return "\n".join(f"{code}-{line}" for line in text.decode().splitlines())
+
+
+def test_the_connection_cap_counts_the_connections_of_every_worker(workers):
+    server = workers("[limits]\nconnections_per_ip = 2\n")
+    ip = "127.0.0.74"
+    ended = 0  # connections from `ip` that have ended
+
+    def probe() -> str:
+        nonlocal ended
+        ended += 1
+        return smtp_greeting(server, ip)
+
+    def settled() -> None:
+        """Wait until every process has seen every connection that ended end
+        (each says so in the primary's log; so not while one is stopped),
+        so that a process stopped next counts none of them."""
+        assert wait_for(lambda: server.log().count(f"smtp disconnect from {ip}") >= ended)
+
+    with only(server, "primary"):
+        first = smtp_from(server, ip)
+    with only(server, "child"):
+        second = smtp_from(server, ip)
+        assert probe().startswith("421 4.7.0 Too many connections")
+    with only(server, "primary"):
+        assert probe().startswith("421 4.7.0 Too many connections")
+    second.close()  # held by the child
+    ended += 1
+    settled()
+    with only(server, "primary"):
+        assert probe().startswith("220 ")  # the child's close freed room here
+    first.close()
+    ended += 1
+    settled()
+    # A worker that dies takes its connections with it, and their count.
+    with only(server, "child"):
+        held = [smtp_from(server, ip), smtp_from(server, ip)]
+        assert probe().startswith("421 ")
+    os.kill(child_pid(server), signal.SIGKILL)
+    assert wait_for(lambda: server.log().count("worker 1 serving") == 2, timeout=20)
+    with only(server, "primary"):
+        assert probe().startswith("220 ")
+    for r in held:
+        r.close()
