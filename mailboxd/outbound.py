@@ -270,7 +270,7 @@ class _Sender(ESMTPSender):
         if self._refused is not None:
             self.smtpTransferFailed(*self._refused)  # MAIL refused
         elif not self.successAddresses:
-            self.smtpState_msgSent(self._last_rcpt, "No recipients accepted")
+            self.smtpState_msgSent(self._last_rcpt, b"No recipients accepted")
         else:
             self.smtpTransferFailed(code, resp)  # DATA refused
 
