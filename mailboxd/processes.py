@@ -13,6 +13,8 @@ A child serves SMTP and POP3 only. What must be one stays in one place:
 - the guard's failures and blocks, POP-before-SMTP and mailboxctl's events
   live in the state store (SQLite, transactions), which every process uses;
 - the POP3 mailbox lock is a file lock, the instance lock the primary's;
+- connections per address are counted on a board in shared memory
+  (connections.Board), where each process sees the others' counts;
 - account changes are seen by each process's own reload, and a cached
   login is keyed by the stored hash, so a changed password misses everywhere;
 - the outbound queue is run by the primary only: a child that queues a
