@@ -274,7 +274,7 @@ def test_logs_are_structured_and_never_hold_a_password(server):
     assert wait_for(lambda: "retrieved 1 messages" in server.log())
     log = server.log()
     for event in (
-        "smtp connection from 127.0.0.1",
+        "smtp session from 127.0.0.1 on listen: 1 accepted, ",
         "delivered ",
         "pop3 login failed for alice@example.test from 127.0.0.1",
         "pop3 login alice@example.test from 127.0.0.1",

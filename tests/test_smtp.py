@@ -426,3 +426,25 @@ def test_250_only_after_file_and_directory_are_fsynced(s, monkeypatch):
     s.unit.pool.release()
     assert s.take()[0].startswith("250 ")
     assert synced == ["file", "dir"]
+
+
+def test_a_session_is_logged_once_at_its_end_with_what_it_delivered(s):
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    seen: list = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        s.envelope()
+        s.cmd("DATA")
+        assert s.send("Subject: one\r\n\r\nbody\r\n.\r\n")[0].startswith("250 ")
+        s.envelope()
+        s.cmd("DATA")
+        s.send("Subject: two\r\n\r\nbody\r\n.\r\n")
+        s.cmd("QUIT")
+        s.proto.connectionLost(None)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    sessions = [e for e in seen if e.get("log_format", "").startswith("smtp session from")]
+    (event,) = sessions
+    assert (event["client"], event["listener"], event["accepted"]) == ("192.0.2.7", "listen", 2)
+    assert formatEvent(event).startswith("smtp session from 192.0.2.7 on listen: 2 accepted, ")

@@ -270,7 +270,7 @@ def test_the_connection_cap_counts_the_connections_of_every_worker(workers):
         """Wait until every process has seen every connection that ended end
         (each says so in the primary's log; so not while one is stopped),
         so that a process stopped next counts none of them."""
-        assert wait_for(lambda: server.log().count(f"smtp disconnect from {ip}") >= ended)
+        assert wait_for(lambda: server.log().count(f"smtp session from {ip} ") >= ended)
 
     with only(server, "primary"):
         first = smtp_from(server, ip)
