@@ -99,6 +99,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
     factory: POP3Factory
     max_line = LINE_MAX
     known_errors = (StateError,)
+    began = 0.0  # when the session began, on the factory's clock
 
     def connectionMade(self) -> None:
         self.callLater = self.factory.clock.callLater
@@ -111,7 +112,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
         self.setTimeout(self.factory.config.pop3.idle_timeout)
         self.errors = 0
         self.retrieved = self.retrieved_octets = 0  # by RETR, for the session's log line
-        log.info("pop3 connection from {client}", client=self.peer_ip)
+        self.began = self.factory.clock.seconds()  # one line a session, at its end, as SMTP
         if not self.count_connection(self.factory.connections):
             log.info("pop3 refused {client}: too many connections", client=self.peer_ip)
             self.close(f"-ERR [SYS/TEMP] Too many connections from {self.peer_ip}")
@@ -183,7 +184,11 @@ class POP3Server(LineProtocol, TimeoutMixin):
             d = self.factory.popauth.authorise(self.peer_ip, self.account.domain)
             d.addErrback(lambda f: log.error("{error}", error=str(f.value)))
             self.account = None
-        log.info("pop3 disconnect from {client}", client=self.peer_ip)
+        log.info(
+            "pop3 session from {client}: {seconds:.1f} s",
+            client=self.peer_ip,
+            seconds=self.factory.clock.seconds() - self.began,
+        )
 
     def lineTooLong(self) -> None:
         self.resetTimeout()

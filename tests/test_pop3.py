@@ -299,3 +299,22 @@ def test_message_numbers_are_ascii_digits_exactly_as_rfc_1939_gives(unit, comman
     assert p.cmd("PASS alice pw").startswith("+OK")
     assert p.cmd(command).startswith("-ERR")
     assert p.cmd("LIST 1").startswith("+OK 1 ")  # the session goes on
+
+
+def test_a_pop3_session_is_logged_once_at_its_end(unit):
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    seen: list = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        session = Session(unit)
+        unit.clock.advance(2.5)
+        session.cmd("QUIT")
+        session.proto.connectionLost(None)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    lines = [formatEvent(e) for e in seen if e.get("log_namespace", "").endswith("pop3")]
+    assert [line for line in lines if "pop3 session from" in line] == [
+        "pop3 session from 192.0.2.9: 2.5 s"
+    ]
+    assert not [line for line in lines if "connection from" in line or "disconnect" in line]
