@@ -99,6 +99,14 @@ class SMTPFactory(ServerFactory):
         return p
 
 
+def _wire(reply: Reply) -> str:
+    """A reply as it is sent, without its last CRLF: every line of a
+    multi-line reply but the last marked "code-", all in one write."""
+    code, text = reply
+    *more, last = text.split("\n")
+    return "".join(f"{code}-{line}\r\n" for line in more) + f"{code} {last}"
+
+
 class SMTPServer(LineProtocol, TimeoutMixin):
     factory: SMTPFactory
     max_line = COMMAND_LINE_MAX
@@ -165,16 +173,10 @@ class SMTPServer(LineProtocol, TimeoutMixin):
     # --- plumbing -----------------------------------------------------------
 
     def reply(self, reply: Reply) -> None:
-        code, text = reply
-        *more, last = text.split("\n")
-        self.sendLine("".join(f"{code}-{line}\r\n" for line in more) + f"{code} {last}")
+        self.sendLine(_wire(reply))
 
     def close(self, reply: Reply) -> None:
-        code, text = reply
-        lines = text.split("\n")
-        for line in lines[:-1]:
-            self.sendLine(f"{code}-{line}")
-        self.hang_up(f"{code} {lines[-1]}")
+        self.hang_up(_wire(reply))
 
     def answer(self, reply: Reply | Deferred | None) -> Deferred | None:
         if isinstance(reply, Deferred):
