@@ -169,6 +169,7 @@ class _Sender(ESMTPSender):
     the data instead of one a command."""
 
     _line_start = True
+    _ended = False  # the data went: its reply ends the transaction
     _idle_call: Any = None
     pipelining = False  # the server's last EHLO offered PIPELINING
     _turns: list[tuple[bytes, Any]]  # pipelined commands whose replies are due
@@ -196,10 +197,30 @@ class _Sender(ESMTPSender):
 
     _leaving = False
 
+    def finishedFileTransfer(self, lastsent: bytes) -> None:
+        self._ended = True
+        super().finishedFileTransfer(lastsent)
+
     def smtpState_msgSent(self, code: int, resp: bytes) -> None:
-        if self.factory.idle is not None:
-            self.factory.idle.settle(self)
-        super().smtpState_msgSent(code, resp)
+        idle = self.factory.idle
+        if idle is not None:
+            idle.settle(self)
+        if idle is None or not self._ended:
+            # Twisted says RSET after every message. A transaction that ended
+            # before its data may still be open at the server, and needs it.
+            super().smtpState_msgSent(code, resp)
+            return
+        # The reply to the end of the data ends the transaction (RFC 5321
+        # §4.1.1.4): the next MAIL may follow at once, without an RSET and
+        # the round trip it costs a message.
+        self._ended = False
+        if self._from is not None:
+            self.sentMail(code, resp, len(self.successAddresses), self.toAddressesResult, self.log)
+        self.toAddressesResult = []
+        self._from = None
+        self._expected = SUCCESS
+        self._okresponse = self.smtpState_from
+        self.smtpState_from(250, b"")
 
     def smtpState_from(self, code: int, resp: bytes) -> None:
         factory = self.factory

@@ -140,8 +140,6 @@ class FakeSMTP(LineReceiver):
         elif verb == b"RSET":
             self.mail_ok, self.rcpt_ok = False, 0
             self.answer("rset")
-            if self.script.get("quit_after_rset"):
-                self.transport.loseConnection()
         elif verb == b"QUIT":
             self.answer("quit")
             self.transport.loseConnection()
@@ -159,6 +157,8 @@ class FakeSMTP(LineReceiver):
             self.setLineMode()
             self.session.accepted_data = self.answer("eod").startswith("2")
             self.session.messages += self.session.accepted_data
+            if self.script.get("quit_after_eod"):
+                self.transport.loseConnection()
 
 
 class Transport(iosim.FakeTransport):
@@ -440,7 +440,7 @@ def test_smarthost_delivery_is_byte_exact(make):
     assert r.resolver.queries == []  # a smarthost needs no MX lookup
     assert not r.exists("E1") and r.outbound.entries == {}
     # The connection waits for another message, then says QUIT.
-    assert s.commands[-1] == b"RSET" and s.open
+    assert s.commands[-1] == b"DATA" and s.open  # no RSET: the data's reply ended it
     r.advance(REUSE_SECONDS)
     assert s.commands[-1] == b"QUIT" and not s.open
     assert r.clock.getDelayedCalls() == [r.outbound._loop.call]  # no timeout left behind
@@ -1091,7 +1091,9 @@ def test_messages_to_one_host_share_a_connection(make):
     (s,) = host.sessions
     verbs = [c.split(b" ")[0] for c in s.commands]
     assert verbs.count(b"EHLO") == 1 and verbs.count(b"MAIL") == 3
-    assert verbs.count(b"RSET") == 3  # before each next message, and after the last
+    # Only the refused transaction may still be open at the server: after the
+    # others, the reply to the data ended them.
+    assert verbs.count(b"RSET") == 1 and verbs[verbs.index(b"RSET") - 1] == b"DATA"
     assert host.messages == 2 and s.data == stuffed(b"Subject: third\n\nthree\n")
     assert not r.exists("E1") and not r.exists("E2") and not r.exists("E3")
     assert b"Final-Recipient: rfc822; bad@far.test" in bounce_of(r)  # E2's, to alice
@@ -1102,11 +1104,11 @@ def test_messages_to_one_host_share_a_connection(make):
 
 def test_a_connection_the_server_closed_while_waiting_is_not_used(make):
     r = make(SMARTHOST)
-    host = r.net.add("127.0.0.1", {"quit_after_rset": True}, {})
+    host = r.net.add("127.0.0.1", {"quit_after_eod": True}, {})
     r.enqueue("E1", ["a@far.test"])
     r.start()
     (first,) = host.sessions
-    assert not first.open  # it hung up after the RSET
+    assert not first.open  # it hung up after the message
     r.enqueue("E2", ["b@far.test"])
     r.wake()
     assert len(host.sessions) == 2 and host.messages == 2
@@ -1139,11 +1141,12 @@ def test_a_waiting_connection_lost_as_it_is_used_costs_the_message_nothing(make)
 
 def test_the_queue_stopping_lets_go_a_connection_whose_rset_is_unanswered(make):
     r = make(SMARTHOST)
-    host = r.net.add("127.0.0.1", {"rset": HANG})
+    # A refused transaction may still be open at the server: RSET follows it.
+    host = r.net.add("127.0.0.1", {"rset": HANG, "rcpt": "550 5.1.1 no such user"})
     r.enqueue("E1", ["a@far.test"])
     r.start()
     (s,) = host.sessions
-    assert s.commands[-1] == b"RSET" and s.open  # the message went; no answer to RSET yet
+    assert s.commands[-1] == b"RSET" and s.open  # the attempt ended; no answer to RSET yet
     r.outbound.stop()
 
     pump = r.net.pumps[0]
@@ -1178,6 +1181,21 @@ def test_one_command_at_a_time_where_the_server_does_not_pipeline(make):
     commands = [b for b in session.batches if b and b != [b"QUIT"]]
     assert all(len(batch) == 1 for batch in commands), commands
     assert session.data == stuffed(MESSAGE)
+
+
+@pytest.mark.parametrize("ehlo", [DEFAULT["ehlo"], NO_PIPELINING])
+def test_after_a_delivered_message_the_next_mail_needs_no_rset(make, ehlo):
+    r = make(SMARTHOST + "max_connections_per_destination = 1\n")
+    host = r.net.add("127.0.0.1", {"ehlo": ehlo})
+    r.enqueue("E1", ["a@far.test"])
+    r.enqueue("E2", ["b@far.test"], message=b"Subject: second\n\ntwo\n")
+    r.start()
+    r.advance(0)
+    (s,) = host.sessions
+    verbs = [c.split(b" ")[0].split(b":")[0] for c in s.commands]
+    assert verbs == [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"MAIL", b"RCPT", b"DATA"]
+    assert host.messages == 2 and s.data == stuffed(b"Subject: second\n\ntwo\n")
+    assert not r.exists("E1") and not r.exists("E2") and s.open
 
 
 def test_pipelining_offered_only_before_starttls_does_not_count():
