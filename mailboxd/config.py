@@ -266,8 +266,8 @@ SPEC: _Spec = {
         "smarthost_username": ("", str.strip),
         "smarthost_password": ("", str.strip),
         "timeout": ("300", _count(1)),
-        "max_connections": ("20", _count(1)),
-        "max_connections_per_destination": ("4", _count(1)),
+        "max_connections": ("100", _count(1)),
+        "max_connections_per_destination": ("20", _count(1)),
     },
     "limits": {
         "auth_failures": ("10", _count(1)),
