@@ -523,21 +523,23 @@ class Outbound:
         if self._rescan and not self._scanning:
             self._rescan = False
             self._scanning = True
-            self._thread(self._scan).addCallbacks(self._scanned, self._scan_failed)
+            known = dict(self.entries)
+            d = self._thread(self._scan, known)
+            d.addCallbacks(self._scanned, self._scan_failed, callbackArgs=(known,))
             return
         self._dispatch()
 
     def _thread(self, f: Callable[..., Any], *args: Any) -> Deferred:
         return deferToThreadPool(self.reactor, self.pool, f, *args)
 
-    def _scan(self) -> tuple[dict[str, Entry], list[tuple[str, str]]]:
-        """Read every envelope not already known (blocking)."""
+    def _scan(self, known: dict[str, Entry]) -> tuple[dict[str, Entry], list[tuple[str, str]]]:
+        """Read every envelope not already `known` (blocking)."""
         found: dict[str, Entry] = {}
         corrupt = []
         for path in queue.entry_paths(self.directory):
             entry_id = path.stem
-            if entry_id in self.entries:
-                found[entry_id] = self.entries[entry_id]
+            if entry_id in known:
+                found[entry_id] = known[entry_id]
                 continue
             try:
                 found[entry_id] = queue.load(path)
@@ -548,15 +550,19 @@ class Outbound:
                 corrupt.append((str(moved), str(e)))
         return found, corrupt
 
-    def _scanned(self, result: tuple[dict[str, Entry], list[tuple[str, str]]]) -> None:
+    def _scanned(
+        self, result: tuple[dict[str, Entry], list[tuple[str, str]]], known: dict[str, Entry]
+    ) -> None:
         self._scanning = False
         found, corrupt = result
         for path, why in corrupt:
             log.error("queue: moved unreadable entry to {path}: {why}", path=path, why=why)
         # Entries deleted behind our back (mailboxctl queue delete) are dropped,
-        # unless a delivery is under way: it finds out when it saves.
+        # unless a delivery is under way: it finds out when it saves. One that
+        # came in while the scan ran (its file may be newer than the listing)
+        # is not the scan's to judge.
         for entry_id in list(self.entries):
-            if entry_id not in found and entry_id not in self._busy:
+            if entry_id in known and entry_id not in found and entry_id not in self._busy:
                 del self.entries[entry_id]
         for entry_id, entry in found.items():
             self.entries.setdefault(entry_id, entry)

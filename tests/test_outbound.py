@@ -1079,6 +1079,37 @@ def test_a_server_that_never_finishes_an_answer_meets_the_attempt_deadline(make)
 # --- several messages a connection ---------------------------------------------------
 
 
+def test_an_entry_added_while_the_queue_is_scanned_is_delivered_at_once(make, monkeypatch):
+    # The scan lists the directory, then the SMTP server queues E2 (after the
+    # listing), then the scan's result arrives: E2 must not be dropped until
+    # the next rescan.
+    r = make(SMARTHOST + "max_connections = 1\n")
+    host = r.net.add("127.0.0.1", {"eod": HANG}, {})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()  # E1 takes the only slot, and hangs at the end of its data
+    held: list[tuple[defer.Deferred, object]] = []
+    thread = Outbound._thread
+
+    def hold_scans(self, f, *args):
+        if f == self._scan:
+            d: defer.Deferred = defer.Deferred()
+            held.append((d, f(*args)))
+            return d
+        return thread(self, f, *args)
+
+    monkeypatch.setattr(Outbound, "_thread", hold_scans)
+    r.wake()
+    ((scan, listing),) = held
+    r.outbound.add(r.enqueue("E2", ["b@far.test"]))
+    scan.callback(listing)
+    assert "E2" in r.outbound.entries
+    for _ in range(2):  # E1 goes; E2 follows on its connection at once
+        r.net.pumps[0].serverIO.write(b"250 2.0.0 ok\r\n")
+        r.advance(0)
+    assert not r.exists("E1") and not r.exists("E2")  # the server's answers were ours
+    assert len(host.sessions) == 1 and r.logged("b@far.test delivered after attempt 1")
+
+
 def test_messages_to_one_host_share_a_connection(make):
     r = make(SMARTHOST + "max_connections_per_destination = 1\n")
     host = r.net.add("127.0.0.1", {"rcpt": {"bad@far.test": "550 5.1.1 no such user"}})
