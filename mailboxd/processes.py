@@ -18,13 +18,13 @@ A child serves SMTP and POP3 only. What must be one stays in one place:
 - account changes are seen by each process's own reload, and a cached
   login is keyed by the stored hash, so a changed password misses everywhere;
 - the outbound queue is run by the primary only: a child that queues a
-  message writes its id to a pipe, and the primary delivers it. So each
-  entry is delivered by exactly one process.
+  message sends its envelope (as written to the queue) to the primary, which
+  delivers it. So each entry is delivered by exactly one process.
 
 A child never cleans anything at start-up. It talks to the primary over a
 socket pair: first it receives the primary's config (so a child started
 again later serves as the others do, whatever the file says by then), then
-it sends the ids of what it queued, and its log events (the text rendered,
+it sends the envelopes of what it queued, and its log events (the text rendered,
 the plain fields as JSON), which the primary publishes marked with the
 worker's number (log lines are dropped rather than stop a worker when the
 primary does not keep up). It stops when the primary does (SIGTERM, or the
@@ -73,7 +73,7 @@ RESTART_PAUSE_MAX = 60.0  # ...after each quick death, up to this
 RAN_LONG_ENOUGH = 30.0  # seconds a child must have run for its next pause to reset
 STOP_GRACE = 10.0  # seconds a child has to stop before it is killed
 _RECORD = b"\x1e"  # between records on the channel (RFC 7464's separator)
-_QUEUED, _LOG = b"Q", b"L"  # a record's first byte: an entry id, a log event
+_QUEUED, _LOG = b"Q", b"L"  # a record's first byte: an envelope (JSON), a log event
 _CHANNEL_FD, _LOCK_FD, _BOARD_FD, _FIRST_LISTENER_FD = 3, 4, 5, 6
 # Listeners a child can serve: their socket carries plain TCP, and the child
 # adds TLS itself for tls:. ssl: (TLS added inside the endpoint) and unix:
@@ -137,7 +137,7 @@ class _FromChild(_Records):
     def received(self, record: bytes) -> None:  # type: ignore[override]
         kind, body = record[:1], record[1:]
         if kind == _QUEUED:
-            self.supervisor.queued([body.decode("ascii", "replace")])
+            self.supervisor.queued([body.decode("utf-8", "replace")])
         elif kind == _LOG:
             self.supervisor.child_event(self.number, body)
 
@@ -150,7 +150,7 @@ class Supervisor(Service):
     config: Any  # the primary's Config, handed to each child
     count: int  # children: workers - 1
     listeners: Callable[[], list[tuple[str, str, int]]]  # (name, description, fd), bound
-    queued: Callable[[list[str]], object]  # entry ids a child queued
+    queued: Callable[[list[str]], object]  # envelopes (JSON) a child queued
     lock_fd: int | None = None  # the instance lock, held by the children too
     board: Any = None  # connections.Board: the connection counts of every process
     clock: Any = None
@@ -283,7 +283,7 @@ def _kill(transport: Any) -> None:
 class _ToPrimary(protocol.Protocol):
     """The child's end of the channel. Log records are dropped while the
     primary does not keep up (the transport has paused us), rather than let
-    them pile up or stop this process; queued ids are always sent. When the
+    them pile up or stop this process; queued envelopes are always sent. When the
     channel closes (the primary stopped or died), the child stops too."""
 
     def __init__(self, reactor: Any) -> None:
@@ -446,7 +446,7 @@ def child_main(argv: list[str] | None = None) -> None:
             config,
             reactor,
             listeners,
-            lambda entry_id: channel.send(_QUEUED, entry_id.encode()),
+            lambda envelope: channel.send(_QUEUED, envelope.encode()),
             board,
         )
     except SystemExit as e:
