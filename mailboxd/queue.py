@@ -201,14 +201,25 @@ def save(directory: Path, entry: Entry) -> None:
 
 def remove(directory: Path, entry_id: str) -> bool:
     """Drop an entry: the envelope first, so a crash leaves only an orphan .msg."""
-    try:
-        os.unlink(directory / f"{entry_id}.json")
-    except FileNotFoundError:
-        return False
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(directory / f"{entry_id}.msg")
-    fsync_dir(directory)
-    return True
+    return remove_all(directory, [entry_id])[0]
+
+
+def remove_all(directory: Path, entry_ids: list[str]) -> list[bool]:
+    """Drop several entries (see `remove`), made durable by one fsync: whether
+    each was there."""
+    removed = []
+    for entry_id in entry_ids:
+        try:
+            os.unlink(directory / f"{entry_id}.json")
+        except FileNotFoundError:
+            removed.append(False)
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / f"{entry_id}.msg")
+        removed.append(True)
+    if any(removed):
+        fsync_dir(directory)
+    return removed
 
 
 def load(path: Path) -> Entry:

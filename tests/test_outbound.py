@@ -1079,6 +1079,54 @@ def test_a_server_that_never_finishes_an_answer_meets_the_attempt_deadline(make)
 # --- several messages a connection ---------------------------------------------------
 
 
+def test_entries_that_finish_during_a_removal_are_removed_together(make, monkeypatch):
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1")
+    held: list[tuple[defer.Deferred, list[str]]] = []
+    thread = Outbound._thread
+
+    def hold_removals(self, f, *args):
+        if f is not queue.remove_all:
+            return thread(self, f, *args)
+        d: defer.Deferred = defer.Deferred()
+        held.append((d, list(args[1])))
+        return d
+
+    monkeypatch.setattr(Outbound, "_thread", hold_removals)
+    for entry_id in ("E1", "E2", "E3"):
+        r.enqueue(entry_id, [f"{entry_id.lower()}@far.test"])
+    r.start()
+    r.advance(0)
+    assert host.messages == 3
+    assert [ids for _, ids in held] == [["E1"]]  # E2 and E3 wait for it
+    first, ids = held.pop()
+    first.callback(queue.remove_all(r.dir, ids))
+    assert [ids for _, ids in held] == [["E2", "E3"]]
+    second, ids = held.pop()
+    second.callback(queue.remove_all(r.dir, ids))
+    r.advance(0)
+    assert r.outbound.entries == {} and not any(r.exists(e) for e in ("E1", "E2", "E3"))
+    assert r.logged("queue E3 done")
+
+
+def test_envelopes_from_another_process_are_delivered_without_reading_them(make):
+    r = make(SMARTHOST)
+    one, two = "0000000000E1", "0000000000E2"  # ids as the server makes them
+    host = r.net.add("127.0.0.1")
+    r.start()
+    sent = r.enqueue(one, ["a@far.test"])
+    (r.dir / f"{one}.json").write_text("not read")  # the envelope sent is what counts
+    r.outbound.adopt([sent.to_json()])
+    for _ in range(3):
+        r.advance(0)
+    assert host.messages == 1 and not r.exists(one)
+    # One that cannot be parsed is left to a scan of the directory.
+    r.enqueue(two, ["b@far.test"])
+    r.outbound.adopt(["{broken"])
+    r.advance(1)
+    assert host.messages == 2 and not r.exists(two)
+
+
 def test_an_entry_added_while_the_queue_is_scanned_is_delivered_at_once(make, monkeypatch):
     # The scan lists the directory, then the SMTP server queues E2 (after the
     # listing), then the scan's result arrives: E2 must not be dropped until
