@@ -10,6 +10,7 @@ that was in flight and never forgets a recipient.
 from __future__ import annotations
 
 import collections
+import os
 import re
 import secrets
 import time
@@ -159,6 +160,9 @@ class _Idle:
             self._waiting.pop(hop, None)
 
 
+ONE_WRITE = 1 << 16  # bytes of a message sent in one write, not through a producer
+
+
 class _Sender(ESMTPSender):
     """Twisted's sender, with dot-stuffing that holds across chunk boundaries,
     an end to the attempt when the server hangs up, more than one message a
@@ -196,6 +200,21 @@ class _Sender(ESMTPSender):
             super().timeoutConnection()
 
     _leaving = False
+
+    def smtpState_data(self, code: int, resp: bytes) -> None:
+        # A message that fits in one read goes out in one write with its end:
+        # no producer to register, and no turn of the reactor to wait for.
+        file = self.getMailData()
+        data = file.read(ONE_WRITE + 1)
+        if len(data) > ONE_WRITE:
+            file.seek(-len(data), os.SEEK_CUR)
+            super().smtpState_data(code, resp)
+            return
+        self._expected = SUCCESS
+        self._okresponse = self.smtpState_msgSent
+        chunk = self.transformChunk(data)
+        self.transport.write(chunk)
+        self.finishedFileTransfer(chunk[-1:])
 
     def finishedFileTransfer(self, lastsent: bytes) -> None:
         self._ended = True
