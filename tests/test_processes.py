@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from twisted.logger import LogLevel, formatEvent, formatEventAsClassicLogText
+from twisted.logger import LogLevel, eventAsText, formatEvent, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 
 from mailboxd.processes import event_from_record, log_record
@@ -60,6 +60,24 @@ def test_a_failure_travels_as_its_traceback():
     assert "cannot go on" in text
     assert "ZeroDivisionError" in text
     assert event["log_level"] is LogLevel.critical
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"log_format": "smtp session from {client}: {seconds:.1f} s", "seconds": 0.25},
+        {"log_format": "queued for {relayed!r}", "relayed": ["a@far.test"]},
+        {"log_format": "{missing} field"},
+        {"log_format": "{count()} calls", "count": lambda: 3},
+        {"log_format": b"bytes {client}"},
+        {"log_format": None},
+        {"log_format": "{{literal}} {client}"},
+    ],
+)
+def test_a_line_reads_as_twisted_would_render_it(fields):
+    event = _event(client="192.0.2.7", **fields)
+    expected = eventAsText(event, includeTimestamp=False, includeSystem=False)
+    assert json.loads(log_record(event))["log_text"] == expected
 
 
 def test_an_object_field_is_left_out_not_fatal():
