@@ -36,8 +36,9 @@ class Board:
         self.fd = fd
         self.processes = processes
         self.column = column
-        self._map = mmap.mmap(fd, BOARD_SLOTS * processes * 2)
+        self._map = mmap.mmap(fd, _board_size(processes))
         self._cells = memoryview(self._map).cast("H")
+        self._blocks = BOARD_SLOTS * processes  # then one cell a process: see blocks_set
 
     @classmethod
     def create(cls, processes: int) -> Board:
@@ -48,7 +49,7 @@ class Board:
             f = tempfile.TemporaryFile()  # noqa: SIM115 - the board keeps the descriptor
             fd = os.dup(f.fileno())
             f.close()
-        os.ftruncate(fd, BOARD_SLOTS * processes * 2)
+        os.ftruncate(fd, _board_size(processes))
         return cls(fd, processes, 0)
 
     def _base(self, key: str) -> int:
@@ -66,7 +67,20 @@ class Board:
 
     def clear(self, column: int) -> None:
         """Forget what a process that ended had open (its connections went with it)."""
-        self._cells[column :: self.processes] = memoryview(bytes(2 * BOARD_SLOTS)).cast("H")
+        self._cells[column :: self.processes] = memoryview(bytes(2 * (BOARD_SLOTS + 1))).cast("H")
+
+    def block_set(self) -> None:
+        """Tell the others that this process has just set a block (see Guard)."""
+        i = self._blocks + self.column
+        self._cells[i] = (self._cells[i] + 1) & _CELL_MAX
+
+    def blocks_set(self) -> tuple[int, ...]:
+        """Changes whenever any process has set a block."""
+        return tuple(self._cells[self._blocks : self._blocks + self.processes])
+
+
+def _board_size(processes: int) -> int:
+    return (BOARD_SLOTS + 1) * processes * 2
 
 
 @attrs.define

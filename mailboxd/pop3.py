@@ -117,7 +117,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
             log.info("pop3 refused {client}: too many connections", client=self.peer_ip)
             self.close(f"-ERR [SYS/TEMP] Too many connections from {self.peer_ip}")
             return
-        d = self.factory.auth.guard.blocked(self.peer_ip)
+        d = self.factory.auth.guard.turned_away(self.peer_ip)
         self._wait(d.addCallbacks(self.greet, self.unsure))
 
     def greet(self, blocked: bool) -> None:

@@ -326,7 +326,7 @@ def _serving_parts(
     def directory() -> Any:
         return accounts.directory
 
-    guard = Guard(state, wall, config.limits, workers.db)
+    guard = Guard(state, wall, config.limits, workers.db, clock=clock, board=board)
     hashing = HashingQueue(
         workers.hash, per_client=per_client_hashing(workers), admit=guard.unblocked
     )

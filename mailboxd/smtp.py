@@ -138,7 +138,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
             self.close((421, f"4.7.0 Too many connections from {self.peer_ip}"))
             return
         self._wait(
-            self.factory.auth.guard.blocked(self.peer_ip).addCallbacks(self.greet, self.unsure)
+            self.factory.auth.guard.turned_away(self.peer_ip).addCallbacks(self.greet, self.unsure)
         )
 
     def greet(self, blocked: bool) -> None:
