@@ -10,13 +10,14 @@ that was in flight and never forgets a recipient.
 from __future__ import annotations
 
 import collections
+import io
 import os
 import re
 import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import attrs
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -668,7 +669,7 @@ class Outbound:
         each slot is given back as soon as its delivery is done."""
         held = list(reserved)
         try:
-            problem = await self._thread(queue.corruption, self.directory, entry)
+            problem, small = await self._thread(self._examine, entry)
             if problem == queue.DELETED:
                 log.info("queue {id} was deleted", id=entry.id)
                 self.entries.pop(entry.id, None)
@@ -685,7 +686,8 @@ class Outbound:
                 try:
                     if not recipients:
                         continue
-                    outcomes = await self._deliver(entry, dest, [r.address for r in recipients])
+                    addresses = [r.address for r in recipients]
+                    outcomes = await self._deliver(entry, dest, addresses, small)
                 finally:
                     held.remove(dest)
                     self._release(dest)
@@ -739,7 +741,23 @@ class Outbound:
             log.error("queue {id}: cannot save its state: {error}", id=entry.id, error=str(e))
         return True
 
-    async def _deliver(self, entry: Entry, dest: str, recipients: list[str]) -> list[Outcome]:
+    def _examine(self, entry: Entry) -> tuple[str | None, bytes | None]:
+        """What makes `entry` undeliverable (see queue.corruption), or None and,
+        for a message of at most ONE_WRITE bytes, the message. Blocking."""
+        problem = queue.corruption(self.directory, entry)
+        if problem is not None:
+            return problem, None
+        try:
+            with open(self.directory / f"{entry.id}.msg", "rb") as f:
+                f.seek(entry.offset)
+                data = f.read(ONE_WRITE + 1)
+        except FileNotFoundError:
+            return "its message file is missing", None
+        return None, data if len(data) <= ONE_WRITE else None
+
+    async def _deliver(
+        self, entry: Entry, dest: str, recipients: list[str], small: bytes | None = None
+    ) -> list[Outcome]:
         smarthost = self.config.relay.smarthost
         try:
             if smarthost:
@@ -759,7 +777,7 @@ class Outbound:
         good = [h for h in hops if h.host not in self._bad_hosts]
         outcomes: list[Outcome] = []
         for hop in good or hops:  # a bad host is skipped for a while, unless all are bad
-            outcomes = await self._send(entry, dest, hop, recipients)
+            outcomes = await self._send(entry, dest, hop, recipients, small)
             if any(o.code for o in outcomes):
                 return outcomes  # a server answered: its answers stand
             self._bad_hosts[hop.host] = self.clock.seconds() + BAD_HOST_SECONDS  # from the failure
@@ -782,15 +800,27 @@ class Outbound:
             await closing
 
     async def _send(
-        self, entry: Entry, dest: str, hop: Hop, recipients: list[str], reuse: bool = True
+        self,
+        entry: Entry,
+        dest: str,
+        hop: Hop,
+        recipients: list[str],
+        small: bytes | None = None,
+        reuse: bool = True,
     ) -> list[Outcome]:
         relay = self.config.relay
         waiting = self._idle.take(hop) if reuse else None
         if waiting is None:
             await self._room(dest)
-        message = open(self.directory / f"{entry.id}.msg", "rb")  # noqa: SIM115
-        try:
+        # Each attempt reads its own copy: one that ended by its deadline may
+        # still be reading when the next one starts.
+        message: BinaryIO
+        if small is not None:  # read already, by _examine
+            message = io.BytesIO(small)
+        else:
+            message = open(self.directory / f"{entry.id}.msg", "rb")  # noqa: SIM115
             message.seek(entry.offset)
+        try:
             result: Deferred = Deferred()
             if waiting is not None:
                 connecting: Deferred = succeed(waiting)
@@ -815,7 +845,7 @@ class Outbound:
         if waiting is not None and isinstance(value, SMTPConnectError) and value.code < 0:
             # The server let the waiting connection go just as we used it (its
             # idle limit): that says nothing about the message; a new one does.
-            return await self._send(entry, dest, hop, recipients, reuse=False)
+            return await self._send(entry, dest, hop, recipients, small, reuse=False)
         return outcomes_of(value, recipients, hop.host)
 
     def _open(
