@@ -203,3 +203,26 @@ def percentile(values: list[float], pct: float) -> float:
 def spread(values: list[float], fmt: Callable[[float], str] = "{:.2f}".format) -> str:
     """'median (min-max)' of `values`, as the benchmarks report them."""
     return f"{fmt(statistics.median(values))} ({fmt(min(values))}-{fmt(max(values))})"
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of process `pid` and its children, threads
+    included, so far; from /proc (Linux)."""
+    total = 0
+    pids, seen = [pid], set()
+    while pids:
+        p = pids.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    pids += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+

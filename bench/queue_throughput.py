@@ -95,6 +95,7 @@ def main() -> None:
 def run_all(args: argparse.Namespace, home: Path, source: str, sink: str) -> None:
     procs: list[subprocess.Popen] = []
     rates: list[float] = []
+    cpus: list[float] = []  # the server's CPU a message, ms: less noisy than the rates
     port, sink_port = benchlib.free_port(), benchlib.free_port()
     sink_cmd = [sink, "-c"]
     if os.geteuid() == 0:
@@ -110,11 +111,14 @@ def run_all(args: argparse.Namespace, home: Path, source: str, sink: str) -> Non
         procs.append(start_server(home, port, sink_port, args.workers))
         queue = home / "mailbox" / ".queue"
         for i in range(args.runs):
+            cpu = benchlib.tree_cpu_seconds(procs[1].pid)
             total, accept, drain = one_run(cmd, queue, time.perf_counter() + args.limit)
+            cpus.append((benchlib.tree_cpu_seconds(procs[1].pid) - cpu) / args.messages * 1000)
             rates.append(args.messages / total)
             print(
                 f"run {i + 1}: {rates[-1]:.1f} msg/s ({total:.2f} s to an empty queue; "
-                f"smtp-source done after {accept:.2f} s, then {drain:.2f} s of drain)",
+                f"smtp-source done after {accept:.2f} s, then {drain:.2f} s of drain; "
+                f"server CPU {cpus[-1]:.2f} ms a message)",
                 flush=True,
             )
     finally:
@@ -136,6 +140,7 @@ def run_all(args: argparse.Namespace, home: Path, source: str, sink: str) -> Non
     rate = f"{statistics.median(rates):.1f} (min {min(rates):.1f}, max {max(rates):.1f})"
     print(f"runs: {args.runs}; {sent} messages relayed, {delivered} delivered to smtp-sink")
     print(f"messages/second: median {rate}")
+    print(f"server CPU ms a message: median {statistics.median(cpus):.2f}")
     print(f"commands: {' '.join(cmd)}\n          {' '.join(sink_cmd)}")
 
 
