@@ -562,9 +562,10 @@ def test_a_corrupt_envelope_is_moved_aside_and_mail_flows(relay, kind):
     q.mkdir(parents=True, exist_ok=True)
     (q / "BAD.msg").write_bytes(b"Subject: corrupt\n\nbody\n")
     (q / "BAD.json").write_bytes(CORRUPT[kind])
-    assert wait_for(lambda: (q / "corrupt" / "BAD.json").exists(), timeout=20), server.log()
+    # The envelope is moved first, then its message.
+    moved = [q / "corrupt" / "BAD.json", q / "corrupt" / "BAD.msg"]
+    assert wait_for(lambda: all(p.exists() for p in moved), timeout=20), server.log()
     assert (q / "corrupt" / "BAD.json").read_bytes() == CORRUPT[kind]
-    assert (q / "corrupt" / "BAD.msg").exists()
     assert not (q / "BAD.json").exists() and not (q / "BAD.msg").exists()
     assert wait_for(lambda: "moved unreadable entry to" in server.log(), timeout=5), server.log()
     assert re.search(r"moved unreadable entry to \S*/corrupt/BAD\.json", server.log())
@@ -664,6 +665,8 @@ def test_an_entry_whose_message_is_lost_is_set_aside_and_bounced(relay, kind):
         envelope["offset"] = 10_000
     (q / "LOST.json").write_text(json.dumps(envelope))
     assert wait_for(lambda: (q / "corrupt" / "LOST.json").exists(), timeout=20), server.log()
+    # The line follows the move.
+    assert wait_for(lambda: "moved corrupt entry LOST to" in server.log(), timeout=5)
     assert server.log().count("moved corrupt entry LOST to") == 1  # once, not every few seconds
     assert wait_for(lambda: server.messages(ALICE), timeout=10), server.log()
     [bounce] = server.messages(ALICE)
