@@ -134,7 +134,7 @@ fi
 
 if want outbound; then
     for _ in $(seq "$ROUNDS"); do
-        rate=$("$PYTHON" "$HERE/queue_throughput.py" -r 1 -w "$WORKERS" | grep -o "median [0-9.]*" | cut -d' ' -f2)
+        rate=$("$PYTHON" "$HERE/queue_throughput.py" -r 1 -w "$WORKERS" | grep -o "^messages/second: median [0-9.]*" | cut -d' ' -f3)
         record outbound mailbox "$rate"
         rate=$(ANCHORS=$ANCHORS "$HERE/postfix_relay.sh" 2000 1 | grep -o "median [0-9.]*" | cut -d' ' -f2)
         record outbound postfix "$rate"
