@@ -225,4 +225,3 @@ def tree_cpu_seconds(pid: int) -> float:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return total / os.sysconf("SC_CLK_TCK")
-
