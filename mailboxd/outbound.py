@@ -214,7 +214,8 @@ class _Sender(ESMTPSender):
         self._expected = SUCCESS
         self._okresponse = self.smtpState_msgSent
         chunk = self.transformChunk(data)
-        self.transport.write(chunk)
+        transport: Any = self.transport  # connected: it is what the data goes to
+        transport.write(chunk)
         self.finishedFileTransfer(chunk[-1:])
 
     def finishedFileTransfer(self, lastsent: bytes) -> None:
