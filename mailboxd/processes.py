@@ -352,10 +352,10 @@ def _render(event: dict) -> str:
     format string: str.format_map renders those far faster than Twisted's
     formatter (made for "{method()}" calls, which Mailbox does not use)."""
     fmt = event.get("log_format")
-    if type(fmt) is str and "()" not in fmt and "log_failure" not in event:
-        if "log_flattened" not in event:
-            with contextlib.suppress(Exception):
-                return fmt.format_map(event)
+    plain = type(fmt) is str and "()" not in fmt
+    if plain and "log_failure" not in event and "log_flattened" not in event:
+        with contextlib.suppress(Exception):
+            return fmt.format_map(event)
     return eventAsText(event, includeTimestamp=False, includeSystem=False)
 
 
