@@ -59,12 +59,13 @@ from twisted.logger import (
     InvalidLogLevelError,
     Logger,
     LogLevel,
-    eventAsText,
     globalLogBeginner,
     globalLogPublisher,
 )
 from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
+
+from .logs import render
 
 log = Logger(namespace="mailboxd.processes")  # also when run as __main__
 
@@ -336,7 +337,7 @@ def log_record(event: dict) -> bytes:
     which matters at several lines a message."""
     record = {k: v for k, v in event.items() if not k.startswith("log_") and _plain(v)}
     try:
-        text = _render(event)
+        text = render(event)
     except Exception:  # noqa: BLE001 - whatever it was, say what we can
         text = repr(event.get("log_format"))
     level = event.get("log_level")
@@ -345,18 +346,6 @@ def log_record(event: dict) -> bytes:
     record["log_namespace"] = event.get("log_namespace", "-")
     record["log_time"] = event.get("log_time") or time.time()
     return json.dumps(record).encode("utf-8")
-
-
-def _render(event: dict) -> str:
-    """The event's text, as eventAsText gives it. Most of ours are a plain
-    format string: str.format_map renders those far faster than Twisted's
-    formatter (made for "{method()}" calls, which Mailbox does not use)."""
-    fmt = event.get("log_format")
-    plain = type(fmt) is str and "()" not in fmt
-    if plain and "log_failure" not in event and "log_flattened" not in event:
-        with contextlib.suppress(Exception):
-            return fmt.format_map(event)
-    return eventAsText(event, includeTimestamp=False, includeSystem=False)
 
 
 def _plain(value: Any) -> bool:

@@ -26,6 +26,7 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from .clocks import use_monotonic_clock
+    from .logs import Logged, for_twistd
     from .service import build
 
     # Mail, accounts and state are for the server's user only, whatever
@@ -36,4 +37,5 @@ def makeService(options: Options) -> IService:
     except ConfigError as e:
         raise SystemExit(f"mailbox: {e}") from None
     use_monotonic_clock(reactor)  # before anything is scheduled
-    return build(config, reactor)
+    # options.parent: twistd's own options, when twistd parsed ours.
+    return Logged(build(config, reactor), for_twistd(options.parent, reactor))
