@@ -90,8 +90,8 @@ def render(event: dict) -> str:
     format string: str.format_map renders those far faster than Twisted's
     formatter (made for "{method()}" calls, which Mailbox does not use)."""
     fmt = event.get("log_format")
-    plain = type(fmt) is str and "()" not in fmt
-    if plain and "log_failure" not in event and "log_flattened" not in event:
+    plain = "log_failure" not in event and "log_flattened" not in event
+    if isinstance(fmt, str) and "()" not in fmt and plain:
         with contextlib.suppress(Exception):
             return fmt.format_map(event)
     return eventAsText(event, includeTimestamp=False, includeSystem=False)
