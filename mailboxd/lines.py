@@ -45,8 +45,42 @@ CLOSING_TIMEOUT = 30  # seconds a hung-up connection may take to go
 PEER_NOT_READING = "peer not reading"  # a reason to pause: the transport's buffer is full
 
 
+class DirectWrites:
+    """`write` straight to the socket of a plain TCP transport, while the
+    socket takes each write whole; the transport after that, and for good
+    (see the module's docstring)."""
+
+    transport: Any
+    _socket: socket.socket | None = None  # where `write` may send directly; None: the transport
+
+    def write_directly(self, transport: Any) -> None:
+        """Send `write`s straight to `transport`'s socket, if it has a plain one."""
+        get_handle = getattr(transport, "getHandle", None)
+        handle = get_handle() if get_handle is not None else None
+        if isinstance(handle, socket.socket) and not ISSLTransport.providedBy(transport):
+            self._socket = handle
+
+    def write(self, data: bytes) -> None:
+        sock = self._socket
+        if sock is not None:
+            try:
+                sent = sock.send(data)
+            except OSError:  # full (EAGAIN), or broken: the transport finds out which
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self._socket = None
+        self.transport.write(data)
+
+    def through_transport(self) -> None:
+        """From now on, write only through the transport (TLS, a stream
+        written by a producer, the end of the connection)."""
+        self._socket = None
+
+
 @implementer(IHandshakeListener, IPushProducer)
-class LineProtocol(Protocol):
+class LineProtocol(DirectWrites, Protocol):
     max_line = 512
     strict_crlf = False
     _buffer = b""
@@ -62,15 +96,10 @@ class LineProtocol(Protocol):
     _pauses: set[str]
     _waiting_for_room: list[Deferred]
 
-    _socket: socket.socket | None = None  # where `write` may send directly; None: the transport
-
     def makeConnection(self, transport: Any) -> None:
         self._pauses = set()
         self._waiting_for_room = []
-        get_handle = getattr(transport, "getHandle", None)
-        handle = get_handle() if get_handle is not None else None
-        if isinstance(handle, socket.socket) and not ISSLTransport.providedBy(transport):
-            self._socket = handle
+        self.write_directly(transport)
         transport.registerProducer(self, True)
         super().makeConnection(transport)
 
@@ -293,24 +322,6 @@ class LineProtocol(Protocol):
         if isinstance(line, str):
             line = line.encode("utf-8")
         self.write(line + b"\r\n")
-
-    def write(self, data: bytes) -> None:
-        sock = self._socket
-        if sock is not None:
-            try:
-                sent = sock.send(data)
-            except OSError:  # full (EAGAIN), or broken: the transport finds out which
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
-            self._socket = None
-        self.transport.write(data)
-
-    def through_transport(self) -> None:
-        """From now on, write only through the transport (TLS, a stream
-        written by a producer, the end of the connection)."""
-        self._socket = None
 
     def lineReceived(self, line: bytes) -> Deferred | None:
         raise NotImplementedError

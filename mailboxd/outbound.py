@@ -46,6 +46,7 @@ from .addresses import parse_mailbox
 from .bounce import Failure, build_dsn
 from .clocks import Wall
 from .config import Config
+from .lines import DirectWrites
 from .maildir import IncomingMessage
 from .printable import shown
 from .queue import Entry, Recipient
@@ -164,7 +165,7 @@ class _Idle:
 ONE_WRITE = 1 << 16  # bytes of a message sent in one write, not through a producer
 
 
-class _Sender(ESMTPSender):
+class _Sender(DirectWrites, ESMTPSender):
     """Twisted's sender, with dot-stuffing that holds across chunk boundaries,
     an end to the attempt when the server hangs up, more than one message a
     connection (after a message it waits (`_Idle`) for the next one to the
@@ -192,7 +193,17 @@ class _Sender(ESMTPSender):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        # Each command and message goes straight to the socket (lines.DirectWrites):
+        # no turn of the reactor to wait for, no epoll_ctl calls around it.
+        self.write_directly(self.transport)
         super().connectionMade()
+
+    def sendLine(self, line: bytes) -> None:
+        self.write(line + b"\r\n")
+
+    def esmtpState_starttls(self, code: int, resp: bytes) -> None:
+        self.through_transport()
+        super().esmtpState_starttls(code, resp)
 
     def timeoutConnection(self) -> None:
         if self.factory.sendFinished:  # only the QUIT exchange is left: just hang up
@@ -209,13 +220,13 @@ class _Sender(ESMTPSender):
         data = file.read(ONE_WRITE + 1)
         if len(data) > ONE_WRITE:
             file.seek(-len(data), os.SEEK_CUR)
+            self.through_transport()  # Twisted's FileSender writes to the transport
             super().smtpState_data(code, resp)
             return
         self._expected = SUCCESS
         self._okresponse = self.smtpState_msgSent
         chunk = self.transformChunk(data)
-        transport: Any = self.transport  # connected: it is what the data goes to
-        transport.write(chunk)
+        self.write(chunk)
         self.finishedFileTransfer(chunk[-1:])
 
     def finishedFileTransfer(self, lastsent: bytes) -> None:
@@ -277,10 +288,10 @@ class _Sender(ESMTPSender):
         self.toAddressesResult, self.successAddresses = [], []
         self._refused = None
         self._turns = [(b"MAIL", None)] + [(b"RCPT", r) for r in recipients] + [(b"DATA", None)]
-        self.sendLine(b"MAIL FROM:" + quoteaddr(self._from))
-        for r in recipients:
-            self.sendLine(b"RCPT TO:" + quoteaddr(r))
-        self.sendLine(b"DATA")
+        commands = [b"MAIL FROM:" + quoteaddr(self._from)]
+        commands += [b"RCPT TO:" + quoteaddr(r) for r in recipients]
+        commands.append(b"DATA\r\n")
+        self.write(b"\r\n".join(commands))
         self._expected = range(0, 1000)  # every reply is read in turn, whatever it says
         self._okresponse = self._in_turn
 
@@ -342,6 +353,7 @@ class _Sender(ESMTPSender):
         self._begin(250, b"")
 
     def connectionLost(self, reason: Any = connectionDone) -> None:
+        self.through_transport()
         if self.factory.idle is not None:
             self.factory.idle.discard(self.factory.hop, self)
         if self._idle_call is not None and self._idle_call.active():

@@ -9,21 +9,32 @@ the thread pool a SyncPool.
 
 from __future__ import annotations
 
+import io
 import json
+import socket
 from pathlib import Path
 
 import pytest
 from conftest import unit_config
+from test_lines import SocketTransport, read_all
 from test_routes import FakeResolver
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.names import error as dns_error
 from twisted.protocols.basic import LineReceiver
 from twisted.test import iosim
 
 from mailboxd import queue
-from mailboxd.outbound import BAD_HOST_SECONDS, REUSE_SECONDS, Outbound, _Sender, backoff
+from mailboxd.outbound import (
+    BAD_HOST_SECONDS,
+    ONE_WRITE,
+    REUSE_SECONDS,
+    Outbound,
+    _Sender,
+    backoff,
+)
 from mailboxd.queue import Entry, Recipient
 from mailboxd.routes import Hop
 
@@ -1286,6 +1297,48 @@ def test_pipelining_offered_only_before_starttls_does_not_count():
     assert not sender.pipelining
     sender.esmtpState_serverConfig(250, b"mx.far.test\npipelining")
     assert sender.pipelining
+
+
+# --- writes straight to the socket (lines.DirectWrites) ----------------------------
+
+
+@pytest.fixture
+def socket_sender():
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    transport = SocketTransport(ours)
+    s = _sender_alone()
+    s.callLater = Clock().callLater
+    s.makeConnection(transport)
+    yield s, transport, theirs
+    ours.close()
+    theirs.close()
+
+
+def test_commands_go_straight_to_the_socket(socket_sender):
+    s, transport, theirs = socket_sender
+    s.sendLine(b"EHLO mail.example.test")
+    assert read_all(theirs) == b"EHLO mail.example.test\r\n"
+    assert transport.value() == b""
+
+
+def test_after_starttls_everything_goes_through_the_transport(socket_sender):
+    s, transport, theirs = socket_sender
+    transport.startTLS = lambda context: None
+    s.esmtpState_starttls(220, b"go ahead")
+    assert transport.value().startswith(b"EHLO ")  # asked again, now over TLS
+    s.sendLine(b"NOOP")
+    assert transport.value().endswith(b"NOOP\r\n") and read_all(theirs) == b""
+
+
+def test_a_message_too_big_for_one_write_goes_through_the_transport(socket_sender):
+    s, transport, theirs = socket_sender
+    s.getMailData = lambda: io.BytesIO(b"x" * (ONE_WRITE + 1) + b"\n")
+    s.smtpState_data(354, b"go ahead")
+    assert transport.producer is not None  # Twisted's FileSender, writing to the transport
+    s.sendLine(b".")
+    assert transport.value() == b".\r\n" and read_all(theirs) == b""
 
 
 # The same outcomes, one command at a time or pipelined: script -> for each
