@@ -15,10 +15,10 @@ twistd takes an observer from its application's `ILogObserver` component;
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import signal
 import sys
-import threading
 from typing import Any
 
 import attrs
@@ -36,11 +36,12 @@ class ClassicLog:
 
     file: Any  # what the lines go to: write() and flush()
     reactor: Any
-    _lines: list[str] = attrs.field(factory=list)
+    # No lock: twistd logs from signal handlers, which run between any two
+    # steps of the main thread, this observer's too. deque's append and
+    # popleft are atomic, so no line is lost or written twice.
+    _lines: collections.deque[str] = attrs.field(factory=collections.deque)
     _flush_due: bool = False
-    _lock: threading.Lock = attrs.field(factory=threading.Lock)
-    _second: int | None = None
-    _stamp: str = "-"
+    _stamped: tuple[int | None, str] = (None, "-")  # a second, and its time stamp
 
     def __attrs_post_init__(self) -> None:
         # A turn's lines must not wait for a turn that never comes.
@@ -50,23 +51,22 @@ class ClassicLog:
         line = self.line(event)
         if line is None:
             return
-        with self._lock:
-            self._lines.append(line)
-            later = self.reactor.running and threadable.isInIOThread()
-            if later and self._flush_due:
-                return
-            self._flush_due = later
-        if later:
+        self._lines.append(line)
+        if not (self.reactor.running and threadable.isInIOThread()):
+            self.flush()  # before the reactor runs, after it stopped, or from a thread
+        elif not self._flush_due:
+            self._flush_due = True
             self.reactor.callLater(0, self.flush)
-        else:  # before the reactor runs, after it stopped, or from a thread
-            self.flush()
 
     def flush(self) -> None:
-        with self._lock:
-            lines, self._lines, self._flush_due = self._lines, [], False
-            if lines:
-                untilConcludes(self.file.write, "".join(lines))
-                untilConcludes(self.file.flush)
+        self._flush_due = False
+        lines = []
+        with contextlib.suppress(IndexError):
+            while True:
+                lines.append(self._lines.popleft())
+        if lines:
+            untilConcludes(self.file.write, "".join(lines))
+            untilConcludes(self.file.flush)
 
     def line(self, event: dict) -> str | None:
         """What `formatEventAsClassicLogText` makes of `event`."""
@@ -79,10 +79,11 @@ class ClassicLog:
     def _time(self, when: float | None) -> str:
         if when is None:
             return formatTime(when)
-        second = int(when)  # the format shows whole seconds
-        if second != self._second:
-            self._second, self._stamp = second, formatTime(when)
-        return self._stamp
+        second, stamp = self._stamped  # one attribute: a signal handler sees both or neither
+        if int(when) != second:  # the format shows whole seconds
+            stamp = formatTime(when)
+            self._stamped = (int(when), stamp)
+        return stamp
 
 
 def render(event: dict) -> str:

@@ -167,6 +167,27 @@ def test_a_line_from_another_thread_is_written_at_once(io_thread):
     assert len(file.writes) == 1
 
 
+def test_a_line_logged_while_lines_are_written_is_not_lost(io_thread):
+    # As when a signal handler logs ("Received SIGTERM") in the middle of a flush.
+    file, reactor = _File(), _Reactor()
+    log = ClassicLog(file, reactor)
+    write = file.write
+
+    def write_and_log(text: str) -> None:
+        file.write = write
+        log(_event(log_format="from the signal handler"))
+        write(text)
+
+    file.write = write_and_log
+    log(_event(log_format="first"))
+    reactor.turn()
+    reactor.turn()
+    assert [w.rstrip().rsplit("] ", 1)[1] for w in file.writes] == [
+        "first",
+        "from the signal handler",
+    ]
+
+
 def test_before_and_after_the_reactor_runs_each_line_is_written_at_once(io_thread):
     file, reactor = _File(), _Reactor()
     reactor.running = False
