@@ -77,6 +77,8 @@ class IncomingMessage:
     _file: BinaryIO | None = attrs.field(init=False, default=None, repr=False)
     _held: list[bytes] = attrs.field(init=False, factory=list, repr=False)
     _held_size: int = attrs.field(init=False, default=0)
+    # The message, once `commit` wrote it from memory in one go (it never spilled).
+    whole: bytes | None = attrs.field(init=False, default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self.path = self.spool_dir / unique_name(self.hostname)
@@ -100,8 +102,10 @@ class IncomingMessage:
 
     def spill(self) -> None:
         """Make the spool file and write what is held to it. Blocking."""
-        if self._file is not None:
-            return
+        if self._file is None:
+            self._spill()
+
+    def _spill(self) -> bytes:
         flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
         try:
             fd = os.open(self.path, flags, 0o600)
@@ -111,9 +115,9 @@ class IncomingMessage:
         f = os.fdopen(fd, "wb", buffering=65536)
         self._file = f
         held, self._held, self._held_size = self._held, [], 0
-        if held:
-            held.append(b"")
-            f.write(b"\n".join(held))
+        data = b"\n".join([*held, b""]) if held else b""
+        f.write(data)
+        return data
 
     def discard(self) -> None:
         self._held, self._held_size = [], 0
@@ -136,7 +140,8 @@ class IncomingMessage:
         Blocking: call it in a thread pool.
         """
         try:
-            self.spill()
+            if self._file is None:  # all of it was held: the queue may keep it too
+                self.whole = self._spill()
             assert self._file is not None
             self._file.flush()
             os.fsync(self._file.fileno())

@@ -163,6 +163,7 @@ class _Idle:
 
 
 ONE_WRITE = 1 << 16  # bytes of a message sent in one write, not through a producer
+HELD_MAX = 16 << 20  # bytes of just-queued messages kept in memory for their first attempt
 
 
 class _Sender(DirectWrites, ESMTPSender):
@@ -488,6 +489,8 @@ class Outbound:
     _finish_after: dict[str, float] = attrs.field(factory=dict)
     _removals: list[tuple[str, Deferred]] = attrs.field(factory=list)  # for _remove_next
     _removing: bool = False
+    _held: dict[str, bytes] = attrs.field(factory=dict)  # messages for first attempts (`add`)
+    _held_bytes: int = 0
     _idle: _Idle = attrs.field(init=False)
     _redispatch: bool = False
     _scanning: bool = False
@@ -515,22 +518,30 @@ class Outbound:
         self._rescan = True
         self.clock.callLater(0, self.tick)
 
-    def adopt(self, envelopes: list[str]) -> None:
-        """Another process queued these (their envelopes, as on disk, already
-        fsynced): deliver them. What it sent, not a read of the file, saves a
-        trip to the disk threads for every message."""
-        for envelope in envelopes:
-            try:
-                entry = Entry.from_json(envelope)
-            except queue.CorruptEntry:
-                self._rescan = True  # the scan reads it from disk, or moves it aside
-                continue
-            if re.fullmatch(r"[0-9A-F]{12}", entry.id):
-                self.add(entry)
+    def adopt(self, envelope: str, message: bytes | None = None) -> None:
+        """Another process queued this (its envelope, as on disk, already
+        fsynced, and maybe its message, as for `add`): deliver it. What it
+        sent, not a read of the file, saves a trip to the disk threads."""
+        try:
+            entry = Entry.from_json(envelope)
+        except queue.CorruptEntry:
+            self._rescan = True  # the scan reads it from disk, or moves it aside
+            return
+        if re.fullmatch(r"[0-9A-F]{12}", entry.id):
+            self.add(entry, message)
 
-    def add(self, entry: Entry) -> None:
-        """The SMTP server queued `entry` (already on disk): deliver it soon."""
-        self.entries.setdefault(entry.id, entry)
+    def add(self, entry: Entry, message: bytes | None = None) -> None:
+        """The SMTP server queued `entry` (already on disk): deliver it soon.
+
+        `message`, the bytes of its file from `offset` on, spares the first
+        attempt a trip to the disk threads to read them; it is kept only
+        while the messages kept so take at most HELD_MAX bytes altogether."""
+        if entry.id not in self.entries:
+            self.entries[entry.id] = entry
+            room = HELD_MAX - self._held_bytes
+            if message is not None and len(message) <= min(ONE_WRITE, room):
+                self._held[entry.id] = message
+                self._held_bytes += len(message)
         if not self._redispatch:
             self._redispatch = True
             self.clock.callLater(0, self._dispatch_again)
@@ -597,6 +608,9 @@ class Outbound:
         for entry_id in list(self._anchors):
             if entry_id not in self.entries:
                 del self._anchors[entry_id]
+        for entry_id in list(self._held):
+            if entry_id not in self.entries:
+                self._take_held(entry_id)
         self._dispatch()
 
     def _scan_failed(self, f: Any) -> None:
@@ -682,7 +696,11 @@ class Outbound:
         each slot is given back as soon as its delivery is done."""
         held = list(reserved)
         try:
-            problem, small = await self._thread(self._examine, entry)
+            small = self._take_held(entry.id)
+            if small is not None:  # just queued: as sound as the disk has it
+                problem = None
+            else:
+                problem, small = await self._thread(self._examine, entry)
             if problem == queue.DELETED:
                 log.info("queue {id} was deleted", id=entry.id)
                 self.entries.pop(entry.id, None)
@@ -716,6 +734,12 @@ class Outbound:
                 self._release(dest)
         if entry.done:
             await self._finish(entry)
+
+    def _take_held(self, entry_id: str) -> bytes | None:
+        message = self._held.pop(entry_id, None)
+        if message is not None:
+            self._held_bytes -= len(message)
+        return message
 
     def _record(self, entry: Entry, recipients: list[Recipient], outcomes: list[Outcome]) -> None:
         now = self._now(entry)

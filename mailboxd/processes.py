@@ -18,8 +18,9 @@ A child serves SMTP and POP3 only. What must be one stays in one place:
 - account changes are seen by each process's own reload, and a cached
   login is keyed by the stored hash, so a changed password misses everywhere;
 - the outbound queue is run by the primary only: a child that queues a
-  message sends its envelope (as written to the queue) to the primary, which
-  delivers it. So each entry is delivered by exactly one process.
+  message sends its envelope (as written to the queue), and a small message
+  itself, to the primary, which delivers it. So each entry is delivered by
+  exactly one process.
 
 A child never cleans anything at start-up. It talks to the primary over a
 socket pair: first it receives the primary's config (so a child started
@@ -37,6 +38,7 @@ primary.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -138,7 +140,7 @@ class _FromChild(_Records):
     def received(self, record: bytes) -> None:  # type: ignore[override]
         kind, body = record[:1], record[1:]
         if kind == _QUEUED:
-            self.supervisor.queued([body.decode("utf-8", "replace")])
+            self.supervisor.queued(*from_queued_record(body))
         elif kind == _LOG:
             self.supervisor.child_event(self.number, body)
 
@@ -151,7 +153,7 @@ class Supervisor(Service):
     config: Any  # the primary's Config, handed to each child
     count: int  # children: workers - 1
     listeners: Callable[[], list[tuple[str, str, int]]]  # (name, description, fd), bound
-    queued: Callable[[list[str]], object]  # envelopes (JSON) a child queued
+    queued: Callable[[str, bytes | None], object]  # what a child queued: queued_record
     lock_fd: int | None = None  # the instance lock, held by the children too
     board: Any = None  # connections.Board: the connection counts of every process
     clock: Any = None
@@ -357,6 +359,26 @@ def _plain(value: Any) -> bool:
 _PLAIN = (str, int, float, bool, type(None))
 
 
+def queued_record(envelope: str, message: bytes | None) -> bytes:
+    """What a child queued, for the primary: the envelope (one line of JSON)
+    and, if given, the message after a newline, in base64 (a record must not
+    hold the separator, which a message may)."""
+    record = envelope.encode("utf-8")
+    return record if message is None else record + b"\n" + base64.b64encode(message)
+
+
+def from_queued_record(record: bytes) -> tuple[str, bytes | None]:
+    """(envelope, message or None) from a `queued_record`. The envelope is
+    checked where it is used (Outbound.adopt); a message that cannot be read
+    is left for the disk to give."""
+    envelope, held, message = record.partition(b"\n")
+    try:
+        data = base64.b64decode(message, validate=True) if held else None
+    except ValueError:
+        data = None
+    return envelope.decode("utf-8", "replace"), data
+
+
 def event_from_record(record: bytes) -> dict | None:
     """The event a child's record stands for, or None for one we cannot read."""
     try:
@@ -447,7 +469,7 @@ def child_main(argv: list[str] | None = None) -> None:
             config,
             reactor,
             listeners,
-            lambda envelope: channel.send(_QUEUED, envelope.encode()),
+            lambda envelope, message: channel.send(_QUEUED, queued_record(envelope, message)),
             board,
         )
     except SystemExit as e:

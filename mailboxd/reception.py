@@ -89,7 +89,9 @@ class Intake:
     config: Config
     wall: Wall
     workers: Workers
-    queued: Callable[[Entry], object]  # hands new entries to the outbound queue
+    # Hands each new entry to the outbound queue, with its message (as sent
+    # on, after `offset`) if it was held in memory.
+    queued: Callable[[Entry, bytes | None], object]
     delivered: Callable[[Delivery], object] | None = None  # told of each accepted message
 
     def __repr__(self) -> str:
@@ -214,7 +216,8 @@ class Reception:
             client=self.trace.ip,
         )
         if entry is not None:
-            self.intake.queued(entry)
+            whole = self.message.whole  # what the queue need not read back from disk
+            self.intake.queued(entry, None if whole is None else whole[entry.offset :])
         if self.intake.delivered is not None:
             self.intake.delivered(
                 Delivery(

@@ -483,7 +483,7 @@ def assemble_child(
     top = MultiService()
     state = _open_state(config, None)
     parts = _serving_parts(config, reactor, reactor, time.time, top, state, None, board)
-    factories = _factories(config, parts, reactor, time.time, lambda e: queued(e.to_json()))
+    factories = _factories(config, parts, reactor, time.time, lambda e, m: queued(e.to_json(), m))
     # The primary said which socket is which; what the config file says now
     # (it may have been edited since) only names the protocol.
     for name, _desc, factory in _listeners(config, factories):

@@ -77,7 +77,8 @@ class SMTPFactory(ServerFactory):
     auth: Authenticator
     popauth: PopAuthRegistry
     listener: Listener = Listener.MTA
-    queued: Callable[[Entry], object] = lambda entry: None  # hands new entries to the queue
+    # Hands new entries to the queue (with the message, if held: see Intake).
+    queued: Callable[[Entry, bytes | None], object] = lambda entry, message: None
     tls: ServerTLS | None = None  # offered as STARTTLS when set
     delivered: Callable[[Delivery], object] | None = None  # told of each accepted message
     faults: Faults | None = None  # test-only fault injection (mailboxd.testing)

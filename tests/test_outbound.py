@@ -26,7 +26,7 @@ from twisted.names import error as dns_error
 from twisted.protocols.basic import LineReceiver
 from twisted.test import iosim
 
-from mailboxd import queue
+from mailboxd import outbound, queue
 from mailboxd.outbound import (
     BAD_HOST_SECONDS,
     ONE_WRITE,
@@ -1127,15 +1127,63 @@ def test_envelopes_from_another_process_are_delivered_without_reading_them(make)
     r.start()
     sent = r.enqueue(one, ["a@far.test"])
     (r.dir / f"{one}.json").write_text("not read")  # the envelope sent is what counts
-    r.outbound.adopt([sent.to_json()])
+    r.outbound.adopt(sent.to_json())
     for _ in range(3):
         r.advance(0)
     assert host.messages == 1 and not r.exists(one)
     # One that cannot be parsed is left to a scan of the directory.
     r.enqueue(two, ["b@far.test"])
-    r.outbound.adopt(["{broken"])
+    r.outbound.adopt("{broken")
     r.advance(1)
     assert host.messages == 2 and not r.exists(two)
+
+
+def test_a_message_handed_over_when_queued_is_sent_without_reading_its_file(make):
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1")
+    r.start()
+    entry = r.enqueue("0000000000E1", ["a@far.test"])
+    (r.dir / "0000000000E1.msg").write_bytes(b"not read")  # what was handed over counts
+    r.outbound.adopt(entry.to_json(), MESSAGE)
+    r.advance(0)
+    assert host.messages == 1 and host.delivered[0].data == stuffed(MESSAGE)
+    assert not r.exists("0000000000E1") and r.outbound._held == {}
+
+
+def test_a_handed_over_message_serves_the_first_attempt_only(make):
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1", {"rcpt": "451 4.3.0 later"}, {})
+    r.start()
+    entry = r.enqueue("E1", ["a@far.test"])
+    r.outbound.add(entry, b"Subject: as handed over\n\nfirst\n")
+    r.advance(0)
+    assert r.recipient("E1", "a@far.test")["status"] == "deferred"
+    assert r.outbound._held == {} and r.outbound._held_bytes == 0
+    r.advance(backoff(1))  # the retry reads the file
+    assert host.messages == 1 and host.delivered[-1].data == stuffed(MESSAGE)
+
+
+def test_handed_over_messages_are_kept_up_to_a_limit(make, monkeypatch):
+    monkeypatch.setattr(outbound, "HELD_MAX", 2 * len(MESSAGE))
+    r = make(SMARTHOST)  # not started: nothing is delivered, so all stay held
+    for n in range(3):
+        r.outbound.add(r.enqueue(f"E{n}", ["a@far.test"]), MESSAGE)
+    r.outbound.add(r.enqueue("E3", ["a@far.test"]), b"x" * (outbound.ONE_WRITE + 1))
+    assert sorted(r.outbound._held) == ["E0", "E1"]
+    assert r.outbound._held_bytes == 2 * len(MESSAGE)
+
+
+def test_a_handed_over_message_of_an_entry_deleted_before_its_attempt_is_let_go(make):
+    r = make(SMARTHOST + "max_connections = 1\n")
+    r.net.add("127.0.0.1", {"greeting": HANG})
+    r.start()
+    r.outbound.add(r.enqueue("E1", ["a@far.test"]))  # takes the one connection
+    r.advance(0)
+    r.outbound.add(r.enqueue("E2", ["b@far.test"]), MESSAGE)  # waits for it
+    assert list(r.outbound._held) == ["E2"]
+    queue.remove(r.dir, "E2")  # mailboxctl queue delete
+    r.wake()
+    assert "E2" not in r.outbound.entries and r.outbound._held_bytes == 0
 
 
 def test_an_entry_added_while_the_queue_is_scanned_is_delivered_at_once(make, monkeypatch):

@@ -8,7 +8,13 @@ import pytest
 from twisted.logger import LogLevel, eventAsText, formatEvent, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 
-from mailboxd.processes import event_from_record, log_record
+from mailboxd.processes import (
+    _RECORD,
+    event_from_record,
+    from_queued_record,
+    log_record,
+    queued_record,
+)
 
 
 def _event(**fields):
@@ -102,3 +108,17 @@ def test_a_record_that_cannot_be_read_is_dropped(record):
 def test_an_unknown_level_is_said_at_info():
     record = json.dumps({"log_text": "x", "log_level": "loud"}).encode()
     assert event_from_record(record)["log_level"] is LogLevel.info
+
+
+@pytest.mark.parametrize(
+    "message", [None, b"", b"Subject: x\n\nbody\n", b"a \x1e separator\n\xff\x00\n"]
+)
+def test_what_a_child_queued_reaches_the_primary_as_it_was(message):
+    envelope = '{"version":1,"id":"0000000000E1","sender":"\\u00e9@x.test"}'
+    record = queued_record(envelope, message)
+    assert _RECORD not in record
+    assert from_queued_record(record) == (envelope, message)
+
+
+def test_a_message_that_cannot_be_read_is_left_to_the_disk():
+    assert from_queued_record(b'{"id":"x"}\nnot base64!') == ('{"id":"x"}', None)

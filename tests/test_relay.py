@@ -10,6 +10,7 @@ import pytest
 from test_pop3 import Session as POP
 from test_smtp import Session as SMTP
 
+from mailboxd import maildir
 from mailboxd.policy import Listener
 
 ALICE_PLAIN = base64.b64encode(b"\0alice@example.test\0alice pw").decode()
@@ -114,6 +115,24 @@ def test_commands_pipelined_behind_auth_wait_for_it(unit, s):
 
 
 # --- relay, the sender check and the queue -----------------------------------
+
+
+@pytest.mark.parametrize("spilled", [False, True], ids=["held", "spilled"])
+def test_the_queue_is_handed_the_message_it_would_read(unit, monkeypatch, spilled):
+    if spilled:
+        monkeypatch.setattr(maildir, "SPOOL_MEMORY", 100)
+    handed = []
+    s = SMTP(unit, queued=lambda entry, message: handed.append((entry, message)))
+    s.cmd("EHLO client.test")
+    s.cmd(f"AUTH PLAIN {ALICE_PLAIN}")
+    s.cmd("MAIL FROM:<alice@example.test>")
+    s.cmd("RCPT TO:<x@far.test>")
+    s.cmd("DATA")
+    body = "".join(f"line {n} of the body, long enough to add up\r\n" for n in range(5))
+    assert s.send(f"Subject: out\r\n\r\n{body}.\r\n")[0].startswith("250 ")
+    ((entry, message),) = handed
+    on_disk = (unit.mail_dir / ".queue" / f"{entry.id}.msg").read_bytes()[entry.offset :]
+    assert message == (None if spilled else on_disk)  # a spilled one is read from disk
 
 
 def test_authenticated_relay_is_queued_durably(unit, s):

@@ -10,8 +10,11 @@ from mailboxd.smtp import SMTPFactory
 
 
 class Session:
-    def __init__(self, unit, listener: Listener = Listener.MTA, ip: str = "192.0.2.7") -> None:
+    def __init__(
+        self, unit, listener: Listener = Listener.MTA, ip: str = "192.0.2.7", queued=None
+    ) -> None:
         self.unit = unit
+        extra = {} if queued is None else {"queued": queued}
         factory = SMTPFactory(
             unit.config,
             lambda: unit.store.directory,
@@ -21,6 +24,7 @@ class Session:
             unit.popauth,
             listener,
             wall=unit.clock.seconds,
+            **extra,
         )
         self.proto = factory.buildProtocol(None)
         self.transport = StringTransport(peerAddress=_Peer(ip))
