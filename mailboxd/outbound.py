@@ -30,12 +30,10 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail.smtp import (
     SUCCESS,
-    Address,
     ESMTPSender,
     ESMTPSenderFactory,
     SMTPClientError,
     SMTPConnectError,
-    quoteaddr,
 )
 from twisted.names.client import createResolver
 from twisted.python.threadpool import ThreadPool
@@ -289,8 +287,8 @@ class _Sender(DirectWrites, ESMTPSender):
         self.toAddressesResult, self.successAddresses = [], []
         self._refused = None
         self._turns = [(b"MAIL", None)] + [(b"RCPT", r) for r in recipients] + [(b"DATA", None)]
-        commands = [b"MAIL FROM:" + quoteaddr(self._from)]
-        commands += [b"RCPT TO:" + quoteaddr(r) for r in recipients]
+        commands = [b"MAIL FROM:" + _path(self._from)]
+        commands += [b"RCPT TO:" + _path(r) for r in recipients]
         commands.append(b"DATA\r\n")
         self.write(b"\r\n".join(commands))
         self._expected = range(0, 1000)  # every reply is read in turn, whatever it says
@@ -334,7 +332,7 @@ class _Sender(DirectWrites, ESMTPSender):
             self._idle_call.cancel()
         self._idle_call = None
         factory = self.factory
-        factory.fromEmail = Address(job.sender)
+        factory.fromEmail = job.sender  # getMailFrom's str(): no Address to parse
         factory.toEmail = [r.encode("utf-8") for r in job.recipients]
         factory.file, factory.result, factory.sendFinished = job.file, job.result, False
         self.done = 0
@@ -386,6 +384,12 @@ class _Sender(DirectWrites, ESMTPSender):
             chunk = b"." + chunk
         self._line_start = chunk.endswith(b"\n")
         return chunk.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+
+
+def _path(address: str | bytes) -> bytes:
+    """<address>, for MAIL and RCPT. The addresses were checked when they
+    came in, and go out as they came: quoteaddr would parse each again."""
+    return b"<" + (address if isinstance(address, bytes) else address.encode("utf-8")) + b">"
 
 
 class _SenderFactory(ESMTPSenderFactory):

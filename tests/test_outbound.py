@@ -1347,6 +1347,19 @@ def test_pipelining_offered_only_before_starttls_does_not_count():
     assert sender.pipelining
 
 
+@pytest.mark.parametrize(
+    "address, path",
+    [
+        ("a@far.test", b"<a@far.test>"),
+        (b"a@far.test", b"<a@far.test>"),
+        ("", b"<>"),  # the null sender of a bounce
+        ('"a b"@far.test', b'<"a b"@far.test>'),  # as it came in
+    ],
+)
+def test_the_path_of_mail_and_rcpt_is_the_address_as_it_came(address, path):
+    assert outbound._path(address) == path
+
+
 # --- writes straight to the socket (lines.DirectWrites) ----------------------------
 
 
