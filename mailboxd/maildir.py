@@ -23,7 +23,7 @@ import attrs
 
 from .accounts import Account
 from .listing import Listings, Message, scan
-from .private import create_private, private_dir
+from .private import create_private, private_dir, write_all
 
 _counter = itertools.count(1)
 
@@ -77,6 +77,7 @@ class IncomingMessage:
     _file: BinaryIO | None = attrs.field(init=False, default=None, repr=False)
     _held: list[bytes] = attrs.field(init=False, factory=list, repr=False)
     _held_size: int = attrs.field(init=False, default=0)
+    _created: bool = attrs.field(init=False, default=False)  # the spool file exists
     # The message, once `commit` wrote it from memory in one go (it never spilled).
     whole: bytes | None = attrs.field(init=False, default=None, repr=False)
 
@@ -103,30 +104,44 @@ class IncomingMessage:
     def spill(self) -> None:
         """Make the spool file and write what is held to it. Blocking."""
         if self._file is None:
-            self._spill()
+            file = os.fdopen(self._create(), "wb", buffering=65536)
+            self._file = file
+            file.write(self._take_held())
 
-    def _spill(self) -> bytes:
+    def _create(self) -> int:
         flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
         try:
             fd = os.open(self.path, flags, 0o600)
         except FileNotFoundError:  # first message, or the folder was removed
             private_dir(self.spool_dir)
             fd = os.open(self.path, flags, 0o600)
-        f = os.fdopen(fd, "wb", buffering=65536)
-        self._file = f
+        self._created = True
+        return fd
+
+    def _take_held(self) -> bytes:
         held, self._held, self._held_size = self._held, [], 0
-        data = b"\n".join([*held, b""]) if held else b""
-        f.write(data)
+        return b"\n".join([*held, b""]) if held else b""
+
+    def _write_held(self) -> bytes:
+        """The spool file of a message held whole, written and fsynced in one
+        go (no file object); the message."""
+        data = self._take_held()
+        fd = self._create()
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         return data
 
     def discard(self) -> None:
         self._held, self._held_size = [], 0
-        if self._file is None:
-            return
-        with contextlib.suppress(OSError):
-            self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        if self._created:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
     def commit(
         self,
@@ -141,11 +156,11 @@ class IncomingMessage:
         """
         try:
             if self._file is None:  # all of it was held: the queue may keep it too
-                self.whole = self._spill()
-            assert self._file is not None
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+                self.whole = self._write_held()
+            else:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
             delivered = []
             for account in accounts:
                 delivered.append(self._deliver_one(maildir_path(mail_dir, account)))

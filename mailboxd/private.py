@@ -33,5 +33,14 @@ def create_private(path: Path, exclusive: bool = True) -> int:
     """Open a new file `path` for writing, mode 0600; its descriptor."""
     flags = os.O_CREAT | os.O_WRONLY | (os.O_EXCL if exclusive else os.O_TRUNC)
     fd = os.open(path, flags, FILE)
-    os.fchmod(fd, FILE)
+    if not exclusive:  # an old file keeps its mode; a new one has 0600 less the umask
+        os.fchmod(fd, FILE)
     return fd
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write `data` to the descriptor `fd`: no file object, and none of the
+    calls to stat, seek and ioctl that making one costs."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

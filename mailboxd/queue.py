@@ -42,7 +42,7 @@ from pathlib import Path
 import attrs
 
 from .maildir import fsync_dir, link_or_copy
-from .private import create_private, private_dir
+from .private import create_private, private_dir, write_all
 
 QUEUE_DIR = ".queue"
 FLUSH = ".flush"
@@ -146,10 +146,16 @@ def queue_dir(mail_dir: Path) -> Path:
 def _write_json(directory: Path, entry: Entry) -> None:
     tmp = directory / f".{entry.id}.json.tmp"
     try:
-        with os.fdopen(create_private(tmp, exclusive=False), "w", encoding="utf-8") as f:
-            f.write(entry.to_json())
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            fd = create_private(tmp)
+        except FileExistsError:  # left by a crash during an earlier save
+            os.unlink(tmp)
+            fd = create_private(tmp)
+        try:
+            write_all(fd, entry.to_json().encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.rename(tmp, directory / f"{entry.id}.json")
     except BaseException:
         # A full disk: the envelope stays as it was, and no temp file is left behind.
@@ -164,8 +170,11 @@ def enqueue(directory: Path, spool: Path, entry: Entry) -> None:
 
     Blocking: call it in a thread pool. `spool` must already be fsynced.
     """
-    private_dir(directory)
-    link_or_copy(spool, directory / f"{entry.id}.msg")
+    try:
+        link_or_copy(spool, directory / f"{entry.id}.msg")
+    except FileNotFoundError:  # the first entry, or the folder was removed
+        private_dir(directory)
+        link_or_copy(spool, directory / f"{entry.id}.msg")
     _write_json(directory, entry)
 
 

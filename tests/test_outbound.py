@@ -1360,6 +1360,28 @@ def test_the_path_of_mail_and_rcpt_is_the_address_as_it_came(address, path):
     assert outbound._path(address) == path
 
 
+def test_a_save_replaces_a_temp_file_left_by_a_crash(make):
+    r = make()
+    entry = r.enqueue("E1", ["a@far.test"])
+    left = r.dir / ".E1.json.tmp"
+    left.write_text("half an envelope")
+    left.chmod(0o400)
+    entry.recipients[0].attempts = 3
+    queue.save(r.dir, entry)
+    assert r.envelope("E1")["recipients"][0]["attempts"] == 3
+    assert not left.exists() and (r.dir / "E1.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_first_entry_makes_the_queue_folder(tmp_path):
+    spool = tmp_path / "spool"
+    spool.write_bytes(b"Subject: x\n\nbody\n")
+    directory = tmp_path / "mail" / ".queue"
+    queue.enqueue(directory, spool, Entry("E1", "", 0, 0.0, [Recipient("a@far.test")]))
+    assert (directory / "E1.msg").read_bytes() == spool.read_bytes()
+    assert queue.load(directory / "E1.json").recipients[0].address == "a@far.test"
+    assert directory.stat().st_mode & 0o777 == 0o700
+
+
 # --- writes straight to the socket (lines.DirectWrites) ----------------------------
 
 

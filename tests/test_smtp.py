@@ -263,7 +263,7 @@ class _FullFile:
     def __init__(self, f):
         self.f = f
 
-    def write(self, data):
+    def write(self, *data):
         raise OSError(28, "No space left on device")
 
     def __getattr__(self, name):
@@ -281,6 +281,8 @@ def test_a_full_disk_during_data_is_said_after_the_final_dot(s, monkeypatch, lin
     monkeypatch.setattr("mailboxd.maildir.SPOOL_MEMORY", 4096)  # under the size limit here
     real_fdopen = os.fdopen
     monkeypatch.setattr(os, "fdopen", lambda *a, **kw: _FullFile(real_fdopen(*a, **kw)))
+    # A message held until its final dot is written with no file object.
+    monkeypatch.setattr("mailboxd.maildir.write_all", _FullFile(None).write)
     s.envelope()
     s.cmd("DATA")
     replies = s.send(
