@@ -161,6 +161,7 @@ class Supervisor(Service):
     _pauses: dict[int, float] = attrs.field(factory=dict)
     _restarts: dict[int, Any] = attrs.field(factory=dict)
     _stopping: bool = False
+    _ended: Deferred = attrs.field(factory=lambda: succeed(None))  # see ended()
 
     @property
     def _clock(self) -> Any:
@@ -254,9 +255,19 @@ class Supervisor(Service):
                 continue
             kill = self._clock.callLater(STOP_GRACE, _kill, transport)
             child.ended.addBoth(lambda result, k=kill: (k.active() and k.cancel(), result)[1])
-        if not ending:
-            return succeed(None)
-        return DeferredList(ending, consumeErrors=True)
+        self._ended = DeferredList(ending, consumeErrors=True)
+        return self.ended()
+
+    def ended(self) -> Deferred:
+        """Fires once every child has ended, after stopService."""
+        d: Deferred = Deferred()
+
+        def tell(result: Any) -> Any:
+            d.callback(None)
+            return result
+
+        self._ended.addBoth(tell)
+        return d
 
 
 class _ChannelFactory(protocol.Factory):

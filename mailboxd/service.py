@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
@@ -98,6 +100,19 @@ class ListenerService(StreamServerEndpointService):
 
     def _listening(self, port: Any) -> None:
         self.port = port
+
+    # Set when worker processes serve this socket too: fires once they have
+    # ended. Closing it shuts it down (Twisted's port does, for a socket it
+    # made) under a worker still reading it, whose accept() then fails.
+    workers_ended: Callable[[], Deferred] | None = None
+
+    def stopService(self) -> Deferred:
+        if self.workers_ended is None or self.port is None:
+            return super().stopService()
+        self.port.stopReading()  # no new connection here meanwhile
+        return self.workers_ended().addCallback(
+            lambda _: super(ListenerService, self).stopService()
+        )
 
     def privilegedStartService(self) -> None:
         try:
@@ -434,7 +449,7 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
         listener.setServiceParent(top)
         listeners.append(listener)
     if board is not None:
-        Supervisor(
+        supervisor = Supervisor(
             reactor,
             config,
             children,
@@ -446,7 +461,10 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
             outbound.adopt,
             lock.fileno(),
             board=board,
-        ).setServiceParent(top)
+        )
+        supervisor.setServiceParent(top)  # the last part: stopped first
+        for listener in listeners:
+            listener.workers_ended = supervisor.ended
     return Appliance(top, parts.accounts, state, outbound, mta, submission, pop3, listeners)
 
 

@@ -122,3 +122,27 @@ def test_what_a_child_queued_reaches_the_primary_as_it_was(message):
 
 def test_a_message_that_cannot_be_read_is_left_to_the_disk():
     assert from_queued_record(b'{"id":"x"}\nnot base64!') == ('{"id":"x"}', None)
+
+
+def test_a_shared_listener_is_closed_only_once_the_workers_have_ended():
+    # Twisted shuts down a socket it made when it closes it: a worker still
+    # reading it would see accept() fail (EINVAL) and log a traceback.
+    from twisted.internet.defer import Deferred
+    from twisted.internet.protocol import ServerFactory
+    from twisted.internet.testing import MemoryReactor
+
+    from mailboxd.service import ListenerService
+
+    service = ListenerService(
+        MemoryReactor(), "tcp:2525:interface=127.0.0.1", ServerFactory(), "smtp-0"
+    )
+    service.privilegedStartService()
+    calls = []
+    service.port.stopReading = lambda: calls.append("stop reading")
+    service.port.stopListening = lambda: calls.append("close")
+    ended: Deferred = Deferred()
+    service.workers_ended = lambda: ended
+    stopped = service.stopService()
+    assert calls == ["stop reading"] and not stopped.called
+    ended.callback(None)
+    assert calls == ["stop reading", "close"] and stopped.called
