@@ -39,6 +39,7 @@ class Board:
         self._map = mmap.mmap(fd, _board_size(processes))
         self._cells = memoryview(self._map).cast("H")
         self._blocks = BOARD_SLOTS * processes  # then one cell a process: see blocks_set
+        self._loads = self._blocks + processes  # and one more each: see loads
 
     @classmethod
     def create(cls, processes: int) -> Board:
@@ -67,7 +68,16 @@ class Board:
 
     def clear(self, column: int) -> None:
         """Forget what a process that ended had open (its connections went with it)."""
-        self._cells[column :: self.processes] = memoryview(bytes(2 * (BOARD_SLOTS + 1))).cast("H")
+        self._cells[column :: self.processes] = memoryview(bytes(2 * _ROWS)).cast("H")
+
+    def load(self, n: int) -> None:
+        """This process has `n` more connections open (fewer, if negative)."""
+        i = self._loads + self.column
+        self._cells[i] = min(_CELL_MAX, max(0, self._cells[i] + n))
+
+    def loads(self) -> tuple[int, ...]:
+        """The connections each process has open, all addresses together."""
+        return tuple(self._cells[self._loads : self._loads + self.processes])
 
     def block_set(self) -> None:
         """Tell the others that this process has just set a block (see Guard)."""
@@ -79,8 +89,11 @@ class Board:
         return tuple(self._cells[self._blocks : self._blocks + self.processes])
 
 
+_ROWS = BOARD_SLOTS + 2  # a process's cells: its slots, its blocks cell, its load cell
+
+
 def _board_size(processes: int) -> int:
-    return (BOARD_SLOTS + 1) * processes * 2
+    return _ROWS * processes * 2
 
 
 @attrs.define
@@ -93,6 +106,16 @@ class ConnectionCount:
     trusted_networks: tuple[IPNetwork, ...] = ()
     board: Board | None = None
     _open: collections.Counter = attrs.field(init=False, factory=collections.Counter)
+
+    def opened(self) -> None:
+        """A connection has come, from any address (for `Board.loads`)."""
+        if self.board is not None:
+            self.board.load(1)
+
+    def closed(self) -> None:
+        """A connection that `opened` counted has gone."""
+        if self.board is not None:
+            self.board.load(-1)
 
     def admit(self, ip: str) -> bool:
         """Count a new connection from `ip`; False (not counted) if it is one too many."""

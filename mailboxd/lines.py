@@ -104,11 +104,14 @@ class LineProtocol(DirectWrites, Protocol):
         super().makeConnection(transport)
 
     _counted_in: Any = None  # the ConnectionCount this connection is counted in
+    _opened_in: Any = None  # the ConnectionCount told this connection was opened
 
     def count_connection(self, connections: Any) -> bool:
         """Count this connection in `connections` (if any); False if it is one too many."""
         if connections is None:
             return True
+        connections.opened()
+        self._opened_in = connections
         if not connections.admit(self.peer_ip):
             return False
         self._counted_in = connections
@@ -312,6 +315,9 @@ class LineProtocol(DirectWrites, Protocol):
         if self._counted_in is not None:
             self._counted_in.release(self.peer_ip)
             self._counted_in = None
+        if self._opened_in is not None:
+            self._opened_in.closed()
+            self._opened_in = None
         self._buffer = b""
         self._pos = 0
         waiting, self._waiting_for_room = self._waiting_for_room, []

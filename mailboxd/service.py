@@ -38,6 +38,7 @@ from .realm import BcryptChecker, HashingQueue, MailboxRealm, make_portal
 from .smtp import SMTPFactory
 from .state import SQLiteStateStore, StateError, state_path
 from .tls import IMPLICIT_PREFIX, ServerTLS, TLSConfigError, implicit_endpoint, wrap_implicit
+from .turns import Turns
 from .workers import Workers, hashing_threads, make_workers
 
 log = Logger()
@@ -98,8 +99,12 @@ class ListenerService(StreamServerEndpointService):
         # Fail at start-up rather than log and run without the listener.
         self._raiseSynchronously = True
 
+    turns: Turns | None = None  # set when worker processes share this socket
+
     def _listening(self, port: Any) -> None:
         self.port = port
+        if self.turns is not None:
+            self.turns.share(port)
 
     # Set when worker processes serve this socket too: fires once they have
     # ended. Closing it shuts it down (Twisted's port does, for a socket it
@@ -444,8 +449,10 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
     Running(outbound).setServiceParent(top)
     mta, submission, pop3 = factories = _factories(config, parts, clock, wall, outbound.add)
     listeners = []
+    turns = Turns(board, clock) if board is not None else None
     for name, desc, factory in _listeners(config, factories):
         listener = ListenerService(reactor, desc, factory, name, parts.tls)
+        listener.turns = turns
         listener.setServiceParent(top)
         listeners.append(listener)
     if board is not None:
@@ -475,11 +482,14 @@ class AdoptedListener(Service):
     reactor: Any
     fd: int
     factory: Any
+    turns: Turns | None = None
     _port: Any = None
 
     def startService(self) -> None:
         super().startService()
         self._port = adopt(self.reactor, self.fd, self.factory)
+        if self.turns is not None:
+            self.turns.share(self._port)
 
     def stopService(self) -> Any:
         super().stopService()
@@ -501,6 +511,7 @@ def assemble_child(
     top = MultiService()
     state = _open_state(config, None)
     parts = _serving_parts(config, reactor, reactor, time.time, top, state, None, board)
+    turns = Turns(board, reactor) if board is not None else None
     factories = _factories(config, parts, reactor, time.time, lambda e, m: queued(e.to_json(), m))
     # The primary said which socket is which; what the config file says now
     # (it may have been edited since) only names the protocol.
@@ -511,5 +522,5 @@ def assemble_child(
                 if parts.tls is None:
                     raise SystemExit(f"mailbox: {name} needs [tls], which is not set now")
                 factory = wrap_implicit(parts.tls, factory)
-            AdoptedListener(reactor, fd, factory).setServiceParent(top)
+            AdoptedListener(reactor, fd, factory, turns).setServiceParent(top)
     return top

@@ -19,7 +19,7 @@ import time
 
 import pytest
 from conftest import ALICE, ALICE_PW, MailServer
-from test_blackbox import wait_for
+from test_blackbox import Raw, wait_for
 from test_outbound_blackbox import Capture, message, split_trace, subject_of, transaction
 from test_relay_blackbox import pop_from, smtp_from, smtp_greeting
 
@@ -297,3 +297,22 @@ def test_the_connection_cap_counts_the_connections_of_every_worker(workers):
         assert probe().startswith("220 ")
     for r in held:
         r.close()
+
+
+def test_connections_that_come_at_once_are_shared_by_the_workers(workers):
+    # All twenty are waiting before either process accepts: without taking
+    # turns (mailboxd/turns.py) the first to wake could take them all.
+    server = workers()
+    clients = [Raw(server.smtp_port, source=f"127.0.1.{n}") for n in range(1, 21)]
+    try:
+        assert all(c.line().startswith("220 ") for c in clients)
+        for c in clients:
+            c.send("QUIT\r\n")
+        assert all(c.line().startswith("221 ") for c in clients)
+    finally:
+        for c in clients:
+            c.close()
+    sessions = "smtp session from 127.0.1."
+    assert wait_for(lambda: server.log().count(sessions) == 20, timeout=20), server.log()
+    in_child = sum(sessions in line and "worker 1]" in line for line in server.log().splitlines())
+    assert 4 <= in_child <= 16, in_child
