@@ -40,6 +40,7 @@ class Board:
         self._cells = memoryview(self._map).cast("H")
         self._blocks = BOARD_SLOTS * processes  # then one cell a process: see blocks_set
         self._loads = self._blocks + processes  # and one more each: see loads
+        self._paused = self._loads + processes  # and another: see pause
 
     @classmethod
     def create(cls, processes: int) -> Board:
@@ -79,6 +80,15 @@ class Board:
         """The connections each process has open, all addresses together."""
         return tuple(self._cells[self._loads : self._loads + self.processes])
 
+    def pause(self, paused: bool) -> None:
+        """Tell the others whether this process has stopped accepting (see turns.py)."""
+        self._cells[self._paused + self.column] = int(paused)
+
+    def others_accepting(self) -> bool:
+        """Whether another process is accepting connections now."""
+        flags = self._cells[self._paused : self._paused + self.processes]
+        return any(not flag for i, flag in enumerate(flags) if i != self.column)
+
     def block_set(self) -> None:
         """Tell the others that this process has just set a block (see Guard)."""
         i = self._blocks + self.column
@@ -89,7 +99,7 @@ class Board:
         return tuple(self._cells[self._blocks : self._blocks + self.processes])
 
 
-_ROWS = BOARD_SLOTS + 2  # a process's cells: its slots, its blocks cell, its load cell
+_ROWS = BOARD_SLOTS + 3  # a process's cells: its slots, and its blocks, load and paused cells
 
 
 def _board_size(processes: int) -> int:

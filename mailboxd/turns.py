@@ -11,7 +11,7 @@ others idle: `smtp-source -d -s 20` against two workers found all 20 in one.
 Here each worker accepts one connection a wake-up, and a worker that has
 more connections open than the least busy one, plus SLACK, stops accepting
 for PAUSE seconds, so that the others take the next ones (nginx's
-accept_disabled works the same way). The kernel still decides who gets
+accept_disabled works the same way), unless no other is accepting then. The kernel still decides who gets
 which connection; none waits more than PAUSE longer than it would have. A
 busier process holds its connections longer, so it takes fewer new ones.
 """
@@ -59,14 +59,19 @@ class Turns:
             self._ports.append(port)
 
     def accepted(self) -> None:
+        if self._resume is not None:
+            return
         loads = self.board.loads()
-        if self._resume is None and loads[self.board.column] > min(loads) + SLACK:
+        # Never all at once: while one pauses, the others must take its share.
+        if loads[self.board.column] > min(loads) + SLACK and self.board.others_accepting():
+            self.board.pause(True)
             for port in self._ports:
                 port.stopReading()
             self._resume = self.clock.callLater(PAUSE, self._go_on)
 
     def _go_on(self) -> None:
         self._resume = None
+        self.board.pause(False)
         for port in self._ports:
             if port.connected:  # not closed meanwhile
                 port.startReading()

@@ -81,6 +81,22 @@ def test_a_process_no_further_ahead_than_the_slack_goes_on(boards):
     assert port.reading and clock.getDelayedCalls() == []
 
 
+def test_a_process_does_not_pause_while_the_others_do(boards):
+    primary, child = boards
+    port, theirs = _Port(), _Port()
+    turns, clock = _turns(primary, port)
+    their_turns, their_clock = _turns(child, theirs)
+    primary.load(SLACK + 1)
+    turns.accepted()
+    assert not port.reading  # the child takes the next ones
+    child.load(2 * SLACK + 2)
+    their_turns.accepted()
+    assert theirs.reading  # ahead, but the primary is paused: someone must accept
+    clock.advance(PAUSE)
+    their_turns.accepted()
+    assert not theirs.reading  # the primary accepts again: now the child may pause
+
+
 def test_a_port_closed_while_paused_is_not_read_again(boards):
     primary, _ = boards
     port = _Port()
