@@ -36,7 +36,6 @@ from twisted.mail.smtp import (
     SMTPConnectError,
 )
 from twisted.names.client import createResolver
-from twisted.python.threadpool import ThreadPool
 
 from . import queue
 from .accounts import Account, Directory
@@ -50,6 +49,7 @@ from .printable import shown
 from .queue import Entry, Recipient
 from .routes import Hop, RouteError, destination, mx_hosts, parse_smarthost
 from .smtp import Delivery
+from .workers import Pool
 
 log = Logger()
 
@@ -471,7 +471,7 @@ class Outbound:
     directory: Path
     clock: Any
     reactor: Any
-    pool: ThreadPool
+    pool: Pool  # the storage pool
     accounts: Callable[[], Directory]
     resolver: Any
     mx_port: int = 25
