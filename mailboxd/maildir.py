@@ -13,7 +13,7 @@ import errno
 import fcntl
 import itertools
 import os
-import secrets
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,10 +38,23 @@ def ensure_maildir(path: Path) -> None:
 
 
 def unique_name(hostname: str) -> str:
+    # Unique by time, process and counter; the random part covers a process
+    # id reused at once (a restarted container) on a Maildir another host
+    # shares. `random` is reseeded in a forked child, and needs no system
+    # call a name as os.urandom does.
     now = time.time()
     sec = int(now)
     usec = int((now - sec) * 1_000_000)
-    return f"{sec}.M{usec:06d}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(4)}.{hostname}"
+    return f"{sec}.M{usec:06d}P{_pid}Q{next(_counter)}R{random.getrandbits(32):08x}.{hostname}"
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+_pid = os.getpid()
+os.register_at_fork(after_in_child=_forked)
 
 
 def fsync_dir(path: Path) -> None:
@@ -171,24 +184,43 @@ class IncomingMessage:
             self.discard()
 
     def _deliver_one(self, maildir: Path) -> Path:
-        name = unique_name(self.hostname)
-        tmp = maildir / "tmp" / name
+        # The spool file's name is unique on this host already, so each
+        # Maildir gets it too.
+        final = maildir / "new" / f"{self.path.name},S={self.size},W={self.wire_size}"
         try:
-            link_or_copy(self.path, tmp)
+            _appear_whole(self.path, final)
         except FileNotFoundError:  # a new account: its Maildir is made on first delivery
             ensure_maildir(maildir)
-            link_or_copy(self.path, tmp)
-        final = maildir / "new" / f"{name},S={self.size},W={self.wire_size}"
-        os.rename(tmp, final)
+            _appear_whole(self.path, final)
         fsync_dir(final.parent)
         return final
+
+
+def _appear_whole(source: Path, final: Path) -> None:
+    """Make the finished, fsynced `source` appear at `final` in a Maildir's new/.
+
+    A hard link appears whole at once, so it needs no step through tmp/
+    (the step costs a link, a rename and two directory updates a message);
+    a copy, where no link can be made (another file system), does.
+    """
+    try:
+        os.link(source, final)
+    except OSError as e:
+        if e.errno not in LINK_REFUSED:
+            raise
+        tmp = final.parent.parent / "tmp" / final.name
+        _copy_durably(source, tmp)
+        os.rename(tmp, final)
+
+
+LINK_REFUSED = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP)
 
 
 def link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
     except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+        if e.errno not in LINK_REFUSED:
             raise
         _copy_durably(source, target)
 

@@ -175,3 +175,79 @@ def test_listings_kept_are_bounded(tmp_path):
     lists = [kept.list(str(b)) for b in boxes]
     assert kept.list(str(boxes[2])) is lists[2]
     assert kept.list(str(boxes[0])) is not lists[0]  # pushed out by the others
+
+
+# --- a delivery: the spool file linked straight into new/ -----------------------------
+
+
+def _delivered(tmp_path: Path, recipients: int) -> tuple[list[Path], list[Path]]:
+    from mailboxd.accounts import Account
+    from mailboxd.maildir import IncomingMessage, maildir_path
+
+    message = IncomingMessage(tmp_path / ".incoming", "mail.example.test")
+    for line in (b"Subject: hi", b"", b"body"):
+        message.write_line(line)
+    accounts = tuple(
+        Account(f"u{n}@example.test", "example.test", f"u{n}") for n in range(recipients)
+    )
+    paths = message.commit(tmp_path, accounts)
+    return paths, [maildir_path(tmp_path, a) for a in accounts]
+
+
+@pytest.mark.parametrize("recipients", [1, 3])
+def test_a_delivery_appears_whole_in_new_with_nothing_left_behind(tmp_path, recipients):
+    paths, maildirs = _delivered(tmp_path, recipients)
+    for path, maildir in zip(paths, maildirs, strict=True):
+        assert path.parent == maildir / "new"
+        assert path.read_bytes() == b"Subject: hi\n\nbody\n"
+        assert path.name.endswith(",S=18,W=21")
+        assert list((maildir / "tmp").iterdir()) == []
+    assert list((tmp_path / ".incoming").iterdir()) == []
+    assert len({p.name for p in paths}) == 1  # one unique name, used in each Maildir
+
+
+def test_a_delivery_that_cannot_link_copies_through_tmp(tmp_path, monkeypatch):
+    """Another file system (EXDEV): a copy, which appears in new/ only once whole."""
+    import errno
+
+    from mailboxd import maildir
+
+    renames: list[tuple[str, str]] = []
+    real_rename = os.rename
+
+    def no_link(source, target):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    def rename(source, target):
+        renames.append((Path(source).parent.name, Path(target).parent.name))
+        assert Path(source).read_bytes() == b"Subject: hi\n\nbody\n"  # whole before it shows
+        real_rename(source, target)
+
+    monkeypatch.setattr(maildir.os, "link", no_link)
+    monkeypatch.setattr(maildir.os, "rename", rename)
+    paths, maildirs = _delivered(tmp_path, 2)
+    assert renames == [("tmp", "new"), ("tmp", "new")]
+    for path, box in zip(paths, maildirs, strict=True):
+        assert path.read_bytes() == b"Subject: hi\n\nbody\n"
+        assert list((box / "tmp").iterdir()) == []
+
+
+def test_unique_names_carry_the_process_id_also_in_a_forked_child():
+    import re
+
+    from mailboxd.maildir import unique_name
+
+    names = {unique_name("mail.example.test") for _ in range(1000)}
+    assert len(names) == 1000
+    pattern = re.compile(r"\d+\.M\d{6}P(\d+)Q\d+R[0-9a-f]{8}\.mail\.example\.test")
+    assert all(int(pattern.fullmatch(n)[1]) == os.getpid() for n in names)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        os.write(write, unique_name("h").encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    name = os.read(read, 200).decode()
+    os.close(read)
+    assert f"P{child}Q" in name
