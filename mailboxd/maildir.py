@@ -161,13 +161,21 @@ class IncomingMessage:
         mail_dir: Path,
         accounts: tuple[Account, ...],
         relay: Callable[[Path], object] | None = None,
+        relay_held: Callable[[bytes], object] | None = None,
     ) -> list[Path]:
         """Deliver to every account's Maildir, and hand the file to `relay`
         (the outbound queue) if given; return when all copies are on disk.
 
+        A message held whole in memory and only relayed goes to `relay_held`
+        instead, if given, with no spool file: the queue writes it once.
+
         Blocking: call it in a thread pool.
         """
         try:
+            if self._file is None and not accounts and relay_held is not None:
+                self.whole = self._take_held()
+                relay_held(self.whole)
+                return []
             if self._file is None:  # all of it was held: the queue may keep it too
                 self.whole = self._write_held()
             else:

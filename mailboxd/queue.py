@@ -179,13 +179,23 @@ def enqueue(directory: Path, spool: Path, entry: Entry) -> None:
 
 
 def enqueue_bytes(directory: Path, data: bytes, entry: Entry) -> None:
-    """Queue a message we made ourselves (a bounce). Blocking."""
-    private_dir(directory)
+    """Queue a message held in memory: one only relayed, or a bounce we made.
+
+    Written straight into the queue, with no spool file to link and remove.
+    A crash before the envelope leaves a .msg alone, which is never
+    acknowledged and goes at the next start. Blocking.
+    """
     message = directory / f"{entry.id}.msg"
-    with os.fdopen(create_private(message, exclusive=False), "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        fd = create_private(message, exclusive=False)
+    except FileNotFoundError:  # the first entry, or the folder was removed
+        private_dir(directory)
+        fd = create_private(message, exclusive=False)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     _write_json(directory, entry)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import errno
-import secrets
+import random
 from collections.abc import Callable
 from email.utils import format_datetime
 from pathlib import Path
@@ -26,7 +26,7 @@ from .clocks import Wall
 from .config import Config
 from .maildir import IncomingMessage
 from .printable import arg_safe, shown
-from .queue import Entry, Recipient, enqueue, queue_dir
+from .queue import Entry, Recipient, enqueue, enqueue_bytes, queue_dir
 from .workers import Workers
 
 log = Logger()
@@ -99,7 +99,8 @@ class Intake:
 
     def begin(self, tx: Transaction, trace: Trace) -> Reception:
         """A Reception holding the trace headers; nothing is on disk yet."""
-        message_id = secrets.token_hex(6).upper()
+        # Random for uniqueness, not secrecy: no getrandom call a message.
+        message_id = f"{random.getrandbits(48):012X}"
         header = received_header(self.config.mailbox.hostname, trace, tx, message_id, self.wall())
         spool = self.config.mailbox.mail_dir / ".incoming"
         message = IncomingMessage(spool, self.config.mailbox.hostname, spill_inline=False)
@@ -184,7 +185,7 @@ class Reception:
         intake, tx = self.intake, self.tx
         accounts = tuple(tx.accounts.values())
         mail_dir = intake.config.mailbox.mail_dir
-        entry = relay = None
+        entry = relay = relay_held = None
         if tx.relay:
             now = intake.wall()
             entry = Entry(
@@ -200,7 +201,10 @@ class Reception:
             def relay(path: Path) -> None:
                 enqueue(queue_dir(mail_dir), path, entry)
 
-        d = intake.workers.disk(self.message.commit, mail_dir, accounts, relay)
+            def relay_held(data: bytes) -> None:
+                enqueue_bytes(queue_dir(mail_dir), data, entry)
+
+        d = intake.workers.disk(self.message.commit, mail_dir, accounts, relay, relay_held)
         return d.addCallbacks(self._stored, self._failed, callbackArgs=(accounts, entry))
 
     def _stored(self, paths: list[Path], accounts: tuple[Account, ...], entry: Any) -> Reply:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 
 import pytest
 from test_pop3 import Session as POP
@@ -133,6 +134,41 @@ def test_the_queue_is_handed_the_message_it_would_read(unit, monkeypatch, spille
     ((entry, message),) = handed
     on_disk = (unit.mail_dir / ".queue" / f"{entry.id}.msg").read_bytes()[entry.offset :]
     assert message == (None if spilled else on_disk)  # a spilled one is read from disk
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["relayed only", "also local"])
+def test_a_held_message_only_relayed_is_written_once_straight_into_the_queue(
+    unit, s, monkeypatch, local
+):
+    """No spool file to make, link and remove: the queue's .msg is the only
+    file. With a local recipient too, the spool file is linked as before."""
+    made: list[str] = []
+    real = maildir.IncomingMessage._create
+
+    def create(self):
+        made.append(self.path.name)
+        return real(self)
+
+    monkeypatch.setattr(maildir.IncomingMessage, "_create", create)
+    s.cmd(f"AUTH PLAIN {ALICE_PLAIN}")
+    s.cmd("MAIL FROM:<alice@example.test>")
+    s.cmd("RCPT TO:<x@far.test>")
+    if local:
+        s.cmd("RCPT TO:<bob@other.test>")
+    s.cmd("DATA")
+    assert s.send("Subject: out\r\n\r\nhello\r\n.\r\n")[0].startswith("250 ")
+    [envelope] = queued(unit)
+    msg = unit.mail_dir / ".queue" / f"{envelope['id']}.msg"
+    assert msg.read_bytes().startswith(b"Return-Path: <alice@example.test>\n")
+    assert msg.read_bytes()[envelope["offset"] :].endswith(b"Subject: out\n\nhello\n")
+    assert oct(msg.stat().st_mode & 0o777) == "0o600"
+    assert len(made) == (1 if local else 0)
+    if local:
+        [delivered] = s.delivered("bob@other.test")
+        assert os.path.samefile(delivered, msg)  # one file, two names
+    assert not (unit.mail_dir / ".incoming").exists() or not any(
+        (unit.mail_dir / ".incoming").iterdir()
+    )
 
 
 def test_authenticated_relay_is_queued_durably(unit, s):
