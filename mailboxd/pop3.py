@@ -29,7 +29,7 @@ from .popauth import PopAuthRegistry
 from .sasl import Aborted, Challenge, Credentials, Exchange, Forbidden, Malformed, Unsupported
 from .state import StateError
 from .tls import ServerTLS, tls_connection
-from .wire import WireEncoder
+from .wire import WireEncoder, wire_form
 from .workers import Workers
 
 log = Logger()
@@ -413,6 +413,8 @@ class POP3Server(LineProtocol, TimeoutMixin):
             except OSError as e:
                 return self._unreadable(message, e)
             self._sent(message, command)
+            if lines is None:
+                return first + wire_form(data) + b".\r\n"
             return first + encoder.feed(data) + encoder.finish() + b".\r\n"
         return ensureDeferred(self._stream(message, encoder, first, command))
 

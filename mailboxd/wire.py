@@ -77,3 +77,15 @@ class WireEncoder:
             stuffed = b"." + stuffed
         self._line_start = stuffed.endswith(b"\n")
         return stuffed.replace(b"\n", b"\r\n")
+
+
+def wire_form(stored: bytes) -> bytes:
+    """A whole message, held in memory, as RETR sends it (before the final
+    dot): what WireEncoder gives, in three passes and no object."""
+    data = stored.replace(b"\r\n", b"\n")
+    if data.startswith(b"."):
+        data = b"." + data
+    data = data.replace(b"\n.", b"\n..").replace(b"\n", b"\r\n")
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data

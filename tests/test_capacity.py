@@ -24,7 +24,7 @@ from mailboxd.sasl import (
     Malformed,
     Unsupported,
 )
-from mailboxd.wire import WireEncoder
+from mailboxd.wire import WireEncoder, wire_form
 
 ALICE_PLAIN = base64.b64encode(b"\0alice@example.test\0alice pw").decode()
 
@@ -233,6 +233,14 @@ def test_wire_encoder_on_random_messages():
         top = rng.choice([None, 0, 1, 3])
         size = rng.randint(1, 9)
         assert encode(stored, top, size) == reference(stored, top), (stored, top, size)
+        if top is None:
+            assert wire_form(stored) == reference(stored, None), stored
+            assert wire_form(body) == reference(body, None), body  # a dot first, too
+
+
+@pytest.mark.parametrize("stored", CASES)
+def test_wire_form_of_a_whole_message_is_the_encoders(stored):
+    assert wire_form(stored) == reference(stored, None)
 
 
 # --- flow control ----------------------------------------------------------------
