@@ -494,6 +494,7 @@ class Outbound:
     _removals: list[tuple[str, Deferred]] = attrs.field(factory=list)  # for _remove_next
     _removing: bool = False
     _held: dict[str, bytes] = attrs.field(factory=dict)  # messages for first attempts (`add`)
+    _handed_over: set[str] = attrs.field(factory=set)  # adopted, not yet checked on disk
     _held_bytes: int = 0
     _idle: _Idle = attrs.field(init=False)
     _redispatch: bool = False
@@ -531,7 +532,10 @@ class Outbound:
         except queue.CorruptEntry:
             self._rescan = True  # the scan reads it from disk, or moves it aside
             return
-        if re.fullmatch(r"[0-9A-F]{12}", entry.id):
+        if re.fullmatch(r"[0-9A-F]{12}", entry.id) and entry.id not in self.entries:
+            # A scan may have found this entry on disk before the handover
+            # came, and delivered and removed it since: only the disk says.
+            self._handed_over.add(entry.id)
             self.add(entry, message)
 
     def add(self, entry: Entry, message: bytes | None = None) -> None:
@@ -615,6 +619,7 @@ class Outbound:
         for entry_id in list(self._held):
             if entry_id not in self.entries:
                 self._take_held(entry_id)
+        self._handed_over.intersection_update(self.entries)
         self._dispatch()
 
     def _scan_failed(self, f: Any) -> None:
@@ -701,6 +706,12 @@ class Outbound:
         held = list(reserved)
         try:
             small = self._take_held(entry.id)
+            if entry.id in self._handed_over:
+                self._handed_over.discard(entry.id)
+                if not await self._thread(queue.exists, self.directory, entry.id):
+                    log.info("queue {id} was handed over after it was done", id=entry.id)
+                    self.entries.pop(entry.id, None)
+                    return
             if small is not None:  # just queued: as sound as the disk has it
                 problem = None
             else:

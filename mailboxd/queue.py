@@ -202,6 +202,11 @@ def enqueue_bytes(directory: Path, data: bytes, entry: Entry) -> None:
 DELETED = "deleted"  # by mailboxctl queue delete: not a fault
 
 
+def exists(directory: Path, entry_id: str) -> bool:
+    """Whether the entry is still queued (its envelope is there). Blocking."""
+    return (directory / f"{entry_id}.json").exists()
+
+
 def corruption(directory: Path, entry: Entry) -> str | None:
     """What makes `entry` undeliverable as it stands on disk, or None. Blocking."""
     if not (directory / f"{entry.id}.json").exists():

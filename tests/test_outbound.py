@@ -1217,6 +1217,58 @@ def test_an_entry_added_while_the_queue_is_scanned_is_delivered_at_once(make, mo
     assert len(host.sessions) == 1 and r.logged("b@far.test delivered after attempt 1")
 
 
+def test_an_entry_finished_while_the_queue_is_scanned_is_not_sent_again(make, monkeypatch):
+    # The scan lists E1's envelope, then E1 (handed over by the SMTP server,
+    # not known to the scan) is delivered and removed, then the scan's result
+    # arrives, with E1 as it was on disk: it must not be delivered again.
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1", {}, {})
+    r.start()
+    held: list[tuple[defer.Deferred, object]] = []
+    thread = Outbound._thread
+
+    def hold_scans(self, f, *args):
+        if f == self._scan:
+            d: defer.Deferred = defer.Deferred()
+            held.append((d, f(*args)))
+            return d
+        return thread(self, f, *args)
+
+    monkeypatch.setattr(Outbound, "_thread", hold_scans)
+    entry = r.enqueue("E1", ["a@far.test"])
+    r.wake()
+    ((scan, listing),) = held
+    assert "E1" in listing[0]  # listed as it is on disk: pending
+    r.outbound.add(entry)
+    for _ in range(3):
+        r.advance(0)
+    assert not r.exists("E1") and r.logged("a@far.test delivered after attempt 1")
+    scan.callback(listing)
+    for _ in range(3):
+        r.advance(0)
+    assert "E1" not in r.outbound.entries
+    assert host.messages == 1
+
+
+def test_a_handover_that_comes_after_a_scan_delivered_the_entry_sends_nothing(make):
+    # A worker queues an entry and hands it over; before the handover reaches this
+    # process, a scan finds it on disk, delivers it and removes it. The late
+    # handover (with its message, which spares a read) must not send it again.
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1", {}, {})
+    entry = r.enqueue("0123456789AB", ["a@far.test"])
+    r.start()
+    for _ in range(3):
+        r.advance(0)
+    assert host.messages == 1 and not r.exists("0123456789AB")
+    r.outbound.adopt(entry.to_json(), MESSAGE)
+    for _ in range(3):
+        r.advance(0)
+    assert host.messages == 1
+    assert "0123456789AB" not in r.outbound.entries and r.outbound._held_bytes == 0
+    assert r.logged("queue 0123456789AB was handed over after it was done")
+
+
 def test_messages_to_one_host_share_a_connection(make):
     r = make(SMARTHOST + "max_connections_per_destination = 1\n")
     host = r.net.add("127.0.0.1", {"rcpt": {"bad@far.test": "550 5.1.1 no such user"}})
