@@ -187,10 +187,10 @@ def enqueue_bytes(directory: Path, data: bytes, entry: Entry) -> None:
     """
     message = directory / f"{entry.id}.msg"
     try:
-        fd = create_private(message, exclusive=False)
+        fd = create_private(message)
     except FileNotFoundError:  # the first entry, or the folder was removed
         private_dir(directory)
-        fd = create_private(message, exclusive=False)
+        fd = create_private(message)
     try:
         write_all(fd, data)
         os.fsync(fd)
