@@ -1186,14 +1186,9 @@ def test_a_handed_over_message_of_an_entry_deleted_before_its_attempt_is_let_go(
     assert "E2" not in r.outbound.entries and r.outbound._held_bytes == 0
 
 
-def test_an_entry_added_while_the_queue_is_scanned_is_delivered_at_once(make, monkeypatch):
-    # The scan lists the directory, then the SMTP server queues E2 (after the
-    # listing), then the scan's result arrives: E2 must not be dropped until
-    # the next rescan.
-    r = make(SMARTHOST + "max_connections = 1\n")
-    host = r.net.add("127.0.0.1", {"eod": HANG}, {})
-    r.enqueue("E1", ["a@far.test"])
-    r.start()  # E1 takes the only slot, and hangs at the end of its data
+def held_scans(monkeypatch) -> list[tuple[defer.Deferred, object]]:
+    """Queue scans from now on run at once but report only when the test
+    fires their Deferred (with the listing they made, held beside it)."""
     held: list[tuple[defer.Deferred, object]] = []
     thread = Outbound._thread
 
@@ -1205,6 +1200,18 @@ def test_an_entry_added_while_the_queue_is_scanned_is_delivered_at_once(make, mo
         return thread(self, f, *args)
 
     monkeypatch.setattr(Outbound, "_thread", hold_scans)
+    return held
+
+
+def test_an_entry_added_while_the_queue_is_scanned_is_delivered_at_once(make, monkeypatch):
+    # The scan lists the directory, then the SMTP server queues E2 (after the
+    # listing), then the scan's result arrives: E2 must not be dropped until
+    # the next rescan.
+    r = make(SMARTHOST + "max_connections = 1\n")
+    host = r.net.add("127.0.0.1", {"eod": HANG}, {})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()  # E1 takes the only slot, and hangs at the end of its data
+    held = held_scans(monkeypatch)
     r.wake()
     ((scan, listing),) = held
     r.outbound.add(r.enqueue("E2", ["b@far.test"]))
@@ -1224,17 +1231,7 @@ def test_an_entry_finished_while_the_queue_is_scanned_is_not_sent_again(make, mo
     r = make(SMARTHOST)
     host = r.net.add("127.0.0.1", {}, {})
     r.start()
-    held: list[tuple[defer.Deferred, object]] = []
-    thread = Outbound._thread
-
-    def hold_scans(self, f, *args):
-        if f == self._scan:
-            d: defer.Deferred = defer.Deferred()
-            held.append((d, f(*args)))
-            return d
-        return thread(self, f, *args)
-
-    monkeypatch.setattr(Outbound, "_thread", hold_scans)
+    held = held_scans(monkeypatch)
     entry = r.enqueue("E1", ["a@far.test"])
     r.wake()
     ((scan, listing),) = held
