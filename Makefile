@@ -15,7 +15,11 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 
 # The package is installed (not editable) so the twistd plugin is found as a
 # user's install finds it; reinstall it each time so the code is current.
+# A venv made before the distribution was renamed (from `mailbox`, another
+# project's name on the package index, to `mailboxd`) has the old one too:
+# both would own the same files.
 install: $(VENV)/.installed
+	@if $(BIN)/pip show --quiet mailbox 2>/dev/null; then $(BIN)/pip uninstall --quiet -y mailbox; fi
 	$(BIN)/pip install --quiet --no-deps --force-reinstall .
 	rm -rf build
 

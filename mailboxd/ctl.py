@@ -13,7 +13,7 @@ from pathlib import Path
 
 import bcrypt
 
-from . import accounts, queue
+from . import __version__, accounts, queue
 from .addresses import parse_mailbox
 from .config import Config, ConfigError, load, relative_paths
 from .private import private_dir
@@ -179,6 +179,7 @@ def tls_command(config: Config, args: argparse.Namespace) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mailboxctl", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--config", default="etc/mailbox.ini", help="config file (default: %(default)s)")
     sub = p.add_subparsers(dest="command", required=True)
     u = sub.add_parser("user", help="add, change, delete and list accounts")

@@ -7,11 +7,12 @@ import os
 from twisted.application.service import IService
 from twisted.python import usage
 
+from . import __version__
 from .config import ConfigError, load
 
 
 class Options(usage.Options):
-    synopsis = "[--config PATH]"
+    synopsis = "[--config PATH] [--version]"
     optParameters = [
         [
             "config",
@@ -20,6 +21,11 @@ class Options(usage.Options):
             "The INI config file (relative to the current directory).",
         ],
     ]
+
+    def opt_version(self) -> None:
+        """Print Mailbox's version and exit (twistd --version prints Twisted's)."""
+        print(f"mailbox (mailboxd) {__version__}")
+        raise SystemExit(0)
 
 
 def makeService(options: Options) -> IService:

@@ -1,0 +1,44 @@
+"""The installed distribution: its name, version and licence, and the commands
+that print the version."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
+
+import mailboxd
+
+BIN = Path(sys.executable).parent
+
+
+def test_the_distribution_is_mailboxd_with_the_packages_version():
+    # "mailbox" on the package index is another project (an IMAP client).
+    meta = importlib.metadata.metadata("mailboxd")
+    assert meta["Name"] == "mailboxd"
+    assert meta["Version"] == mailboxd.__version__
+    assert meta["License"] == "MIT"
+    files = [str(f) for f in importlib.metadata.files("mailboxd") or []]
+    assert any(f.endswith("LICENSE") for f in files), files
+
+
+def test_mailboxctl_version():
+    out = subprocess.run(
+        [BIN / "mailboxctl", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"mailboxctl {mailboxd.__version__}\n"
+
+
+def test_twistd_mailbox_version(tmp_path):
+    out = subprocess.run(
+        [BIN / "twistd", "mailbox", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"mailbox (mailboxd) {mailboxd.__version__}\n"
+    assert not list(tmp_path.iterdir())  # no pid file, log or state was made
