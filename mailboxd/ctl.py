@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import getpass
 import ipaddress
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import bcrypt
 
-from . import __version__, accounts, queue
+from . import __version__, accounts, check, queue
 from .addresses import parse_mailbox
 from .config import Config, ConfigError, load, relative_paths
 from .private import private_dir
@@ -177,6 +178,23 @@ def tls_command(config: Config, args: argparse.Namespace) -> None:
         print(f"{cert} exists; left as it is")
 
 
+def check_command(config: Config, args: argparse.Namespace) -> int:
+    """Print each problem (or, with none, a summary); the exit status."""
+    if args.show:
+        print(check.show(config), end="")
+        return 0
+    try:
+        user = check.RunAs.named(args.user) if args.user else check.RunAs.current()
+    except KeyError:
+        print(f"mailboxctl check: no user {args.user!r} on this system")
+        return 1
+    now = datetime.datetime.now(datetime.timezone.utc)
+    found = list(check.problems(config, user, now))
+    for line in found or check.summary(config, user, now):
+        print(line)
+    return 1 if found else 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mailboxctl", description=__doc__)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -205,6 +223,12 @@ def parser() -> argparse.ArgumentParser:
     qact.add_parser("list", help="list queued messages and their recipients")
     qact.add_parser("flush", help="try every deferred recipient now")
     qact.add_parser("delete", help="drop a queued message").add_argument("id")
+    c = sub.add_parser(
+        "check",
+        help="check the config and everything it names; one line a problem, exit 1 if any",
+    )
+    c.add_argument("--show", action="store_true", help="print the config with every default")
+    c.add_argument("--user", help="check access as this user (default: the one running this)")
     t = sub.add_parser("tls", help="TLS certificates")
     tact = t.add_subparsers(dest="action", required=True)
     tact.add_parser("self-signed", help="create a self-signed certificate where [tls] points")
@@ -232,7 +256,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = load(args.config)
     except ConfigError as e:
+        if args.command == "check":
+            print(e)
+            raise SystemExit(1) from None
         raise SystemExit(f"mailboxctl: {e}") from None
+    if args.command == "check":
+        raise SystemExit(check_command(config, args))
     _check_home(config)
     try:
         commands = {

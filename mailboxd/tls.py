@@ -44,7 +44,9 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return (st.st_mtime_ns, st.st_size)
 
 
-def _context(certificate: Path, private_key: Path) -> SSL.Context:
+def context_for(certificate: Path, private_key: Path) -> SSL.Context:
+    """The server's TLS context for this certificate and key; TLSConfigError
+    naming the file if either cannot be used."""
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
@@ -82,7 +84,7 @@ class ServerTLS:
         self.private_key = private_key
         self.clock = clock
         self._stamps = (_stamp(certificate), _stamp(private_key))
-        self._ctx = _context(certificate, private_key)  # errors stop start-up
+        self._ctx = context_for(certificate, private_key)  # errors stop start-up
         self._checked = clock.seconds()
 
     def getContext(self) -> SSL.Context:
@@ -93,7 +95,7 @@ class ServerTLS:
             if stamps != self._stamps:
                 self._stamps = stamps
                 try:
-                    self._ctx = _context(self.certificate, self.private_key)
+                    self._ctx = context_for(self.certificate, self.private_key)
                     log.info("TLS certificate reloaded from {path}", path=str(self.certificate))
                 except TLSConfigError as e:
                     log.error("{error}; still using the previous certificate", error=str(e))

@@ -1,0 +1,230 @@
+"""`mailboxctl check`: the config and everything it names, as the server will
+meet them, before it starts (as `postfix check` and `doveconf -n` do).
+
+Each problem is one line naming the file (and key) at fault; nothing here
+changes a file or needs the server to run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import grp
+import os
+import pwd
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .accounts import load_directory
+from .config import SPEC, Config, relative_paths
+from .tls import TLSConfigError, context_for
+
+EXPIRY_WARNING_DAYS = 14  # a certificate that ends sooner than this is a problem now
+
+
+@attrs.frozen
+class RunAs:
+    """The user the server will run as: its name, ids and groups."""
+
+    name: str
+    uid: int
+    gids: frozenset[int]
+
+    @classmethod
+    def named(cls, name: str) -> RunAs:
+        entry = pwd.getpwnam(name)  # KeyError: no such user
+        groups = {g.gr_gid for g in grp.getgrall() if name in g.gr_mem}
+        return cls(name, entry.pw_uid, frozenset({entry.pw_gid, *groups}))
+
+    @classmethod
+    def current(cls) -> RunAs:
+        uid = os.geteuid()
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
+        return cls(name, uid, frozenset({os.getegid(), *os.getgroups()}))
+
+    def may(self, path: Path, mode: int) -> bool:
+        """Whether this user may use `path` for `mode` (R, W, X bits of the
+        owner's column), by its permission bits, as the kernel decides it."""
+        st = path.stat()
+        if self.uid == 0:  # root reads and writes anything; executes if anyone may
+            return not (mode & 1) or bool(st.st_mode & 0o111)
+        if st.st_uid == self.uid:
+            granted = (st.st_mode >> 6) & 7
+        elif st.st_gid in self.gids:
+            granted = (st.st_mode >> 3) & 7
+        else:
+            granted = st.st_mode & 7
+        return granted & mode == mode
+
+
+R, W, X = 4, 2, 1
+
+
+def problems(config: Config, user: RunAs, now: datetime.datetime) -> Iterator[str]:
+    """Every problem with `config` and what it names, one line each."""
+    yield from _home(config)
+    m = config.mailbox
+    yield from _readable(user, m.accounts, "[mailbox] accounts", required=False)
+    yield from _readable(user, m.aliases, "[mailbox] aliases", required=False)
+    _, found = load_directory(m.accounts, m.aliases, m.domains, dict(m.domain_aliases))
+    yield from (str(p) for p in found)
+    yield from _writable_dir(user, m.mail_dir, "[mailbox] mail_dir")
+    t = config.tls
+    if t.certificate is not None and t.private_key is not None:
+        unreadable = [
+            *_readable(user, t.certificate, "[tls] certificate", required=True),
+            *_readable(user, t.private_key, "[tls] private_key", required=True),
+        ]
+        yield from unreadable or _certificate(t.certificate, t.private_key, now)
+
+
+def _home(config: Config) -> Iterator[str]:
+    relative = relative_paths(config)
+    m = config.mailbox
+    if relative and not (m.mail_dir.is_dir() or m.accounts.is_file()):
+        named = ", ".join(f"{key} = '{path}'" for key, path in relative[:3])
+        yield (
+            f"{config.path}: {named} are taken from the current folder {Path.cwd()}, "
+            f"which holds no appliance; set [mailbox] home or absolute paths"
+        )
+
+
+def _readable(user: RunAs, path: Path, key: str, required: bool) -> Iterator[str]:
+    try:
+        if not path.is_file():
+            if path.exists():
+                yield f"{path}: {key}: not a file"
+            elif required:
+                yield f"{path}: {key}: no such file"
+            return
+        if not _reachable(user, path) or not user.may(path, R):
+            yield f"{path}: {key}: {user.name} cannot read it"
+    except OSError as e:
+        yield f"{path}: {key}: {e.strerror}"
+
+
+def _writable_dir(user: RunAs, path: Path, key: str) -> Iterator[str]:
+    """`path` must be a folder the user can write, or be one it can make."""
+    try:
+        target = path
+        while not target.exists():  # the server makes what is missing
+            target = target.parent
+        if not target.is_dir():
+            yield f"{target}: {key}: not a folder"
+        elif not _reachable(user, target) or not user.may(target, W | X):
+            made = "" if target == path else f" (to make {path})"
+            yield f"{target}: {key}: {user.name} cannot write to it{made}"
+    except OSError as e:
+        yield f"{path}: {key}: {e.strerror}"
+
+
+def _reachable(user: RunAs, path: Path) -> bool:
+    """Whether the user may pass through every folder above `path`."""
+    return all(user.may(parent, X) for parent in path.absolute().parents)
+
+
+def _certificate(certificate: Path, private_key: Path, now: datetime.datetime) -> Iterator[str]:
+    try:
+        context_for(certificate, private_key)
+    except TLSConfigError as e:
+        yield str(e)
+        return
+    cert = _load(certificate)
+    if cert is None:
+        return
+    if cert.not_valid_before_utc > now:
+        yield f"{certificate}: [tls] certificate: not valid before {_day(cert.not_valid_before_utc)}"
+    ends = cert.not_valid_after_utc
+    if ends <= now:
+        yield f"{certificate}: [tls] certificate: expired on {_day(ends)}"
+    elif ends - now < datetime.timedelta(days=EXPIRY_WARNING_DAYS):
+        yield f"{certificate}: [tls] certificate: expires on {_day(ends)}, in {(ends - now).days} days"
+
+
+def _load(path: Path) -> Any:
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (ValueError, OSError):
+        return None
+
+
+def _day(when: datetime.datetime) -> str:
+    return when.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def summary(config: Config, user: RunAs, now: datetime.datetime) -> list[str]:
+    """What a good config amounts to, in a few lines."""
+    m = config.mailbox
+    directory, _ = load_directory(m.accounts, m.aliases, m.domains, dict(m.domain_aliases))
+    lines = [
+        f"{config.path}: no problems found (checked as {user.name})",
+        f"domains: {' '.join(m.domains)}"
+        + (f" (aliases: {' '.join(a for a, _ in m.domain_aliases)})" if m.domain_aliases else ""),
+        f"accounts: {len(directory.hashes)} in {m.accounts}; aliases: "
+        f"{len(directory.aliases)} in {m.aliases}",
+        f"mail_dir: {m.mail_dir}",
+        "smtp: "
+        + (" ".join(config.smtp.listen) or "off")
+        + "; submission: "
+        + (" ".join(config.smtp.submission) or "off"),
+        "pop3: " + (" ".join(config.pop3.listen) or "off"),
+    ]
+    t = config.tls
+    cert = _load(t.certificate) if t.certificate is not None else None
+    if cert is None:
+        lines.append("tls: off (no STARTTLS, STLS or implicit TLS)")
+    else:
+        days = (cert.not_valid_after_utc - now).days
+        lines.append(
+            f"tls: {t.certificate}, {cert.subject.rfc4514_string()}, "
+            f"valid until {_day(cert.not_valid_after_utc)} ({days} days)"
+        )
+    relay = config.relay
+    lines.append(f"relay: {'smarthost ' + relay.smarthost if relay.smarthost else 'direct to MX'}")
+    return lines
+
+
+def show(config: Config) -> str:
+    """The effective config: every key of every section, defaults filled in,
+    as the server reads it (relative paths resolved against [mailbox] home).
+    The smarthost password is not shown."""
+    sections = {
+        "mailbox": config.mailbox,
+        "smtp": config.smtp,
+        "pop3": config.pop3,
+        "relay": config.relay,
+        "limits": config.limits,
+        "tls": config.tls,
+    }
+    out = [f"# {config.path}, with every default filled in"]
+    for name, keys in SPEC.items():
+        out.append(f"\n[{name}]")
+        section = sections[name]
+        for key in keys:
+            value = getattr(section, key)
+            if key == "smarthost_password" and value:
+                out.append(f"{key} = # hidden")
+                continue
+            out.append(f"{key} = {_shown(key, value)}".rstrip())
+    return "\n".join(out) + "\n"
+
+
+def _shown(key: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key == "workers" and value == 0:
+        return "auto"
+    if key == "domain_aliases":
+        return " ".join(f"{alias}={canonical}" for alias, canonical in value)
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    return str(value)
