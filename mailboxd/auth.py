@@ -63,9 +63,9 @@ class Authenticator:
         if await self.guard.blocked(ip):
             return self._refused_blocked(protocol, ip, username)
         log.info(
-            "{protocol} login {user} from {client}",
+            "{protocol} login {account} from {client}",
             protocol=protocol,
-            user=account.address,
+            account=account.address,
             client=ip,
         )
         return AuthResult(Outcome.OK, account)

@@ -202,6 +202,7 @@ def show(config: Config) -> str:
         "relay": config.relay,
         "limits": config.limits,
         "tls": config.tls,
+        "log": config.log,
     }
     out = [f"# {config.path}, with every default filled in"]
     for name, keys in SPEC.items():

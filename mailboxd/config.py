@@ -79,6 +79,11 @@ class TLSSection:
 
 
 @attrs.frozen
+class LogSection:
+    format: str = "text"  # "text": twistd's lines; "json": one JSON object a line
+
+
+@attrs.frozen
 class Config:
     path: Path
     mailbox: MailboxSection
@@ -87,6 +92,7 @@ class Config:
     relay: RelaySection
     limits: LimitsSection
     tls: TLSSection
+    log: LogSection = LogSection()
 
     def canonical_domain(self, domain: str) -> str | None:
         """The local domain `domain` names (itself or via an alias), else None."""
@@ -146,6 +152,16 @@ def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
         if maximum is not None and value > maximum:
             raise _Invalid(f"a whole number from {minimum} to {maximum}")
         return value
+
+    return parse
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        word = text.strip().lower()
+        if word not in allowed:
+            raise _Invalid(" or ".join(allowed))
+        return word
 
     return parse
 
@@ -280,6 +296,9 @@ SPEC: _Spec = {
         "certificate": ("", _optional_path),
         "private_key": ("", _optional_path),
     },
+    "log": {
+        "format": ("text", _choice("text", "json")),
+    },
 }
 
 _SECTIONS = {
@@ -289,6 +308,7 @@ _SECTIONS = {
     "relay": RelaySection,
     "limits": LimitsSection,
     "tls": TLSSection,
+    "log": LogSection,
 }
 
 

@@ -648,7 +648,9 @@ class Outbound:
                 work = self._work(entry, reserved)
             self._busy.add(entry_id)
             d = ensureDeferred(work)
-            d.addErrback(lambda f, e=entry: log.failure("queue: {id} failed", f, id=e.id))
+            d.addErrback(
+                lambda f, e=entry: log.failure("queue: {queue_id} failed", f, queue_id=e.id)
+            )
             d.addBoth(self._done, entry_id)
 
     def _reserve(self, entry: Entry) -> list[str]:
@@ -709,7 +711,9 @@ class Outbound:
             if entry.id in self._handed_over:
                 self._handed_over.discard(entry.id)
                 if not await self._thread(queue.exists, self.directory, entry.id):
-                    log.info("queue {id} was handed over after it was done", id=entry.id)
+                    log.info(
+                        "queue {queue_id} was handed over after it was done", queue_id=entry.id
+                    )
                     self.entries.pop(entry.id, None)
                     return
             if small is not None:  # just queued: as sound as the disk has it
@@ -717,7 +721,7 @@ class Outbound:
             else:
                 problem, small = await self._thread(self._examine, entry)
             if problem == queue.DELETED:
-                log.info("queue {id} was deleted", id=entry.id)
+                log.info("queue {queue_id} was deleted", queue_id=entry.id)
                 self.entries.pop(entry.id, None)
                 return
             if problem is not None:
@@ -771,8 +775,8 @@ class Outbound:
                 r.status, r.last_error, r.status_code = "deferred", o.text, o.status
                 r.next_attempt = now + backoff(r.attempts)
             log.info(
-                "queue {id}: {rcpt} {status} after attempt {n} via {remote}: {reply}",
-                id=entry.id,
+                "queue {queue_id}: {rcpt} {status} after attempt {n} via {remote}: {reply}",
+                queue_id=entry.id,
                 rcpt=shown(r.address),
                 status=r.status,
                 n=r.attempts,
@@ -782,7 +786,7 @@ class Outbound:
 
     async def _save(self, entry: Entry) -> bool:
         if not (self.directory / f"{entry.id}.json").exists():
-            log.info("queue {id} was deleted during delivery", id=entry.id)
+            log.info("queue {queue_id} was deleted during delivery", queue_id=entry.id)
             self.entries.pop(entry.id, None)
             return False
         try:
@@ -790,7 +794,9 @@ class Outbound:
         except OSError as e:
             # The entry on disk keeps its last state: a later attempt (or, after
             # a restart, a retry of what was just done) records it.
-            log.error("queue {id}: cannot save its state: {error}", id=entry.id, error=str(e))
+            log.error(
+                "queue {queue_id}: cannot save its state: {error}", queue_id=entry.id, error=str(e)
+            )
         return True
 
     def _examine(self, entry: Entry) -> tuple[str | None, bytes | None]:
@@ -956,13 +962,16 @@ class Outbound:
                 await self._bounce(entry, failed)
             except Exception:
                 # Keep the entry: the bounce is tried again in a minute.
-                log.failure("queue {id}: cannot send the bounce; trying again later", id=entry.id)
+                log.failure(
+                    "queue {queue_id}: cannot send the bounce; trying again later",
+                    queue_id=entry.id,
+                )
                 self._finish_after[entry.id] = self.clock.seconds() + 60
                 return
         await self._remove(entry.id)
         self.entries.pop(entry.id, None)
         self._finish_after.pop(entry.id, None)
-        log.info("queue {id} done", id=entry.id)
+        log.info("queue {queue_id} done", queue_id=entry.id)
 
     def _remove(self, entry_id: str) -> Deferred:
         """Remove a finished entry. Those that finish while a removal is on
@@ -999,9 +1008,9 @@ class Outbound:
             to = f"postmaster@{self.config.mailbox.domains[0]}"
             if not directory.resolve(parse_mailbox(to)):  # type: ignore[arg-type]
                 log.warn(
-                    "queue {id}: a bounce could not be delivered to {rcpts}; dropped "
+                    "queue {queue_id}: a bounce could not be delivered to {rcpts}; dropped "
                     "(no postmaster account or alias)",
-                    id=entry.id,
+                    queue_id=entry.id,
                     rcpts=[r.address for r in failed],
                 )
                 return
@@ -1039,8 +1048,8 @@ class Outbound:
                     )
                 )
             log.info(
-                "queue {id}: bounce {bounce} delivered to {to}",
-                id=entry.id,
+                "queue {queue_id}: bounce {bounce} delivered to {to}",
+                queue_id=entry.id,
                 bounce=bounce_id,
                 to=to,
             )
@@ -1050,10 +1059,17 @@ class Outbound:
             await self._thread(queue.enqueue_bytes, self.directory, dsn, bounce)
             self.entries[bounce_id] = bounce
             log.info(
-                "queue {id}: bounce {bounce} queued for {to}", id=entry.id, bounce=bounce_id, to=to
+                "queue {queue_id}: bounce {bounce} queued for {to}",
+                queue_id=entry.id,
+                bounce=bounce_id,
+                to=to,
             )
         else:
-            log.warn("queue {id}: no mailbox for the bounce to {to}; dropped", id=entry.id, to=to)
+            log.warn(
+                "queue {queue_id}: no mailbox for the bounce to {to}; dropped",
+                queue_id=entry.id,
+                to=to,
+            )
 
     def _read_original(self, entry: Entry) -> bytes:
         try:
@@ -1070,8 +1086,8 @@ class Outbound:
         )
         self.entries.pop(entry.id, None)
         log.error(
-            "queue: moved corrupt entry {id} to {path}: {why}",
-            id=entry.id,
+            "queue: moved corrupt entry {queue_id} to {path}: {why}",
+            queue_id=entry.id,
             path=str(moved),
             why=problem,
         )

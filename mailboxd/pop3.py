@@ -175,8 +175,8 @@ class POP3Server(LineProtocol, TimeoutMixin):
             # One line a session, as Dovecot's logout line: a line for each
             # message would cost as much as sending it.
             log.info(
-                "pop3 {user} retrieved {count} messages ({octets} octets)",
-                user=self.account.address,
+                "pop3 {account} retrieved {count} messages ({octets} octets)",
+                account=self.account.address,
                 count=self.retrieved,
                 octets=self.retrieved_octets,
             )
@@ -320,8 +320,8 @@ class POP3Server(LineProtocol, TimeoutMixin):
             self.mailbox = mailbox
             live = mailbox.live()
             log.info(
-                "pop3 {user} opened {count} messages",
-                user=account.address,
+                "pop3 {account} opened {count} messages",
+                account=account.address,
                 count=len(live),
             )
             return f"+OK {plural(len(live))} ({sum(m.size for _, m in live)} octets)"
@@ -329,9 +329,9 @@ class POP3Server(LineProtocol, TimeoutMixin):
         def not_opened(f: Any) -> Reply:
             self.account = None
             if f.check(MailboxLocked):
-                log.info("pop3 mailbox in use for {user}", user=account.address)
+                log.info("pop3 mailbox in use for {account}", account=account.address)
                 return "-ERR [IN-USE] Mailbox is locked by another session"
-            log.failure("pop3 cannot open mailbox for {user}", f, user=account.address)
+            log.failure("pop3 cannot open mailbox for {account}", f, account=account.address)
             return "-ERR [SYS/TEMP] mailbox unavailable, try again later"
 
         def unrecorded(f: Any) -> None:
@@ -483,11 +483,11 @@ class POP3Server(LineProtocol, TimeoutMixin):
         self.mailbox, user = None, self.account.address
 
         def done(removed: int) -> None:
-            log.info("pop3 {user} deleted {count} messages", user=user, count=removed)
+            log.info("pop3 {account} deleted {count} messages", account=user, count=removed)
             self.close(f"+OK {plural(removed)} deleted, signing off")
 
         def failed(f: Any) -> None:
-            log.failure("pop3 deletion failed for {user}", f, user=user)
+            log.failure("pop3 deletion failed for {account}", f, account=user)
             self.close("-ERR [SYS/TEMP] some deleted messages were not removed")
 
         d = self.thread(mailbox.commit).addCallbacks(done, failed)

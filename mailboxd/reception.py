@@ -163,7 +163,7 @@ class Reception:
     def _not_spooled(self, e: BaseException) -> None:
         # Read on to the final dot and say so there (RFC 5321 §4.2.5): the
         # client keeps the message and tries again later.
-        log.error("smtp cannot spool {id}: {error}", id=self.id, error=str(e))
+        log.error("smtp cannot spool {queue_id}: {error}", queue_id=self.id, error=str(e))
         self.error = storage_error(e, NOT_SPOOLED)
 
     def too_long(self) -> None:
@@ -180,6 +180,7 @@ class Reception:
                 "smtp message refused from {client}: {reason}",
                 client=self.trace.ip,
                 reason=self.error[1],
+                code=self.error[0],
             )
             return self.error
         intake, tx = self.intake, self.tx
@@ -210,14 +211,16 @@ class Reception:
     def _stored(self, paths: list[Path], accounts: tuple[Account, ...], entry: Any) -> Reply:
         tx = self.tx
         log.info(
-            "accepted {id} ({size} bytes) from <{sender}>: delivered to {recipients}, "
+            "accepted {queue_id} ({size} bytes) from <{sender}>: delivered to {recipients}, "
             "queued for {relayed}",
-            id=self.id,
+            queue_id=self.id,
             size=self.message.size,
             sender=shown(tx.sender),
             recipients=[a.address for a in accounts],
             relayed=[shown(a) for a in tx.relay.values()],
             client=self.trace.ip,
+            account=self.trace.account,
+            code=250,
         )
         if entry is not None:
             whole = self.message.whole  # what the queue need not read back from disk
@@ -239,7 +242,9 @@ class Reception:
 
     def _failed(self, f: Any) -> Reply:
         log.error(
-            "delivery of {id} failed, not acknowledged: {error}", id=self.id, error=str(f.value)
+            "delivery of {queue_id} failed, not acknowledged: {error}",
+            queue_id=self.id,
+            error=str(f.value),
         )
         return storage_error(f.value, NOT_STORED)
 

@@ -135,7 +135,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         # cost of a message (two lines fewer: 14% more messages a second).
         self.began = self.factory.clock.seconds()
         if not self.count_connection(self.factory.connections):
-            log.info("smtp refused {client}: too many connections", client=self.peer_ip)
+            log.info("smtp refused {client}: too many connections", client=self.peer_ip, code=421)
             self.close((421, f"4.7.0 Too many connections from {self.peer_ip}"))
             return
         self._wait(
@@ -146,7 +146,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         if self._closed:
             return
         if blocked:
-            log.info("smtp refused blocked {client}", client=self.peer_ip)
+            log.info("smtp refused blocked {client}", client=self.peer_ip, code=554)
             self.close((554, "5.7.1 " + refusal(self.peer_ip)))
             return
         self.reply((220, f"{self.hostname} ESMTP Mailbox"))
@@ -315,6 +315,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
                     "smtp sender refused {sender} from {client}",
                     sender=shown(str(address)),
                     client=self.peer_ip,
+                    code=decision.code,
                 )
                 return (decision.code, decision.text)
             self.tx = Transaction("" if address is None else str(address))

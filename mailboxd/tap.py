@@ -44,4 +44,4 @@ def makeService(options: Options) -> IService:
         raise SystemExit(f"mailbox: {e}") from None
     use_monotonic_clock(reactor)  # before anything is scheduled
     # options.parent: twistd's own options, when twistd parsed ours.
-    return Logged(build(config, reactor), for_twistd(options.parent, reactor))
+    return Logged(build(config, reactor), for_twistd(options.parent, reactor, config.log.format))

@@ -260,3 +260,87 @@ def test_without_an_observer_twistd_chooses():
     application = Application("mailbox")
     Logged(Service(), None).setServiceParent(application)
     assert application.getComponent(ILogObserver, None) is None
+
+
+# --- [log] format = json ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields", EVENTS)
+def test_each_json_line_is_one_object_with_the_text_log_s_text(fields):
+    import json
+
+    from mailboxd.logs import JsonLog, render
+
+    event = _event(**fields)
+    line = JsonLog(_File(), _Reactor()).line(event)
+    text = render(event)
+    if not text:
+        assert line is None
+        return
+    assert line is not None and line.endswith("\n") and line.count("\n") == 1
+    record = json.loads(line)
+    assert record["text"] == text
+    assert record["level"] == getattr(event.get("log_level"), "name", "info")
+    assert record["client"] == "192.0.2.7"
+    assert not any(k.startswith("log_") for k in record)
+    if event.get("log_time") == WHEN:
+        assert record["time"] == "2025-12-02T08:00:00.750Z"
+    for key, value in record.items():  # only what JSON holds as it is
+        assert isinstance(value, (str, int, float, bool, type(None), list)), key
+
+
+def test_json_lines_keep_plain_fields_and_drop_the_rest():
+    import json
+
+    from mailboxd.logs import JsonLog
+
+    event = _event(
+        log_format="accepted {queue_id}",
+        queue_id="0123456789AB",
+        code=250,
+        account=None,
+        recipients=["a@example.test"],
+        timeout=30,  # not one of the legacy log's own fields
+        format="legacy",
+        isError=0,
+        message=(),
+        obj=object(),
+        pairs=[("a", 1)],
+    )
+    record = json.loads(JsonLog(_File(), _Reactor()).line(event))
+    assert record == {
+        "time": "2025-12-02T08:00:00.750Z",
+        "level": "info",
+        "text": "accepted 0123456789AB",
+        "system": "mailboxd.smtp#info",
+        "client": "192.0.2.7",
+        "queue_id": "0123456789AB",
+        "code": 250,
+        "account": None,
+        "recipients": ["a@example.test"],
+        "timeout": 30,
+    }
+
+
+def test_a_workers_json_line_says_which_worker():
+    import json
+
+    from mailboxd.logs import JsonLog
+
+    event = event_from_record(log_record(_event(log_format="from {client}", code=421)))
+    assert event is not None
+    event["log_system"] = "mailboxd.smtp#info worker 2"
+    event["worker"] = 2
+    record = json.loads(JsonLog(_File(), _Reactor()).line(event))
+    assert record["text"] == "from 192.0.2.7"
+    assert record["worker"] == 2 and record["code"] == 421
+    assert record["system"] == "mailboxd.smtp#info worker 2"
+
+
+def test_for_twistd_picks_the_format():
+    from mailboxd.logs import JsonLog
+
+    options = {"nodaemon": True, "logfile": None}
+    assert type(for_twistd(options, _Reactor())) is ClassicLog
+    assert type(for_twistd(options, _Reactor(), "json")) is JsonLog
+    assert for_twistd({"syslog": True}, _Reactor(), "json") is None  # twistd's own
