@@ -26,7 +26,6 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP
 from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail.smtp import (
     SUCCESS,
@@ -49,7 +48,7 @@ from .printable import shown
 from .queue import Entry, Recipient
 from .routes import Hop, RouteError, destination, mx_hosts, parse_smarthost
 from .smtp import Delivery
-from .workers import Pool
+from .workers import Pool, in_pool
 
 log = Logger()
 
@@ -577,7 +576,7 @@ class Outbound:
         self._dispatch()
 
     def _thread(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        return deferToThreadPool(self.reactor, self.pool, f, *args)
+        return in_pool(self.reactor, self.pool, f, *args)
 
     def _scan(self, known: dict[str, Entry]) -> tuple[dict[str, Entry], list[tuple[str, str]]]:
         """Read every envelope not already `known` (blocking)."""

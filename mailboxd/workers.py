@@ -9,7 +9,8 @@ least one trip to the storage pool (a relayed one several), and a trip
 through `ThreadPool` (its context capture, its team coordinator, and a
 `queue.Queue` with a condition) cost about 50 us of CPU against 15 us for
 threads waiting on one `SimpleQueue` (py-spy and a bench of 20,000 trips,
-in the closing note of issue 12). Both serve `deferToThreadPool` alike.
+in the closing note of issue 12). `in_pool` hands work to one, as
+Twisted's `deferToThreadPool` does to a `ThreadPool`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ import os
 import threading
 from collections.abc import Callable
 from queue import SimpleQueue
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -41,8 +41,8 @@ _STOP = None  # in the queue: the thread that takes it ends
 class Pool:
     """Up to `maxthreads` threads taking work in order from one queue.
 
-    What `deferToThreadPool` needs of Twisted's `ThreadPool`
-    (`callInThreadWithCallback`), `callInThread`, `start` and `stop`. Work
+    What `in_pool` needs (`callInThreadWithCallback`, as Twisted's
+    `ThreadPool` has it), `callInThread`, `start` and `stop`. Work
     handed in before `start` waits for it; `stop` lets the work already
     handed in finish, then joins the threads. Work that finds no idle
     thread starts one, up to `max`; threads are never ended before `stop`.
@@ -116,9 +116,29 @@ class Pool:
             elif not ok:
                 log.failure("unhandled error in {pool} thread", result, pool=self.name)
             # Nothing of the work stays alive while the thread waits.
-            work = on_result = func = args = kw = result = None
+            del work, on_result, func, args, kw, result
             with lock:
                 self._idle += 1
+
+
+class CallsInThreads(Protocol):
+    """What `in_pool` needs of a pool: a `Pool`, or a test's stand-in."""
+
+    def callInThreadWithCallback(
+        self, onResult: OnResult | None, func: Callable[..., Any], *args: Any, **kw: Any
+    ) -> None: ...
+
+
+def in_pool(reactor: Any, pool: CallsInThreads, f: Callable[..., Any], *args: Any) -> Deferred:
+    """`f(*args)` in one of `pool`'s threads; the Deferred fires on the
+    reactor thread, with its result or its Failure (as deferToThreadPool)."""
+    d: Deferred = Deferred()
+
+    def on_result(ok: bool, result: Any) -> None:
+        reactor.callFromThread(d.callback if ok else d.errback, result)
+
+    pool.callInThreadWithCallback(on_result, f, *args)
+    return d
 
 
 @attrs.frozen
@@ -129,13 +149,13 @@ class Workers:
     state: Pool
 
     def disk(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        return deferToThreadPool(self.reactor, self.storage, f, *args)
+        return in_pool(self.reactor, self.storage, f, *args)
 
     def hash(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        return deferToThreadPool(self.reactor, self.hashing, _niced, f, *args)
+        return in_pool(self.reactor, self.hashing, _niced, f, *args)
 
     def db(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        return deferToThreadPool(self.reactor, self.state, f, *args)
+        return in_pool(self.reactor, self.state, f, *args)
 
     @property
     def pools(self) -> tuple[Pool, ...]:

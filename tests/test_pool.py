@@ -170,3 +170,31 @@ def test_nothing_of_finished_work_is_kept_alive(pool):
     time.sleep(0.01)
     gc.collect()
     assert ref() is None
+
+
+def test_in_pool_fires_its_deferred_through_the_reactor(pool):
+    from mailboxd.workers import in_pool
+
+    class Reactor:
+        def __init__(self) -> None:
+            self.calls: list = []
+            self.cond = threading.Condition()
+
+        def callFromThread(self, f, *args) -> None:
+            with self.cond:
+                self.calls.append((f, args))
+                self.cond.notify_all()
+
+    reactor = Reactor()
+    pool.start()
+    results: list = []
+    in_pool(reactor, pool, lambda a, b: a * b, 6, 7).addCallback(results.append)
+    in_pool(reactor, pool, lambda: 1 / 0).addErrback(results.append)
+    with reactor.cond:
+        assert reactor.cond.wait_for(lambda: len(reactor.calls) == 2, WAIT)
+    assert results == []  # nothing fires on the pool's threads
+    for f, args in reactor.calls:  # the reactor's turn
+        f(*args)
+    assert 42 in results
+    [failure] = [r for r in results if isinstance(r, Failure)]
+    assert failure.check(ZeroDivisionError)
