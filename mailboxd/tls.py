@@ -132,6 +132,23 @@ def make_self_signed(hostname: str, certificate: Path, private_key: Path) -> boo
     """Create a self-signed certificate for `hostname` unless both files exist."""
     if certificate.exists() and private_key.exists():
         return False
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert_pem, key_pem = self_signed_pem(
+        hostname, now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=825)
+    )
+    private_dir(certificate.parent)
+    private_dir(private_key.parent)
+    fd = os.open(private_key, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_pem)
+    certificate.write_bytes(cert_pem)
+    return True
+
+
+def self_signed_pem(
+    hostname: str, valid_from: datetime.datetime, valid_until: datetime.datetime
+) -> tuple[bytes, bytes]:
+    """A self-signed certificate for `hostname` and its private key, as PEM."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -139,29 +156,19 @@ def make_self_signed(hostname: str, certificate: Path, private_key: Path) -> boo
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=825))
+        .not_valid_before(valid_from)
+        .not_valid_after(valid_until)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    private_dir(certificate.parent)
-    private_dir(private_key.parent)
-    fd = os.open(private_key, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    certificate.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return True
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem

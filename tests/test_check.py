@@ -14,7 +14,7 @@ import bcrypt
 import pytest
 
 from mailboxd.config import SPEC
-from mailboxd.tls import make_self_signed
+from mailboxd.tls import make_self_signed, self_signed_pem
 
 MAILBOXCTL = Path(sys.executable).parent / "mailboxctl"
 HASH = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
@@ -95,32 +95,14 @@ def test_a_key_that_does_not_match_the_certificate(tmp_path):
 
 
 def _certificate(path: Path, key_path: Path, days: tuple[int, int]) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mail.example.test")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now + datetime.timedelta(days=days[0]))
-        .not_valid_after(now + datetime.timedelta(days=days[1]))
-        .sign(key, hashes.SHA256())
+    cert_pem, key_pem = self_signed_pem(
+        "mail.example.test",
+        now + datetime.timedelta(days=days[0]),
+        now + datetime.timedelta(days=days[1]),
     )
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    path.write_bytes(cert_pem)
+    key_path.write_bytes(key_pem)
 
 
 @pytest.mark.parametrize(
