@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from .accounts import load_directory
+from .accounts import Directory, Problem, load_directory
 from .config import SPEC, Config, relative_paths
 from .tls import TLSConfigError, context_for
 
@@ -65,14 +65,22 @@ class RunAs:
 R, W, X = 4, 2, 1
 
 
-def problems(config: Config, user: RunAs, now: datetime.datetime) -> Iterator[str]:
-    """Every problem with `config` and what it names, one line each."""
+def directory(config: Config) -> tuple[Directory, list[Problem]]:
+    """The accounts and aliases, as the server will read them, and the lines it will skip."""
+    m = config.mailbox
+    return load_directory(m.accounts, m.aliases, m.domains, dict(m.domain_aliases))
+
+
+def problems(
+    config: Config, user: RunAs, now: datetime.datetime, skipped: list[Problem]
+) -> Iterator[str]:
+    """Every problem with `config` and what it names, one line each;
+    `skipped`: the accounts and aliases lines `directory` found wrong."""
     yield from _home(config)
     m = config.mailbox
     yield from _readable(user, m.accounts, "[mailbox] accounts", required=False)
     yield from _readable(user, m.aliases, "[mailbox] aliases", required=False)
-    _, found = load_directory(m.accounts, m.aliases, m.domains, dict(m.domain_aliases))
-    yield from (str(p) for p in found)
+    yield from (str(p) for p in skipped)
     yield from _writable_dir(user, m.mail_dir, "[mailbox] mail_dir")
     t = config.tls
     if t.certificate is not None and t.private_key is not None:
@@ -159,16 +167,15 @@ def _day(when: datetime.datetime) -> str:
     return when.strftime("%Y-%m-%d %H:%M UTC")
 
 
-def summary(config: Config, user: RunAs, now: datetime.datetime) -> list[str]:
+def summary(config: Config, user: RunAs, now: datetime.datetime, accounts: Directory) -> list[str]:
     """What a good config amounts to, in a few lines."""
     m = config.mailbox
-    directory, _ = load_directory(m.accounts, m.aliases, m.domains, dict(m.domain_aliases))
     lines = [
         f"{config.path}: no problems found (checked as {user.name})",
         f"domains: {' '.join(m.domains)}"
         + (f" (aliases: {' '.join(a for a, _ in m.domain_aliases)})" if m.domain_aliases else ""),
-        f"accounts: {len(directory.hashes)} in {m.accounts}; aliases: "
-        f"{len(directory.aliases)} in {m.aliases}",
+        f"accounts: {len(accounts.hashes)} in {m.accounts}; aliases: "
+        f"{len(accounts.aliases)} in {m.aliases}",
         f"mail_dir: {m.mail_dir}",
         "smtp: "
         + (" ".join(config.smtp.listen) or "off")

@@ -189,8 +189,9 @@ def check_command(config: Config, args: argparse.Namespace) -> int:
         print(f"mailboxctl check: no user {args.user!r} on this system")
         return 1
     now = datetime.datetime.now(datetime.timezone.utc)
-    found = list(check.problems(config, user, now))
-    for line in found or check.summary(config, user, now):
+    accounts, skipped = check.directory(config)
+    found = list(check.problems(config, user, now, skipped))
+    for line in found or check.summary(config, user, now, accounts):
         print(line)
     return 1 if found else 0
 

@@ -7,9 +7,9 @@ locked by another process must never delay a Maildir read.
 The pools are `Pool`s, not Twisted's `ThreadPool`: every message makes at
 least one trip to the storage pool (a relayed one several), and a trip
 through `ThreadPool` (its context capture, its team coordinator, and a
-`queue.Queue` with a condition) cost about 50 us of CPU against 15 us for
-threads waiting on one `SimpleQueue` (py-spy and a bench of 20,000 trips,
-in the closing note of issue 12). `in_pool` hands work to one, as
+`queue.Queue` with a condition) cost about 50 us of CPU, a trip through a
+`Pool` about 20 us (20,000 trips, 10 at a time; bench/README.md, issue 12's
+fifth session). `in_pool` hands work to one, as
 Twisted's `deferToThreadPool` does to a `ThreadPool`.
 """
 
@@ -111,10 +111,14 @@ class Pool:
                 result, ok = func(*args, **kw), True
             except BaseException:
                 result, ok = Failure(), False
-            if on_result is not None:
-                on_result(ok, result)
-            elif not ok:
-                log.failure("unhandled error in {pool} thread", result, pool=self.name)
+            if on_result is None:
+                if not ok:
+                    log.failure("unhandled error in {pool} thread", result, pool=self.name)
+            else:
+                try:
+                    on_result(ok, result)
+                except Exception:  # noqa: BLE001 - the thread must live on to serve
+                    log.failure("unhandled error in {pool} thread's callback", pool=self.name)
             # Nothing of the work stays alive while the thread waits.
             del work, on_result, func, args, kw, result
             with lock:

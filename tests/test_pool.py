@@ -198,3 +198,25 @@ def test_in_pool_fires_its_deferred_through_the_reactor(pool):
     assert 42 in results
     [failure] = [r for r in results if isinstance(r, Failure)]
     assert failure.check(ZeroDivisionError)
+
+
+def test_a_failing_callback_is_logged_and_the_thread_serves_on():
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    p = Pool(maxthreads=1, name="test-callback")
+    try:
+        p.start()
+
+        def broken(ok, result):
+            raise RuntimeError("callback")
+
+        p.callInThreadWithCallback(broken, lambda: 1)
+        results = Results()
+        p.callInThreadWithCallback(results, lambda: 2)
+        assert results.wait_for(1) == [(True, 2)]
+        assert len(p._threads) == 1
+    finally:
+        p.stop()
+        globalLogPublisher.removeObserver(events.append)
+    [event] = [e for e in events if e.get("pool") == "test-callback"]
+    assert event["log_failure"].check(RuntimeError)
