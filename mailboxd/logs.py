@@ -122,11 +122,19 @@ class JsonLog(ClassicLog):
         for key, value in event.items():
             if key.startswith("log_") or key in _LEGACY or key in record:
                 continue
-            if type(value) in _PLAIN or (
-                isinstance(value, (list, tuple)) and all(type(v) in _PLAIN for v in value)
-            ):
+            if plain(value):
                 record[key] = value
-        return json.dumps(record, ensure_ascii=False) + "\n"
+        # ASCII only: a client's words may hold NEL, U+2028 and the like,
+        # which JSON leaves raw and some readers take for line ends.
+        return json.dumps(record) + "\n"
+
+
+def plain(value: Any) -> bool:
+    """Whether JSON holds `value` as it is: a str, number, bool or None, or a
+    list or tuple of them."""
+    if isinstance(value, (list, tuple)):
+        return all(type(v) in _PLAIN for v in value)
+    return type(value) in _PLAIN
 
 
 def _iso(when: float | None) -> str:

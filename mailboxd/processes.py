@@ -67,7 +67,7 @@ from twisted.logger import (
 from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
-from .logs import render
+from .logs import plain, render
 
 log = Logger(namespace="mailboxd.processes")  # also when run as __main__
 
@@ -348,7 +348,7 @@ def log_record(event: dict) -> bytes:
     (with any traceback), and the event's plain fields for observers that want
     them. Far cheaper on both sides than Twisted's eventAsJSON/eventFromJSON,
     which matters at several lines a message."""
-    record = {k: v for k, v in event.items() if not k.startswith("log_") and _plain(v)}
+    record = {k: v for k, v in event.items() if not k.startswith("log_") and plain(v)}
     try:
         text = render(event)
     except Exception:  # noqa: BLE001 - whatever it was, say what we can
@@ -359,15 +359,6 @@ def log_record(event: dict) -> bytes:
     record["log_namespace"] = event.get("log_namespace", "-")
     record["log_time"] = event.get("log_time") or time.time()
     return json.dumps(record).encode("utf-8")
-
-
-def _plain(value: Any) -> bool:
-    if isinstance(value, (list, tuple)):
-        return all(type(v) in _PLAIN for v in value)
-    return type(value) in _PLAIN
-
-
-_PLAIN = (str, int, float, bool, type(None))
 
 
 def queued_record(envelope: str, message: bytes | None) -> bytes:

@@ -344,3 +344,17 @@ def test_for_twistd_picks_the_format():
     assert type(for_twistd(options, _Reactor())) is ClassicLog
     assert type(for_twistd(options, _Reactor(), "json")) is JsonLog
     assert for_twistd({"syslog": True}, _Reactor(), "json") is None  # twistd's own
+
+
+def test_json_lines_hold_no_raw_control_or_line_separating_character():
+    from mailboxd.logs import JsonLog
+
+    words = "a\x1b[31m\x85b\u2028c\u2029d\re\nf\x00"
+    line = JsonLog(_File(), _Reactor()).line(
+        _event(log_format="refused {rcpt}", rcpt=words, helo=words)
+    )
+    assert line is not None and line.isascii() and line.count("\n") == 1
+    assert line.endswith("\n") and all(c >= " " for c in line[:-1])
+    import json
+
+    assert json.loads(line)["helo"] == words  # escaped, not lost
