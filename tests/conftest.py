@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import configparser
 import os
 import shutil
@@ -22,10 +23,21 @@ TWISTD = Path(sys.executable).parent / "twistd"
 MAILBOXCTL = Path(sys.executable).parent / "mailboxctl"
 
 
+_handed_out: collections.deque[int] = collections.deque(maxlen=2000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port, and not one handed out lately: once a probe
+    socket is closed the kernel may give its port again at once, and a server
+    given one port for two listeners exits at start ("Address already in
+    use"), after the fixture saw its first port answer."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.append(port)
+            return port
 
 
 def _hash(password: str) -> str:

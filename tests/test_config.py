@@ -356,9 +356,9 @@ def test_twistd_config_mistakes_of_issue_11_are_one_line(tmp_path, text, needles
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from conftest import free_port  # never a port handed out lately
+
+    return free_port()
 
 
 @pytest.mark.blackbox
