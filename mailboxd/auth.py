@@ -13,6 +13,7 @@ from twisted.logger import Logger
 
 from .accounts import Account
 from .guard import Guard
+from .metrics import Metrics
 from .printable import shown
 from .realm import login
 from .state import StateError
@@ -36,13 +37,20 @@ class AuthResult:
 class Authenticator:
     portal: Portal
     guard: Guard
+    metrics: Metrics = attrs.field(factory=Metrics)  # one for the process, shared
 
     def __repr__(self) -> str:
         return "<Authenticator>"
 
     def login(self, protocol: str, ip: str, username: str, password: bytes) -> Deferred:
         """Check `username`/`password` for a client at `ip`; fires with an AuthResult."""
-        return ensureDeferred(self._login(protocol, ip, username, password))
+        d = ensureDeferred(self._login(protocol, ip, username, password))
+        return d.addCallback(self._counted, protocol)
+
+    def _counted(self, result: AuthResult, protocol: str) -> AuthResult:
+        ok = result.outcome is Outcome.OK
+        self.metrics.auth[protocol, "success" if ok else "failure"].inc()
+        return result
 
     async def _login(self, protocol: str, ip: str, username: str, password: bytes) -> AuthResult:
         if await self.guard.blocked(ip):
@@ -94,4 +102,5 @@ class Authenticator:
 
     def refuse(self, protocol: str, ip: str, username: str, why: str) -> Deferred:
         """Count a refusal decided without a password check (e.g. a foreign authzid)."""
-        return ensureDeferred(self._failed(protocol, ip, username, why))
+        d = ensureDeferred(self._failed(protocol, ip, username, why))
+        return d.addCallback(self._counted, protocol)

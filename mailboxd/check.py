@@ -182,6 +182,7 @@ def summary(config: Config, user: RunAs, now: datetime.datetime, accounts: Direc
         + "; submission: "
         + (" ".join(config.smtp.submission) or "off"),
         "pop3: " + (" ".join(config.pop3.listen) or "off"),
+        "metrics: " + (" ".join(config.metrics.listen) or "off"),
     ]
     t = config.tls
     cert = _load(t.certificate) if t.certificate is not None else None
@@ -202,19 +203,10 @@ def show(config: Config) -> str:
     """The effective config: every key of every section, defaults filled in,
     as the server reads it (relative paths resolved against [mailbox] home).
     The smarthost password is not shown."""
-    sections = {
-        "mailbox": config.mailbox,
-        "smtp": config.smtp,
-        "pop3": config.pop3,
-        "relay": config.relay,
-        "limits": config.limits,
-        "tls": config.tls,
-        "log": config.log,
-    }
     out = [f"# {config.path}, with every default filled in"]
     for name, keys in SPEC.items():
         out.append(f"\n[{name}]")
-        section = sections[name]
+        section = getattr(config, name)
         for key in keys:
             value = getattr(section, key)
             if key == "smarthost_password" and value:

@@ -84,6 +84,11 @@ class LogSection:
 
 
 @attrs.frozen
+class MetricsSection:
+    listen: tuple[str, ...] = ()  # where GET /metrics is served; empty: nowhere
+
+
+@attrs.frozen
 class Config:
     path: Path
     mailbox: MailboxSection
@@ -93,6 +98,7 @@ class Config:
     limits: LimitsSection
     tls: TLSSection
     log: LogSection = LogSection()
+    metrics: MetricsSection = MetricsSection()
 
     def canonical_domain(self, domain: str) -> str | None:
         """The local domain `domain` names (itself or via an alias), else None."""
@@ -299,6 +305,9 @@ SPEC: _Spec = {
     "log": {
         "format": ("text", _choice("text", "json")),
     },
+    "metrics": {
+        "listen": ("", _endpoints),
+    },
 }
 
 _SECTIONS = {
@@ -309,6 +318,7 @@ _SECTIONS = {
     "limits": LimitsSection,
     "tls": TLSSection,
     "log": LogSection,
+    "metrics": MetricsSection,
 }
 
 
@@ -455,6 +465,7 @@ def _check(config: Config) -> None:
         for section, endpoints in (
             ("smtp", config.smtp.listen + config.smtp.submission),
             ("pop3", config.pop3.listen),
+            ("metrics", config.metrics.listen),
         )
         for e in endpoints
         if e.startswith("tls:")

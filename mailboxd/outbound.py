@@ -44,6 +44,7 @@ from .clocks import Wall
 from .config import Config
 from .lines import DirectWrites
 from .maildir import IncomingMessage
+from .metrics import Metrics
 from .printable import shown
 from .queue import Entry, Recipient
 from .routes import Hop, RouteError, destination, mx_hosts, parse_smarthost
@@ -478,6 +479,7 @@ class Outbound:
     interval: float = 1.0
     delivered: Callable[[Delivery], object] | None = None  # told of local bounces (testing)
     wall: Wall = time.time
+    metrics: Metrics = attrs.field(factory=Metrics)  # the process's
     entries: dict[str, Entry] = attrs.field(factory=dict)
     # Per entry, wall time minus monotonic time when it was first looked at:
     # see `_now`.
@@ -773,6 +775,7 @@ class Outbound:
             else:
                 r.status, r.last_error, r.status_code = "deferred", o.text, o.status
                 r.next_attempt = now + backoff(r.attempts)
+            self.metrics.deliveries["bounced" if r.status == "failed" else r.status].inc()
             log.info(
                 "queue {queue_id}: {rcpt} {status} after attempt {n} via {remote}: {reply}",
                 queue_id=entry.id,

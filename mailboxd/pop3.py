@@ -25,6 +25,7 @@ from .guard import refusal
 from .lines import LineProtocol
 from .listing import Listings, Message, open_message, read_small
 from .maildir import Mailbox, MailboxLocked, maildir_path
+from .metrics import Metrics
 from .popauth import PopAuthRegistry
 from .sasl import Aborted, Challenge, Credentials, Exchange, Forbidden, Malformed, Unsupported
 from .state import StateError
@@ -60,6 +61,7 @@ class POP3Factory(ServerFactory):
     faults: Faults | None = None  # test-only fault injection (mailboxd.testing)
     connections: ConnectionCount | None = None  # shared by every listener
     listings: Listings = attrs.field(factory=Listings)  # Maildirs listed at recent logins
+    metrics: Metrics = attrs.field(factory=Metrics)  # one for the process, shared
 
     noisy = False  # the connection log lines say more
 
@@ -318,6 +320,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
                 mailbox.close()
                 return None
             self.mailbox = mailbox
+            self.factory.metrics.pop3_sessions.inc()
             live = mailbox.live()
             log.info(
                 "pop3 {account} opened {count} messages",

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import contextlib
 import json
 import os
@@ -57,6 +58,7 @@ from twisted.internet import protocol
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import LoopingCall
 from twisted.logger import (
     InvalidLogLevelError,
     Logger,
@@ -67,7 +69,9 @@ from twisted.logger import (
 from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
+from . import metrics
 from .logs import plain, render
+from .metrics import Key, Totals
 
 log = Logger(namespace="mailboxd.processes")  # also when run as __main__
 
@@ -76,7 +80,8 @@ RESTART_PAUSE_MAX = 60.0  # ...after each quick death, up to this
 RAN_LONG_ENOUGH = 30.0  # seconds a child must have run for its next pause to reset
 STOP_GRACE = 10.0  # seconds a child has to stop before it is killed
 _RECORD = b"\x1e"  # between records on the channel (RFC 7464's separator)
-_QUEUED, _LOG = b"Q", b"L"  # a record's first byte: an envelope (JSON), a log event
+# A record's first byte: an envelope (JSON), a log event, the child's metrics.
+_QUEUED, _LOG, _METRICS = b"Q", b"L", b"M"
 _CHANNEL_FD, _LOCK_FD, _BOARD_FD, _FIRST_LISTENER_FD = 3, 4, 5, 6
 # Listeners a child can serve: their socket carries plain TCP, and the child
 # adds TLS itself for tls:. ssl: (TLS added inside the endpoint) and unix:
@@ -143,6 +148,11 @@ class _FromChild(_Records):
             self.supervisor.queued(*from_queued_record(body))
         elif kind == _LOG:
             self.supervisor.child_event(self.number, body)
+        elif kind == _METRICS:
+            self.supervisor.child_totals(self, body)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.supervisor.channel_closed(self)
 
 
 @attrs.define(eq=False)
@@ -162,6 +172,10 @@ class Supervisor(Service):
     _restarts: dict[int, Any] = attrs.field(factory=dict)
     _stopping: bool = False
     _ended: Deferred = attrs.field(factory=lambda: succeed(None))  # see ended()
+    # Each running child's last metrics totals, and the sum of the last
+    # totals of children that have ended.
+    _totals: dict[_FromChild, Totals] = attrs.field(factory=dict)
+    _ended_totals: dict[Key, float] = attrs.field(factory=lambda: collections.defaultdict(float))
 
     @property
     def _clock(self) -> Any:
@@ -217,6 +231,18 @@ class Supervisor(Service):
         event["log_system"] = f"{namespace}#{getattr(level, 'name', '-')} worker {number}"
         event["worker"] = number
         globalLogPublisher(event)
+
+    def child_totals(self, channel: _FromChild, record: bytes) -> None:
+        totals = metrics.from_record(record)
+        if totals is not None:
+            self._totals[channel] = totals
+
+    def channel_closed(self, channel: _FromChild) -> None:
+        # Its child has ended (or soon will): what it counted still counts.
+        metrics.add(self._ended_totals, self._totals.pop(channel, {}))
+
+    def children_totals(self) -> list[Totals]:
+        return [dict(self._ended_totals), *self._totals.values()]
 
     def child_ended(self, child: _Child, reason: Any) -> None:
         if self._children.get(child.number, (None,))[0] is child:
@@ -295,7 +321,7 @@ def _kill(transport: Any) -> None:
 
 @implementer(IPushProducer)
 class _ToPrimary(protocol.Protocol):
-    """The child's end of the channel. Log records are dropped while the
+    """The child's end of the channel. Log and metrics records are dropped while the
     primary does not keep up (the transport has paused us), rather than let
     them pile up or stop this process; queued envelopes are always sent. When the
     channel closes (the primary stopped or died), the child stops too."""
@@ -322,7 +348,7 @@ class _ToPrimary(protocol.Protocol):
         if not isInIOThread():
             self.reactor.callFromThread(self.send, kind, body)
             return
-        if kind == _LOG and self.paused:
+        if kind != _QUEUED and self.paused:  # a later metrics record has it all
             self.dropped += 1
             return
         self.transport.write(kind + body + _RECORD)
@@ -460,6 +486,17 @@ def child_main(argv: list[str] | None = None) -> None:
     for item in args.listener:
         name, fd, tls = item.split("=")
         listeners[name] = (int(fd), tls == "tls")
+    counted = metrics.Metrics()
+    if config.metrics.listen:
+        sent: list[Totals] = [{}]
+
+        def send_totals() -> None:
+            totals = counted.totals()
+            if totals != sent[0]:
+                channel.send(_METRICS, metrics.to_record(totals))
+                sent[0] = totals
+
+        LoopingCall(send_totals).start(metrics.SEND_EVERY, now=False)
     board = None
     if args.board:
         from .connections import Board
@@ -472,6 +509,7 @@ def child_main(argv: list[str] | None = None) -> None:
             reactor,
             listeners,
             lambda envelope, message: channel.send(_QUEUED, queued_record(envelope, message)),
+            counted,
             board,
         )
     except SystemExit as e:

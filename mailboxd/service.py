@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -27,6 +27,7 @@ from .credcache import CredentialCache
 from .guard import Guard
 from .instance import InstanceLock, InstanceRunning, lock_path
 from .maildir import clean_spool
+from .metrics import Exposition, Metrics, MetricsSite
 from .outbound import Outbound
 from .policy import Listener
 from .pop3 import POP3Factory
@@ -83,7 +84,7 @@ class ListenerService(StreamServerEndpointService):
         self,
         reactor: Any,
         description: str,
-        factory: ServerFactory,
+        factory: Factory[Any],
         name: str,
         tls: ServerTLS | None = None,
     ) -> None:
@@ -290,6 +291,7 @@ class _Parts:
     popauth: PopAuthRegistry
     tls: ServerTLS | None
     connections: ConnectionCount
+    metrics: Metrics
 
     def directory(self) -> Any:
         return self.accounts.directory
@@ -312,6 +314,7 @@ def _serving_parts(
     top: MultiService,
     state: SQLiteStateStore,
     lock: InstanceLock | None,
+    metrics: Metrics,
     board: Board | None = None,
 ) -> _Parts:
     """Pools, accounts, the login path and TLS, as services of `top`;
@@ -352,7 +355,7 @@ def _serving_parts(
     )
     cache = CredentialCache(config.limits.auth_cache_ttl, time.monotonic)
     checker = BcryptChecker(directory, hashing, cache, rounds=m.bcrypt_rounds)
-    auth = Authenticator(make_portal(MailboxRealm(directory), checker), guard)
+    auth = Authenticator(make_portal(MailboxRealm(directory), checker), guard, metrics)
     popauth = PopAuthRegistry(state, wall, config.relay.pop_before_smtp_ttl, workers.db)
     tls = None
     if config.tls.certificate is not None and config.tls.private_key is not None:
@@ -364,7 +367,7 @@ def _serving_parts(
     cost = accounts.directory.typical_cost or m.bcrypt_rounds
     reactor.callWhenRunning(workers.hashing.callInThread, checker.dummy_hash, cost)
     connections = ConnectionCount(config.limits.connections_per_ip, m.trusted_networks, board)
-    return _Parts(state, workers, accounts, auth, popauth, tls, connections)
+    return _Parts(state, workers, accounts, auth, popauth, tls, connections, metrics)
 
 
 def _factories(
@@ -387,6 +390,7 @@ def _factories(
             parts.tls,
             connections=parts.connections,
             wall=wall,
+            metrics=parts.metrics,
         )
 
     pop3 = POP3Factory(
@@ -397,6 +401,7 @@ def _factories(
         parts.workers,
         parts.tls,
         connections=parts.connections,
+        metrics=parts.metrics,
     )
     return smtp(Listener.MTA), smtp(Listener.SUBMISSION), pop3
 
@@ -426,7 +431,7 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
     state = _open_state(config, lock)
     children = worker_count(m.workers) - 1
     board = Board.create(children + 1) if children > 0 else None
-    parts = _serving_parts(config, reactor, clock, wall, top, state, lock, board)
+    parts = _serving_parts(config, reactor, clock, wall, top, state, lock, Metrics(), board)
     StateService(
         state, clock, config.limits.auth_failure_window, parts.workers, wall
     ).setServiceParent(top)
@@ -445,10 +450,12 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
         parts.directory,
         resolver=None,
         wall=wall,
+        metrics=parts.metrics,
     )
     Running(outbound).setServiceParent(top)
     mta, submission, pop3 = factories = _factories(config, parts, clock, wall, outbound.add)
     listeners = []
+    supervisor = None
     turns = Turns(board, clock) if board is not None else None
     for name, desc, factory in _listeners(config, factories):
         listener = ListenerService(reactor, desc, factory, name, parts.tls)
@@ -472,7 +479,31 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
         supervisor.setServiceParent(top)  # the last part: stopped first
         for listener in listeners:
             listener.workers_ended = supervisor.ended
+    if config.metrics.listen:
+        site = MetricsSite(_exposition(parts, state, wall, outbound, supervisor))
+        for i, desc in enumerate(config.metrics.listen):
+            ListenerService(reactor, desc, site, f"metrics-{i}", parts.tls).setServiceParent(top)
     return Appliance(top, parts.accounts, state, outbound, mta, submission, pop3, listeners)
+
+
+def _exposition(
+    parts: _Parts,
+    state: SQLiteStateStore,
+    wall: Wall,
+    outbound: Outbound,
+    supervisor: Supervisor | None,
+) -> Exposition:
+    def read_state() -> tuple[int, int]:
+        now = wall()
+        return len(state.blocks(now)), len(state.popauths(now))
+
+    return Exposition(
+        parts.metrics,
+        supervisor.children_totals if supervisor is not None else list,
+        parts.workers.db,
+        read_state,
+        lambda: len(outbound.entries),
+    )
 
 
 @attrs.define(eq=False)
@@ -503,14 +534,16 @@ def assemble_child(
     reactor: Any,
     fds: dict[str, tuple[int, bool]],
     queued: Any,
+    metrics: Metrics,
     board: Board | None = None,
 ) -> MultiService:
     """A child process's part (see processes.py): it serves the listeners in
     `fds` (name -> the listening socket, and whether to add TLS), counts its
-    connections on `board`, and hands what it queues to `queued`."""
+    connections on `board` and what it does in `metrics`, and hands what it
+    queues to `queued`."""
     top = MultiService()
     state = _open_state(config, None)
-    parts = _serving_parts(config, reactor, reactor, time.time, top, state, None, board)
+    parts = _serving_parts(config, reactor, reactor, time.time, top, state, None, metrics, board)
     turns = Turns(board, reactor) if board is not None else None
     factories = _factories(config, parts, reactor, time.time, lambda e, m: queued(e.to_json(), m))
     # The primary said which socket is which; what the config file says now

@@ -30,6 +30,7 @@ from .faults import Faults
 from .faults import apply as apply_fault
 from .guard import refusal
 from .lines import LineProtocol
+from .metrics import Metrics
 from .policy import (
     Client,
     Listener,
@@ -84,6 +85,7 @@ class SMTPFactory(ServerFactory):
     faults: Faults | None = None  # test-only fault injection (mailboxd.testing)
     connections: ConnectionCount | None = None  # shared by every listener
     wall: Wall = time.time  # for the instants a message carries (Received:, queue entries)
+    metrics: Metrics = attrs.field(factory=Metrics)  # one for the process, shared
 
     noisy = False  # the connection log lines say more
 
@@ -134,6 +136,8 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         # end: at a message a connection, a log line is a good part of the
         # cost of a message (two lines fewer: 14% more messages a second).
         self.began = self.factory.clock.seconds()
+        listener = self.factory.listener.value + ("-tls" if self.tls_pending else "")
+        self.factory.metrics.connections[listener].inc()
         if not self.count_connection(self.factory.connections):
             log.info("smtp refused {client}: too many connections", client=self.peer_ip, code=421)
             self.close((421, f"4.7.0 Too many connections from {self.peer_ip}"))
@@ -340,6 +344,17 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         return None
 
     def smtp_RCPT(self, arg: str) -> Reply | Deferred:
+        reply = self.rcpt(arg)
+        if isinstance(reply, Deferred):
+            return reply.addCallback(self._rcpt_counted)
+        return self._rcpt_counted(reply)
+
+    def _rcpt_counted(self, reply: Reply) -> Reply:
+        if reply[0] >= 400:  # those accepted are counted by verdict
+            self.factory.metrics.recipients["rejected"].inc()
+        return reply
+
+    def rcpt(self, arg: str) -> Reply | Deferred:
         tx = self.tx
         if tx is None:
             return (503, "5.5.1 Error: need MAIL command")
@@ -370,6 +385,8 @@ class SMTPServer(LineProtocol, TimeoutMixin):
                     code=decision.code,
                 )
                 return (decision.code, decision.text)
+            verdict = "relay" if decision.verdict is Verdict.RELAY else "local"
+            self.factory.metrics.recipients[verdict].inc()
             tx.recipients.append(rcpt)
             for account in decision.accounts:
                 tx.accounts.setdefault(account.address, account)
@@ -413,13 +430,21 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         self.max_line = COMMAND_LINE_MAX
         self.setTimeout(self.factory.config.smtp.idle_timeout)
         result = reception.finish()
+        ended = self.factory.clock.seconds()
         if isinstance(result, Deferred):
-            result.addCallback(self._counted)
+            result.addCallback(self._counted, ended)
+        elif result is not None:
+            self._counted(result, ended)
         return self.answer(result)
 
-    def _counted(self, reply: Reply) -> Reply:
+    def _counted(self, reply: Reply, ended: float) -> Reply:
+        metrics = self.factory.metrics
         if reply[0] == 250:
             self.accepted += 1
+            metrics.messages["accepted"].inc()
+            metrics.data_seconds.observe(self.factory.clock.seconds() - ended)
+        else:
+            metrics.messages["rejected"].inc()
         return reply
 
     def smtp_RSET(self, arg: str) -> Reply:

@@ -362,14 +362,14 @@ def _free_port() -> int:
 
 
 @pytest.mark.blackbox
-@pytest.mark.parametrize("busy", ["smtp", "pop3"])
+@pytest.mark.parametrize("busy", ["smtp", "pop3", "metrics"])
 def test_twistd_port_in_use_is_one_clear_line(tmp_path, busy):
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))
     blocker.listen()
     try:
         port = blocker.getsockname()[1]
-        ports = {"smtp": _free_port(), "submission": _free_port(), "pop3": _free_port()}
+        ports = {name: _free_port() for name in ("smtp", "submission", "pop3", "metrics")}
         ports[busy] = port
         (tmp_path / "etc").mkdir()
         (tmp_path / "etc" / "accounts").write_text("")
@@ -379,6 +379,7 @@ def test_twistd_port_in_use_is_one_clear_line(tmp_path, busy):
             f"[smtp]\nlisten = tcp:{ports['smtp']}:interface=127.0.0.1\n"
             f"submission = tcp:{ports['submission']}:interface=127.0.0.1\n"
             f"[pop3]\nlisten = tcp:{ports['pop3']}:interface=127.0.0.1\n"
+            f"[metrics]\nlisten = tcp:{ports['metrics']}:interface=127.0.0.1\n"
         )
         code, out = run_twistd(
             tmp_path, "-n", "--pidfile=", "mailbox", "--config", "etc/mailbox.ini"

@@ -17,6 +17,7 @@ import smtplib
 import subprocess
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,7 @@ def test_the_documented_install_serves_smtp_and_pop3(prefix):
     state.mkdir(parents=True)
     shutil.chown(state, RUN_AS, RUN_GROUP)
     state.chmod(int(settings["StateDirectoryMode"], 8))
-    smtp, submission, smtps, pop3, pop3s = (free_port() for _ in range(5))
+    smtp, submission, smtps, pop3, pop3s, metrics = (free_port() for _ in range(6))
     config = here((ROOT / "etc" / "production.ini").read_text())
     config = (
         config.replace("tcp:25:interface=\\:\\:", f"tcp:{smtp}:interface=127.0.0.1")
@@ -112,6 +113,7 @@ def test_the_documented_install_serves_smtp_and_pop3(prefix):
         .replace("tcp:587:interface=\\:\\:", f"tcp:{submission}:interface=127.0.0.1")
         .replace("tcp:110:interface=\\:\\:", f"tcp:{pop3}:interface=127.0.0.1")
         .replace("tls:995:interface=\\:\\:", f"tls:{pop3s}:interface=127.0.0.1")
+        .replace("tcp:9225:interface=127.0.0.1", f"tcp:{metrics}:interface=127.0.0.1")
     )
     assert ":\\:\\:" not in config, "a listener of the production config was not rewritten"
     make_self_signed("mail.example.com", etc / "tls" / "fullchain.pem", etc / "tls" / "privkey.pem")
@@ -166,6 +168,10 @@ def test_the_documented_install_serves_smtp_and_pop3(prefix):
         p.pass_("alice pw")
         assert p.retr(1)[1][-1] == b"hello"
         p.quit()
+        url = f"http://127.0.0.1:{metrics}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            scraped = r.read().decode()
+        assert 'mailbox_smtp_messages_total{result="accepted"} 1.0' in scraped, scraped
     finally:
         proc.terminate()
         proc.wait(30)
