@@ -247,8 +247,9 @@ def main() -> None:
         args.port, CaptureFactory(args.out, args.script), interface="127.0.0.1"
     )
     number = port.getHost().port
-    (args.out / ".ready").write_text(f"{number}\n")
+    # Said before .ready appears: a test that sees .ready reads this line.
     print(f"capture_smtp listening on 127.0.0.1:{number}", flush=True)
+    (args.out / ".ready").write_text(f"{number}\n")
     reactor.run()
 
 
