@@ -41,6 +41,7 @@ class SMTPSection:
     require_tls_for_auth: bool
     max_errors: int
     idle_timeout: int
+    max_hops: int = 50  # Received: fields a message may arrive with (RFC 5321 §6.3)
 
 
 @attrs.frozen
@@ -273,6 +274,7 @@ SPEC: _Spec = {
         "require_tls_for_auth": ("no", _bool),
         "max_errors": ("10", _count(1)),
         "idle_timeout": ("300", _count(1)),
+        "max_hops": ("50", _count(1)),
     },
     "pop3": {
         "listen": ("tcp:1110:interface=127.0.0.1", _endpoints),

@@ -39,6 +39,7 @@ TOO_BIG = (552, "5.3.4 Message size exceeds fixed limit")
 NOT_SPOOLED = (451, "4.3.0 Error: local storage unavailable, try again later")
 NOT_STORED = (451, "4.3.0 Error: could not store the message, try again later")
 NO_SPACE = (452, "4.3.1 Insufficient system storage")  # RFC 5321 §4.2.3, RFC 3463
+TOO_MANY_HOPS = (554, "5.4.6 Too many hops")  # RFC 5321 §6.3: a loop, most likely
 
 
 def storage_error(error: BaseException, otherwise: Reply) -> Reply:
@@ -121,6 +122,8 @@ class Reception:
     return_path_size: int  # where the queue's copy starts: relayed mail has no Return-Path
     header_size: int = attrs.field(init=False)
     error: Reply | None = attrs.field(init=False, default=None)
+    in_header: bool = True  # until the empty line that ends the message's header
+    hops: int = 0  # Received: fields the message came with
 
     def __attrs_post_init__(self) -> None:
         self.header_size = self.message.wire_size
@@ -142,6 +145,8 @@ class Reception:
             return None
         if line.startswith(b"."):
             line = line[1:]
+        if self.in_header:
+            self._header_line(line)
         body_size = self.message.wire_size - self.header_size + len(line) + 2
         if body_size > self.intake.config.smtp.max_message_size:
             self.error = TOO_BIG
@@ -155,6 +160,14 @@ class Reception:
             return None
         # A spool file is a directory update, which can wait for the disk.
         return self.intake.workers.disk(self.message.spill).addErrback(self._spill_failed)
+
+    def _header_line(self, line: bytes) -> None:
+        if not line:
+            self.in_header = False
+        elif line[:9].lower() == b"received:":
+            self.hops += 1
+            if self.hops > self.intake.config.smtp.max_hops:
+                self.error = TOO_MANY_HOPS
 
     def _spill_failed(self, f: Any) -> None:
         f.trap(OSError)

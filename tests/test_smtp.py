@@ -454,3 +454,23 @@ def test_a_session_is_logged_once_at_its_end_with_what_it_delivered(s):
     (event,) = sessions
     assert (event["client"], event["listener"], event["accepted"]) == ("192.0.2.7", "listen", 2)
     assert formatEvent(event).startswith("smtp session from 192.0.2.7 on listen: 2 accepted, ")
+
+
+def _hops(count: int) -> str:
+    return "".join(f"Received: from hop{i}.far.test by mx{i}.far.test; x\r\n" for i in range(count))
+
+
+@pytest.mark.parametrize("count, reply", [(50, "250 2.0.0 Ok"), (51, "554 5.4.6 Too many hops")])
+def test_a_message_that_went_round_a_loop_is_refused(s, count, reply):
+    s.envelope()
+    assert s.cmd("DATA").startswith("354 ")
+    text = _hops(count) + "Subject: loop\r\n\r\nReceived: in the body, not a hop\r\n."
+    assert s.cmd(text).startswith(reply)
+    assert len(s.delivered()) == (1 if reply.startswith("250") else 0)
+
+
+def test_folded_received_fields_count_once(s):
+    s.envelope()
+    assert s.cmd("DATA").startswith("354 ")
+    folded = "Received: from hop.far.test\r\n\tby mx.far.test; Tue, 1 Dec 2026\r\n" * 50
+    assert s.cmd(folded + "Subject: x\r\n\r\n" + "Received: body\r\n" * 5 + ".").startswith("250 ")
