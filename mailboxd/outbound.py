@@ -928,13 +928,13 @@ class Outbound:
             heloFallback=True,
             requireAuthentication=bool(relay.smarthost and relay.smarthost_username),
             requireTransportSecurity=False,
+            # STARTTLS whenever the other side offers it, without verification,
+            # as MTAs do between themselves (RFC 7435 opportunistic security).
+            contextFactory=self._client_tls,
         )
         # Our name in EHLO/HELO. (ESMTPSenderFactory's `hostname` is the
         # *server's* name for TLS verification, and must be text.)
         factory.domain = self.config.mailbox.hostname.encode()
-        # STARTTLS whenever the other side offers it, without verification,
-        # as MTAs do between themselves (RFC 7435 opportunistic security).
-        factory._contextFactory = self._client_tls
         factory.clock = self.clock
         factory.idle, factory.hop, factory.dest = self._idle, hop, dest
         return (self.connect or self._connect)(hop, factory)

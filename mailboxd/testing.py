@@ -438,7 +438,7 @@ class MailServer(ServerAPI):
         appliance.outbound.delivered = self._delivered  # bounces to local senders
         appliance.service.privilegedStartService()
         appliance.service.startService()
-        waiting = [listener._waitingForPort for listener in appliance.listeners]
+        waiting = [listener.listening for listener in appliance.listeners]
 
         def ports(results: list) -> None:
             found = {}
