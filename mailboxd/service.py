@@ -37,7 +37,14 @@ from .queue import queue_dir, remove_unacknowledged
 from .realm import BcryptChecker, HashingQueue, MailboxRealm, make_portal
 from .smtp import SMTPFactory
 from .state import SQLiteStateStore, StateError, state_path
-from .tls import IMPLICIT_PREFIX, ServerTLS, TLSConfigError, implicit_endpoint, wrap_implicit
+from .tls import (
+    IMPLICIT_PREFIX,
+    ServerTLS,
+    TLSConfigError,
+    endpoint_string,
+    with_certificate,
+    wrap_implicit,
+)
 from .turns import Turns
 from .workers import Workers, hashing_threads, make_workers
 
@@ -94,12 +101,12 @@ class ListenerService(Service):
         name: str,
         tls: ServerTLS | None = None,
     ) -> None:
-        endpoint: IStreamServerEndpoint
+        full = endpoint_string(with_backlog(description))
         if description.startswith(IMPLICIT_PREFIX) and tls is not None:
-            endpoint = implicit_endpoint(reactor, with_backlog(description))
-            factory = wrap_implicit(tls, factory)
-        else:
-            endpoint = serverFromString(reactor, with_backlog(description))
+            # Our implicit-TLS parser (mailboxd.tls) takes the [tls] certificate
+            # as Twisted's ssl: does, and loads it when it listens.
+            full = with_certificate(full, tls.certificate, tls.private_key)
+        endpoint = serverFromString(reactor, full)
         self.endpoint: IStreamServerEndpoint = _Noting(endpoint, self._listening)
         self.factory = factory
         self.port: Any = None
