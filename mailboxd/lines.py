@@ -40,6 +40,9 @@ log = Logger()
 
 # Input a session holds unhandled while it waits (for a slow command, or for
 # the peer to read its replies) before it stops reading from the socket.
+SMTPReply = tuple[int, str]  # an SMTP reply: its code and text
+POP3Reply = str | bytes  # a POP3 reply: one line, or a whole multi-line response
+
 HELD_INPUT_MAX = 65536
 CLOSING_TIMEOUT = 30  # seconds a hung-up connection may take to go
 PEER_NOT_READING = "peer not reading"  # a reason to pause: the transport's buffer is full

@@ -39,7 +39,7 @@ from twisted.names.client import createResolver
 from . import queue
 from .accounts import Account, Directory
 from .addresses import parse_mailbox
-from .bounce import Failure, build_dsn
+from .bounce import FailedRecipient, build_dsn
 from .clocks import Wall
 from .config import Config
 from .lines import DirectWrites
@@ -63,7 +63,7 @@ def backoff(attempts: int) -> int:
 
 
 @attrs.frozen
-class Outcome:
+class DeliveryOutcome:
     """What one recipient's attempt came to."""
 
     address: str
@@ -438,7 +438,7 @@ def _status(code: int, text: str) -> str:
     return f"{kind}.0.0"
 
 
-def outcomes_of(result: Any, recipients: list[str], remote: str) -> list[Outcome]:
+def outcomes_of(result: Any, recipients: list[str], remote: str) -> list[DeliveryOutcome]:
     """Per-recipient outcomes of an ESMTPSenderFactory result or failure."""
     if isinstance(result, tuple):  # (accepted count, [(address, code, reply)])
         _count, addresses = result
@@ -448,7 +448,8 @@ def outcomes_of(result: Any, recipients: list[str], remote: str) -> list[Outcome
         data_code, data_text = result.code, _text(result.resp)
     else:  # no SMTP answer at all: refused, timed out, TLS failed, not SMTP
         return [
-            Outcome(r, 0, _text(str(result)) or type(result).__name__, "4.4.1") for r in recipients
+            DeliveryOutcome(r, 0, _text(str(result)) or type(result).__name__, "4.4.1")
+            for r in recipients
         ]
     by_address = {_text(a).lower(): (c, _text(t)) for a, c, t in addresses}
     outcomes = []
@@ -458,7 +459,7 @@ def outcomes_of(result: Any, recipients: list[str], remote: str) -> list[Outcome
             code, text = data_code, data_text  # accepted at RCPT, refused at DATA
         if code <= 0:
             code, text = 451, text or "no reply"
-        outcomes.append(Outcome(r, code, f"{code} {text}", _status(code, text), remote))
+        outcomes.append(DeliveryOutcome(r, code, f"{code} {text}", _status(code, text), remote))
     return outcomes
 
 
@@ -759,7 +760,9 @@ class Outbound:
             self._held_bytes -= len(message)
         return message
 
-    def _record(self, entry: Entry, recipients: list[Recipient], outcomes: list[Outcome]) -> None:
+    def _record(
+        self, entry: Entry, recipients: list[Recipient], outcomes: list[DeliveryOutcome]
+    ) -> None:
         now = self._now(entry)
         lifetime = self.config.relay.queue_lifetime
         for r, o in zip(recipients, outcomes, strict=True):
@@ -814,7 +817,7 @@ class Outbound:
 
     async def _deliver(
         self, entry: Entry, dest: str, recipients: list[str], small: bytes | None = None
-    ) -> list[Outcome]:
+    ) -> list[DeliveryOutcome]:
         smarthost = self.config.relay.smarthost
         try:
             if smarthost:
@@ -826,13 +829,16 @@ class Outbound:
                 hops = [Hop(h, self.mx_port) for h in hosts]
         except RouteError as e:
             code = 550 if e.permanent else 451
-            return [Outcome(r, code, f"{code} {e.status} {e.text}", e.status) for r in recipients]
+            return [
+                DeliveryOutcome(r, code, f"{code} {e.status} {e.text}", e.status)
+                for r in recipients
+            ]
         now = self.clock.seconds()
         for host, until in list(self._bad_hosts.items()):
             if until <= now:
                 del self._bad_hosts[host]
         good = [h for h in hops if h.host not in self._bad_hosts]
-        outcomes: list[Outcome] = []
+        outcomes: list[DeliveryOutcome] = []
         for hop in good or hops:  # a bad host is skipped for a while, unless all are bad
             outcomes = await self._send(entry, dest, hop, recipients, small)
             if any(o.code for o in outcomes):
@@ -864,7 +870,7 @@ class Outbound:
         recipients: list[str],
         small: bytes | None = None,
         reuse: bool = True,
-    ) -> list[Outcome]:
+    ) -> list[DeliveryOutcome]:
         relay = self.config.relay
         waiting = self._idle.take(hop) if reuse else None
         if waiting is None:
@@ -1015,7 +1021,7 @@ class Outbound:
                 return
         original = await self._thread(self._read_original, entry)
         failures = [
-            Failure(r.address, r.status_code or "5.0.0", r.last_error, r.remote or None)
+            FailedRecipient(r.address, r.status_code or "5.0.0", r.last_error, r.remote or None)
             for r in failed
         ]
         bounce_id = secrets.token_hex(6).upper()
