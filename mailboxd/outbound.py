@@ -35,6 +35,7 @@ from twisted.mail.smtp import (
     SMTPConnectError,
 )
 from twisted.names.client import createResolver
+from twisted.python.failure import Failure
 
 from . import queue
 from .accounts import Account, Directory
@@ -406,6 +407,15 @@ class _SenderFactory(ESMTPSenderFactory):
         return p
 
 
+def _log_failure(f: Failure, queue_id: str) -> None:
+    log.failure("queue: {queue_id} failed", f, queue_id=queue_id)
+
+
+def _fail_unless_called(f: Failure, result: Deferred) -> None:
+    if not result.called:
+        result.errback(f)
+
+
 def attempt_deadline(step_timeout: int) -> float:
     """How long one delivery attempt may take in all: four steps' worth, and
     at least ten minutes (a big message to a slow server)."""
@@ -648,9 +658,7 @@ class Outbound:
                 work = self._work(entry, reserved)
             self._busy.add(entry_id)
             d = ensureDeferred(work)
-            d.addErrback(
-                lambda f, e=entry: log.failure("queue: {queue_id} failed", f, queue_id=e.id)
-            )
+            d.addErrback(_log_failure, entry.id)
             d.addBoth(self._done, entry_id)
 
     def _reserve(self, entry: Entry) -> list[str]:
@@ -890,7 +898,7 @@ class Outbound:
                 waiting.take(_Job(entry.sender, recipients, message, result))
             else:
                 connecting = self._open(dest, hop, entry, recipients, message, result)
-            connecting.addErrback(lambda f: result.called or result.errback(f))
+            connecting.addErrback(_fail_unless_called, result)
             # Whatever the remote does (replies that each reset the step timeout,
             # a trickle of bytes), an attempt ends: its slot is then free again.
             deadline = self.clock.callLater(
@@ -1011,7 +1019,8 @@ class Outbound:
         if not to:
             # Never bounce a bounce; tell the postmaster, if there is one.
             to = f"postmaster@{self.config.mailbox.domains[0]}"
-            if not directory.resolve(parse_mailbox(to)):  # type: ignore[arg-type]
+            postmaster = parse_mailbox(to)
+            if postmaster is None or not directory.resolve(postmaster):
                 log.warn(
                     "queue {queue_id}: a bounce could not be delivered to {rcpts}; dropped "
                     "(no postmaster account or alias)",

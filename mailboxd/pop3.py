@@ -15,7 +15,6 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 
 from .auth import Authenticator, AuthResult, LoginOutcome
 from .connections import ConnectionCount
@@ -49,7 +48,7 @@ BIG_LISTING = 1000  # LIST/UIDL of more messages than this are built off the rea
 
 
 @attrs.define(repr=False)
-class POP3Factory(ServerFactory):
+class POP3Factory(ServerFactory["POP3Server"]):
     config: Any
     auth: Authenticator
     popauth: PopAuthRegistry
@@ -94,14 +93,14 @@ def multiline(first: str, lines: list[str] | list[bytes]) -> bytes:
     return first.encode() + b"\r\n" + body + b".\r\n"
 
 
-class POP3Server(LineProtocol, TimeoutMixin):
+class POP3Server(LineProtocol):
     factory: POP3Factory
     max_line = LINE_MAX
     known_errors = (StateError,)
     began = 0.0  # when the session began, on the factory's clock
 
     def connectionMade(self) -> None:
-        self.callLater = self.factory.clock.callLater
+        self.clock = self.factory.clock
         self.tls_pending = tls_connection(self.transport) is not None  # implicit TLS
         self.peer_ip = getattr(self.transport.getPeer(), "host", "unknown")
         self.username: str | None = None
@@ -309,6 +308,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
         if result.outcome is LoginOutcome.FAILED:
             return AUTH_FAILED
         account = result.account
+        assert account is not None  # a login that went OK has its account
         self.account = account
         path = maildir_path(self.factory.config.mailbox.mail_dir, account)
 
@@ -366,13 +366,13 @@ class POP3Server(LineProtocol, TimeoutMixin):
         live = self.mailbox.live()
         return f"+OK {len(live)} {sum(m.size for _, m in live)}"
 
-    def pop_LIST(self, arg: str) -> POP3Reply:
+    def pop_LIST(self, arg: str) -> POP3Reply | Deferred:
         return self._listing(arg, lambda n, m: f"{n} {m.size}")
 
-    def pop_UIDL(self, arg: str) -> POP3Reply:
+    def pop_UIDL(self, arg: str) -> POP3Reply | Deferred:
         return self._listing(arg, lambda n, m: f"{n} {m.uid}")
 
-    def _listing(self, arg: str, entry: Callable[[int, Any], str]) -> POP3Reply:
+    def _listing(self, arg: str, entry: Callable[[int, Any], str]) -> POP3Reply | Deferred:
         if self.mailbox is None:
             return "-ERR not authenticated"
         if arg.strip():

@@ -18,7 +18,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 
 from .accounts import Account, Directory
 from .addresses import parse_mailbox
@@ -68,7 +67,7 @@ __all__ = ["Delivery", "SMTPFactory", "SMTPServer"]
 
 
 @attrs.define(repr=False)
-class SMTPFactory(ServerFactory):
+class SMTPFactory(ServerFactory["SMTPServer"]):
     config: Config
     directory: Callable[[], Directory]
     clock: IReactorTime
@@ -107,7 +106,7 @@ def _wire(reply: SMTPReply) -> str:
     return "".join(f"{code}-{line}\r\n" for line in more) + f"{code} {last}"
 
 
-class SMTPServer(LineProtocol, TimeoutMixin):
+class SMTPServer(LineProtocol):
     factory: SMTPFactory
     max_line = COMMAND_LINE_MAX
     known_errors = (StateError,)
@@ -116,7 +115,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         cfg = self.factory.config
-        self.callLater = self.factory.clock.callLater
+        self.clock = self.factory.clock
         self.tls_pending = tls_connection(self.transport) is not None  # implicit TLS
         self.hostname = cfg.mailbox.hostname
         peer = self.transport.getPeer()

@@ -158,37 +158,44 @@ class ImplicitTLSEndpoint:
         return self.endpoint.listen(wrap_implicit(tls, protocolFactory))
 
 
+def implicit_tls_endpoint(
+    reactor: Any,  # IReactorTCP for the endpoint, IReactorTime for the certificate's checks
+    port: str,
+    interface: str = "",
+    backlog: str = "50",
+    *,
+    certKey: str | None = None,
+    privateKey: str | None = None,
+) -> ImplicitTLSEndpoint:
+    """The endpoint a ``mailbox-tls:`` string describes (its words as
+    Twisted hands them over); ValueError or TypeError if they are wrong."""
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} is not from 0 to 65535")
+    queued = int(backlog)
+    if queued < 1:
+        raise ValueError(f"backlog {queued} is not a positive number")
+    if privateKey is not None and certKey is None:
+        raise ValueError("privateKey= needs certKey=")
+    tcp = TCP4ServerEndpoint(reactor, number, backlog=queued, interface=interface)
+    return ImplicitTLSEndpoint(
+        tcp,
+        reactor,
+        None if certKey is None else Path(certKey),
+        None if certKey is None else Path(privateKey or certKey),
+    )
+
+
 @implementer(IPlugin, IStreamServerEndpointStringParser)
 class ImplicitTLSParser:
-    """The ``tls:`` endpoint-string parser; see the module docstring."""
+    """The implicit-TLS endpoint-string parser; see the module docstring."""
 
     prefix = PLUGIN_PREFIX
 
-    def parseStreamServer(
-        self,
-        reactor: Any,  # IReactorTCP for the endpoint, IReactorTime for the certificate's checks
-        port: str,
-        interface: str = "",
-        backlog: str = "50",
-        *,
-        certKey: str | None = None,
-        privateKey: str | None = None,
-    ) -> ImplicitTLSEndpoint:
-        number = int(port)
-        if not 0 <= number <= 65535:
-            raise ValueError(f"port {number} is not from 0 to 65535")
-        queued = int(backlog)
-        if queued < 1:
-            raise ValueError(f"backlog {queued} is not a positive number")
-        if privateKey is not None and certKey is None:
-            raise ValueError("privateKey= needs certKey=")
-        tcp = TCP4ServerEndpoint(reactor, number, backlog=queued, interface=interface)
-        return ImplicitTLSEndpoint(
-            tcp,
-            reactor,
-            None if certKey is None else Path(certKey),
-            None if certKey is None else Path(privateKey or certKey),
-        )
+    def parseStreamServer(self, reactor: Any, *args: Any, **kwargs: Any) -> ImplicitTLSEndpoint:
+        # The interface's signature (strings from the description); what they
+        # mean is implicit_tls_endpoint's.
+        return implicit_tls_endpoint(reactor, *args, **kwargs)
 
 
 def endpoint_string(description: str) -> str:
