@@ -171,7 +171,11 @@ class _Sender(DirectWrites, ESMTPSender):
     same host instead of saying QUIT), and PIPELINING (RFC 2920) where the
     server offers it: MAIL, every RCPT and DATA go in one write, and their
     replies are read in turn, so a transaction costs one round trip before
-    the data instead of one a command."""
+    the data instead of one a command.
+
+    Both drive SMTPClient's private state machine (_expected, _okresponse,
+    _failresponse, _from, _disconnectFromServer): Twisted has no public API
+    for either. Leaving it means a sender of our own (issue 13, item 6)."""
 
     _line_start = True
     _ended = False  # the data went: its reply ends the transaction
