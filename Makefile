@@ -39,6 +39,7 @@ run: install
 lint: install
 	$(BIN)/ruff check mailboxd tests twisted bench
 	$(BIN)/ruff format --check mailboxd tests twisted bench
+	$(BIN)/mypy mailboxd
 
 test: install lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider

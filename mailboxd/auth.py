@@ -21,7 +21,7 @@ from .state import StateError
 log = Logger()
 
 
-class Outcome(enum.Enum):
+class LoginOutcome(enum.Enum):
     OK = "ok"
     FAILED = "failed"
     BLOCKED = "blocked"  # this IP is blocked now: end the session
@@ -29,7 +29,7 @@ class Outcome(enum.Enum):
 
 @attrs.frozen
 class AuthResult:
-    outcome: Outcome
+    outcome: LoginOutcome
     account: Account | None = None
 
 
@@ -48,7 +48,7 @@ class Authenticator:
         return d.addCallback(self._counted, protocol)
 
     def _counted(self, result: AuthResult, protocol: str) -> AuthResult:
-        ok = result.outcome is Outcome.OK
+        ok = result.outcome is LoginOutcome.OK
         self.metrics.auth[protocol, "success" if ok else "failure"].inc()
         return result
 
@@ -76,7 +76,7 @@ class Authenticator:
             account=account.address,
             client=ip,
         )
-        return AuthResult(Outcome.OK, account)
+        return AuthResult(LoginOutcome.OK, account)
 
     def _refused_blocked(self, protocol: str, ip: str, username: str) -> AuthResult:
         log.info(
@@ -85,7 +85,7 @@ class Authenticator:
             user=shown(username),
             client=ip,
         )
-        return AuthResult(Outcome.BLOCKED)
+        return AuthResult(LoginOutcome.BLOCKED)
 
     async def _failed(self, protocol: str, ip: str, username: str, why: Any) -> AuthResult:
         verdict = await self.guard.failed(ip)
@@ -98,7 +98,7 @@ class Authenticator:
             client=ip,
             why=why,
         )
-        return AuthResult(Outcome.BLOCKED if verdict.blocked else Outcome.FAILED)
+        return AuthResult(LoginOutcome.BLOCKED if verdict.blocked else LoginOutcome.FAILED)
 
     def refuse(self, protocol: str, ip: str, username: str, why: str) -> Deferred:
         """Count a refusal decided without a password check (e.g. a foreign authzid)."""

@@ -33,7 +33,7 @@ _STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 
 
 @attrs.frozen
-class Failure:
+class FailedRecipient:
     """One recipient that could not be delivered."""
 
     recipient: str  # e.g. "x@far.test"
@@ -74,7 +74,7 @@ def _header_block(original: bytes) -> bytes:
     return b"".join(line[:MAX_LINE] + b"\n" for line in text.split(b"\n") if line)
 
 
-def _explanation(hostname: str, failures: list[Failure]) -> str:
+def _explanation(hostname: str, failures: list[FailedRecipient]) -> str:
     lines = [
         f"This is the mail delivery system at {hostname}.",
         "",
@@ -99,7 +99,7 @@ def _explanation(hostname: str, failures: list[Failure]) -> str:
     return "\n".join(lines)
 
 
-def _delivery_status(hostname: str, arrival: float, failures: list[Failure]) -> str:
+def _delivery_status(hostname: str, arrival: float, failures: list[FailedRecipient]) -> str:
     lines = [f"Reporting-MTA: dns; {hostname}", f"Arrival-Date: {_date(arrival)}"]
     for failure in failures:
         lines += ["", f"Final-Recipient: rfc822; {_clean(failure.recipient)}"]
@@ -116,7 +116,7 @@ def build_dsn(
     *,
     hostname: str,
     original_sender: str,
-    failures: list[Failure],
+    failures: list[FailedRecipient],
     original: bytes,
     arrival: float,
     now: float,

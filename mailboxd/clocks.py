@@ -13,11 +13,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from twisted.internet.base import ReactorBase
+from twisted.internet.base import DelayedCall, ReactorBase
+from twisted.internet.interfaces import IDelayedCall
 
 Wall = Callable[[], float]  # Unix time now
+
+_T = TypeVar("_T")
+
+
+def cancelling(result: _T, call: IDelayedCall) -> _T:
+    """Cancel `call` unless it has run, and pass `result` on: a Deferred's
+    callback that ends the timer set on it."""
+    if call.active():
+        call.cancel()
+    return result
 
 
 def use_monotonic_clock(reactor: Any) -> None:
@@ -34,6 +45,7 @@ def use_monotonic_clock(reactor: Any) -> None:
         return
     shift = time.monotonic() - reactor.seconds()
     for call in reactor.getDelayedCalls():
+        assert isinstance(call, DelayedCall)  # what a ReactorBase schedules
         call.time += shift
         call.seconds = time.monotonic
-    reactor.seconds = time.monotonic  # type: ignore[method-assign]
+    reactor.seconds = time.monotonic

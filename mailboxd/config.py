@@ -189,18 +189,27 @@ class _ParseOnlyReactor:
 def _endpoints(text: str) -> tuple[str, ...]:
     from twisted.internet.endpoints import serverFromString
 
+    from .tls import PLUGIN_PREFIX, ImplicitTLSEndpoint, endpoint_string
+
     found = []
     for word in text.split():
-        # tls:PORT:... is ours: TCP under implicit TLS with the [tls] certificate.
-        parsed = "tcp:" + word[4:] if word.startswith("tls:") else word
+        if word.partition(":")[0].lower() == PLUGIN_PREFIX:
+            raise _Invalid(f"tls:PORT[:interface=ADDRESS] for implicit TLS, not {word!r}")
+        # tls:PORT:... is ours (a parser plugin: see mailboxd.tls), parsed here
+        # without its certificate, which the service adds from [tls].
         try:
-            serverFromString(_ParseOnlyReactor(), parsed)
+            endpoint = serverFromString(_ParseOnlyReactor(), endpoint_string(word))
         except Exception as e:  # parsers raise ValueError, KeyError, TypeError...
             raise _Invalid(
                 f"Twisted server endpoint strings such as tcp:2525:interface=127.0.0.1; "
                 f"{word!r} is not one ({e.__class__.__name__}: {e})"
             ) from None
-        port = _endpoint_port(parsed)
+        if isinstance(endpoint, ImplicitTLSEndpoint) and endpoint.certificate is not None:
+            raise _Invalid(
+                f"tls:PORT[:interface=ADDRESS] without certKey= or privateKey=, not {word!r}: "
+                f"a tls: listener uses the [tls] certificate"
+            )
+        port = _endpoint_port(word)
         if port is not None and not 0 <= port <= 65535:
             raise _Invalid(f"a port from 0 to 65535 in {word!r}, not {port}")
         found.append(word)

@@ -61,8 +61,8 @@ def _password() -> bytes:
 def user(config: Config, args: argparse.Namespace) -> None:
     path = config.mailbox.accounts
     if args.action == "list":
-        for address in accounts.listed(path):
-            print(address)
+        for listed in accounts.listed(path):
+            print(listed)
         return
     address = _address(config, args.address)
     if args.action == "del":

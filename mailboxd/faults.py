@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 from twisted.internet.task import deferLater
 
-Reply = Any  # an SMTP (code, text) tuple, or a POP3 line
+from .lines import POP3Reply, SMTPReply
 
 _PATH = re.compile(r"^(?:FROM|TO):\s*<?([^<>\s]*)>?", re.IGNORECASE)
 
@@ -27,7 +27,7 @@ def _subjects(argument: str) -> list[str]:
 class Rule:
     point: str  # "smtp.RCPT", "pop3.RETR", ...
     match: str | None = None  # a glob on the argument, or MAIL/RCPT's address: "bad@*"
-    reply: Reply = None
+    reply: SMTPReply | POP3Reply | None = None
     drop: bool = False
     delay: float = 0.0
     times: int | None = None  # None: for ever
@@ -46,7 +46,7 @@ class Faults:
         point: str,
         *,
         match: str | None = None,
-        reply: Reply = None,
+        reply: SMTPReply | POP3Reply | None = None,
         drop: bool = False,
         delay: float = 0.0,
         times: int | None = None,

@@ -28,18 +28,29 @@ peer sends, and only knows one maximum length. Here:
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ISSLTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 log = Logger()
 
 # Input a session holds unhandled while it waits (for a slow command, or for
 # the peer to read its replies) before it stops reading from the socket.
+SMTPReply = tuple[int, str]  # an SMTP reply: its code and text
+POP3Reply = str | bytes  # a POP3 reply: one line, or a whole multi-line response
+
 HELD_INPUT_MAX = 65536
 CLOSING_TIMEOUT = 30  # seconds a hung-up connection may take to go
 PEER_NOT_READING = "peer not reading"  # a reason to pause: the transport's buffer is full
@@ -80,7 +91,7 @@ class DirectWrites:
 
 
 @implementer(IHandshakeListener, IPushProducer)
-class LineProtocol(DirectWrites, Protocol):
+class LineProtocol(DirectWrites, Protocol, TimeoutMixin):
     max_line = 512
     strict_crlf = False
     _buffer = b""
@@ -95,6 +106,15 @@ class LineProtocol(DirectWrites, Protocol):
     tls_pending = False
     _pauses: set[str]
     _waiting_for_room: list[Deferred]
+    peer_ip: str  # the client's address: each protocol sets it as it connects
+    # What times the connection out (TimeoutMixin's timer, the closing
+    # timeout): the factory's clock in both servers; None: the reactor.
+    clock: IReactorTime | None = None
+
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        if self.clock is None:
+            return super().callLater(period, func)
+        return self.clock.callLater(period, func)
 
     def makeConnection(self, transport: Any) -> None:
         self._pauses = set()

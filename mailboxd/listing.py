@@ -43,7 +43,7 @@ SETTLED_SECONDS = 2.0
 
 
 @attrs.frozen
-class Message:
+class ListedMessage:
     path: str
     uid: str
     size: int  # on the wire: CRLF line ends and a final CRLF (RFC 1939)
@@ -156,7 +156,7 @@ def write_sizes(maildir: str, sizes: dict[str, tuple[int, int]]) -> None:
 # --- one listing ---------------------------------------------------------------------
 
 
-def scan(maildir: str) -> list[Message]:
+def scan(maildir: str) -> list[ListedMessage]:
     """Every message in new/ and cur/, in name order. Blocking.
 
     Regular files only: a link could serve any file the server can read, a
@@ -193,7 +193,7 @@ def scan(maildir: str) -> list[Message]:
                 except OSError:  # gone, or swapped for what is not a message
                     continue
             measured[key] = (on_disk, wire)
-        messages.append(Message(path, uid_for(name), wire))
+        messages.append(ListedMessage(path, uid_for(name), wire))
     if known is not None and known != measured:
         write_sizes(maildir, measured)
     return messages
@@ -233,13 +233,13 @@ class Listings:
 
     def __init__(self, budget: int = 200_000) -> None:
         self.budget = budget
-        self._kept: collections.OrderedDict[str, tuple[Stamp, tuple[Message, ...]]] = (
+        self._kept: collections.OrderedDict[str, tuple[Stamp, tuple[ListedMessage, ...]]] = (
             collections.OrderedDict()
         )
         self._size = 0
         self._lock = threading.Lock()
 
-    def list(self, maildir: str) -> tuple[Message, ...]:
+    def list(self, maildir: str) -> tuple[ListedMessage, ...]:
         """The Maildir's messages, as `scan` would give them. Blocking."""
         stamp = Stamp.of(maildir)
         with self._lock:

@@ -22,7 +22,7 @@ from typing import BinaryIO
 import attrs
 
 from .accounts import Account
-from .listing import Listings, Message, scan
+from .listing import ListedMessage, Listings, scan
 from .private import create_private, private_dir, write_all
 
 _counter = itertools.count(1)
@@ -267,7 +267,7 @@ class Mailbox:
     """
 
     path: Path
-    messages: tuple[Message, ...]
+    messages: tuple[ListedMessage, ...]
     _lock_fd: int | None = attrs.field(repr=False, default=None)
     deleted: set[int] = attrs.field(factory=set)  # message numbers
 
@@ -289,7 +289,7 @@ class Mailbox:
             raise
         return cls(path, messages, fd)
 
-    def get(self, number: int) -> Message | None:
+    def get(self, number: int) -> ListedMessage | None:
         """Message `number` (1-based), unless missing or marked deleted."""
         if 1 <= number <= len(self.messages) and number not in self.deleted:
             return self.messages[number - 1]
@@ -298,7 +298,7 @@ class Mailbox:
     def delete(self, number: int) -> None:
         self.deleted.add(number)
 
-    def live(self) -> list[tuple[int, Message]]:
+    def live(self) -> list[tuple[int, ListedMessage]]:
         deleted = self.deleted
         return [(i, m) for i, m in enumerate(self.messages, 1) if i not in deleted]
 

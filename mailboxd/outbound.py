@@ -35,11 +35,12 @@ from twisted.mail.smtp import (
     SMTPConnectError,
 )
 from twisted.names.client import createResolver
+from twisted.python.failure import Failure
 
 from . import queue
 from .accounts import Account, Directory
 from .addresses import parse_mailbox
-from .bounce import Failure, build_dsn
+from .bounce import FailedRecipient, build_dsn
 from .clocks import Wall
 from .config import Config
 from .lines import DirectWrites
@@ -64,7 +65,7 @@ def backoff(attempts: int) -> int:
 
 
 @attrs.frozen
-class Outcome:
+class DeliveryOutcome:
     """What one recipient's attempt came to."""
 
     address: str
@@ -171,7 +172,11 @@ class _Sender(DirectWrites, ESMTPSender):
     same host instead of saying QUIT), and PIPELINING (RFC 2920) where the
     server offers it: MAIL, every RCPT and DATA go in one write, and their
     replies are read in turn, so a transaction costs one round trip before
-    the data instead of one a command."""
+    the data instead of one a command.
+
+    Both drive SMTPClient's private state machine (_expected, _okresponse,
+    _failresponse, _from, _disconnectFromServer): Twisted has no public API
+    for either. Leaving it means a sender of our own (issue 13, item 6)."""
 
     _line_start = True
     _ended = False  # the data went: its reply ends the transaction
@@ -407,6 +412,15 @@ class _SenderFactory(ESMTPSenderFactory):
         return p
 
 
+def _log_failure(f: Failure, queue_id: str) -> None:
+    log.failure("queue: {queue_id} failed", f, queue_id=queue_id)
+
+
+def _fail_unless_called(f: Failure, result: Deferred) -> None:
+    if not result.called:
+        result.errback(f)
+
+
 def attempt_deadline(step_timeout: int) -> float:
     """How long one delivery attempt may take in all: four steps' worth, and
     at least ten minutes (a big message to a slow server)."""
@@ -439,7 +453,7 @@ def _status(code: int, text: str) -> str:
     return f"{kind}.0.0"
 
 
-def outcomes_of(result: Any, recipients: list[str], remote: str) -> list[Outcome]:
+def outcomes_of(result: Any, recipients: list[str], remote: str) -> list[DeliveryOutcome]:
     """Per-recipient outcomes of an ESMTPSenderFactory result or failure."""
     if isinstance(result, tuple):  # (accepted count, [(address, code, reply)])
         _count, addresses = result
@@ -449,7 +463,8 @@ def outcomes_of(result: Any, recipients: list[str], remote: str) -> list[Outcome
         data_code, data_text = result.code, _text(result.resp)
     else:  # no SMTP answer at all: refused, timed out, TLS failed, not SMTP
         return [
-            Outcome(r, 0, _text(str(result)) or type(result).__name__, "4.4.1") for r in recipients
+            DeliveryOutcome(r, 0, _text(str(result)) or type(result).__name__, "4.4.1")
+            for r in recipients
         ]
     by_address = {_text(a).lower(): (c, _text(t)) for a, c, t in addresses}
     outcomes = []
@@ -459,7 +474,7 @@ def outcomes_of(result: Any, recipients: list[str], remote: str) -> list[Outcome
             code, text = data_code, data_text  # accepted at RCPT, refused at DATA
         if code <= 0:
             code, text = 451, text or "no reply"
-        outcomes.append(Outcome(r, code, f"{code} {text}", _status(code, text), remote))
+        outcomes.append(DeliveryOutcome(r, code, f"{code} {text}", _status(code, text), remote))
     return outcomes
 
 
@@ -649,9 +664,7 @@ class Outbound:
                 work = self._work(entry, reserved)
             self._busy.add(entry_id)
             d = ensureDeferred(work)
-            d.addErrback(
-                lambda f, e=entry: log.failure("queue: {queue_id} failed", f, queue_id=e.id)
-            )
+            d.addErrback(_log_failure, entry.id)
             d.addBoth(self._done, entry_id)
 
     def _reserve(self, entry: Entry) -> list[str]:
@@ -761,7 +774,9 @@ class Outbound:
             self._held_bytes -= len(message)
         return message
 
-    def _record(self, entry: Entry, recipients: list[Recipient], outcomes: list[Outcome]) -> None:
+    def _record(
+        self, entry: Entry, recipients: list[Recipient], outcomes: list[DeliveryOutcome]
+    ) -> None:
         now = self._now(entry)
         lifetime = self.config.relay.queue_lifetime
         for r, o in zip(recipients, outcomes, strict=True):
@@ -817,7 +832,7 @@ class Outbound:
 
     async def _deliver(
         self, entry: Entry, dest: str, recipients: list[str], small: bytes | None = None
-    ) -> list[Outcome]:
+    ) -> list[DeliveryOutcome]:
         smarthost = self.config.relay.smarthost
         try:
             if smarthost:
@@ -829,13 +844,16 @@ class Outbound:
                 hops = [Hop(h, self.mx_port) for h in hosts]
         except RouteError as e:
             code = 550 if e.permanent else 451
-            return [Outcome(r, code, f"{code} {e.status} {e.text}", e.status) for r in recipients]
+            return [
+                DeliveryOutcome(r, code, f"{code} {e.status} {e.text}", e.status)
+                for r in recipients
+            ]
         now = self.clock.seconds()
         for host, until in list(self._bad_hosts.items()):
             if until <= now:
                 del self._bad_hosts[host]
         good = [h for h in hops if h.host not in self._bad_hosts]
-        outcomes: list[Outcome] = []
+        outcomes: list[DeliveryOutcome] = []
         for hop in good or hops:  # a bad host is skipped for a while, unless all are bad
             outcomes = await self._send(entry, dest, hop, recipients, small)
             if any(o.code for o in outcomes):
@@ -867,7 +885,7 @@ class Outbound:
         recipients: list[str],
         small: bytes | None = None,
         reuse: bool = True,
-    ) -> list[Outcome]:
+    ) -> list[DeliveryOutcome]:
         relay = self.config.relay
         waiting = self._idle.take(hop) if reuse else None
         if waiting is None:
@@ -887,7 +905,7 @@ class Outbound:
                 waiting.take(_Job(entry.sender, recipients, message, result))
             else:
                 connecting = self._open(dest, hop, entry, recipients, message, result)
-            connecting.addErrback(lambda f: result.called or result.errback(f))
+            connecting.addErrback(_fail_unless_called, result)
             # Whatever the remote does (replies that each reset the step timeout,
             # a trickle of bytes), an attempt ends: its slot is then free again.
             deadline = self.clock.callLater(
@@ -931,13 +949,13 @@ class Outbound:
             heloFallback=True,
             requireAuthentication=bool(relay.smarthost and relay.smarthost_username),
             requireTransportSecurity=False,
+            # STARTTLS whenever the other side offers it, without verification,
+            # as MTAs do between themselves (RFC 7435 opportunistic security).
+            contextFactory=self._client_tls,
         )
         # Our name in EHLO/HELO. (ESMTPSenderFactory's `hostname` is the
         # *server's* name for TLS verification, and must be text.)
         factory.domain = self.config.mailbox.hostname.encode()
-        # STARTTLS whenever the other side offers it, without verification,
-        # as MTAs do between themselves (RFC 7435 opportunistic security).
-        factory._contextFactory = self._client_tls
         factory.clock = self.clock
         factory.idle, factory.hop, factory.dest = self._idle, hop, dest
         return (self.connect or self._connect)(hop, factory)
@@ -1008,7 +1026,8 @@ class Outbound:
         if not to:
             # Never bounce a bounce; tell the postmaster, if there is one.
             to = f"postmaster@{self.config.mailbox.domains[0]}"
-            if not directory.resolve(parse_mailbox(to)):  # type: ignore[arg-type]
+            postmaster = parse_mailbox(to)
+            if postmaster is None or not directory.resolve(postmaster):
                 log.warn(
                     "queue {queue_id}: a bounce could not be delivered to {rcpts}; dropped "
                     "(no postmaster account or alias)",
@@ -1018,7 +1037,7 @@ class Outbound:
                 return
         original = await self._thread(self._read_original, entry)
         failures = [
-            Failure(r.address, r.status_code or "5.0.0", r.last_error, r.remote or None)
+            FailedRecipient(r.address, r.status_code or "5.0.0", r.last_error, r.remote or None)
             for r in failed
         ]
         bounce_id = secrets.token_hex(6).upper()

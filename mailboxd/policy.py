@@ -127,7 +127,7 @@ def decide_sender(
     (where every recipient needs the authorisation), and at RCPT on `listen`.
     """
     ok = Decision(Verdict.ACCEPT, 250, "2.1.0 Ok")
-    if not sender_needs_pop(client, sender, must_match):
+    if sender is None or not sender_needs_pop(client, sender, must_match):
         return ok
     own: set[str] = set(client.pop_domains or ())
     if client.account is not None:

@@ -15,15 +15,14 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 
-from .auth import Authenticator, AuthResult, Outcome
+from .auth import Authenticator, AuthResult, LoginOutcome
 from .connections import ConnectionCount
 from .faults import Faults
 from .faults import apply as apply_fault
 from .guard import refusal
-from .lines import LineProtocol
-from .listing import Listings, Message, open_message, read_small
+from .lines import LineProtocol, POP3Reply
+from .listing import ListedMessage, Listings, open_message, read_small
 from .maildir import Mailbox, MailboxLocked, maildir_path
 from .metrics import Metrics
 from .popauth import PopAuthRegistry
@@ -35,7 +34,6 @@ from .workers import Workers
 
 log = Logger()
 
-Reply = str | bytes  # a one-line reply, or a full multi-line response
 LINE_MAX = 255  # RFC 2449 §4: command lines up to 255 octets, CRLF included
 
 CAPABILITIES = ("UIDL", "TOP", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING")
@@ -51,7 +49,7 @@ BIG_LISTING = 1000  # LIST/UIDL of more messages than this are built off the rea
 
 
 @attrs.define(repr=False)
-class POP3Factory(ServerFactory):
+class POP3Factory(ServerFactory["POP3Server"]):
     config: Any
     auth: Authenticator
     popauth: PopAuthRegistry
@@ -97,14 +95,14 @@ def multiline(first: str, lines: list[str] | list[bytes]) -> bytes:
     return first.encode() + b"\r\n" + body + b".\r\n"
 
 
-class POP3Server(LineProtocol, TimeoutMixin):
+class POP3Server(LineProtocol):
     factory: POP3Factory
     max_line = LINE_MAX
     known_errors = (StateError,)
     began = 0.0  # when the session began, on the factory's clock
 
     def connectionMade(self) -> None:
-        self.callLater = self.factory.clock.callLater
+        self.clock = self.factory.clock
         self.tls_pending = tls_connection(self.transport) is not None  # implicit TLS
         self.peer_ip = getattr(self.transport.getPeer(), "host", "unknown")
         self.username: str | None = None
@@ -139,7 +137,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
 
     # --- plumbing -----------------------------------------------------------
 
-    def answer(self, reply: Reply | Deferred | None) -> Deferred | None:
+    def answer(self, reply: POP3Reply | Deferred | None) -> Deferred | None:
         if isinstance(reply, Deferred):
             return reply.addCallback(self.answer)
         if reply is None or self._closed:
@@ -237,7 +235,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
             caps += ["USER", "SASL PLAIN"]
         return multiline("+OK Capability list follows", caps + ["IMPLEMENTATION Mailbox"])
 
-    def pop_STLS(self, arg: str) -> Reply | None:
+    def pop_STLS(self, arg: str) -> POP3Reply | None:
         if self.factory.tls is None:
             return "-ERR TLS not available"
         if self.in_transaction():
@@ -251,7 +249,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
         log.info("pop3 STLS from {client}", client=self.peer_ip)
         return None
 
-    def pop_USER(self, arg: str) -> Reply:
+    def pop_USER(self, arg: str) -> POP3Reply:
         if self.in_transaction():
             return "-ERR already authenticated"
         if not self.auth_allowed:
@@ -261,7 +259,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
         self.username = arg.strip()
         return "+OK send your password"
 
-    def pop_PASS(self, arg: str) -> Reply | Deferred:
+    def pop_PASS(self, arg: str) -> POP3Reply | Deferred:
         if self.in_transaction():
             return "-ERR already authenticated"
         if not self.auth_allowed:
@@ -273,10 +271,10 @@ class POP3Server(LineProtocol, TimeoutMixin):
         username, self.username = self.username, None
         return self.authenticate(username, arg.encode("utf-8"))
 
-    def pop_APOP(self, arg: str) -> Reply:
+    def pop_APOP(self, arg: str) -> POP3Reply:
         return "-ERR APOP is not supported; use USER/PASS or AUTH PLAIN"
 
-    def pop_AUTH(self, arg: str) -> Reply | Deferred:
+    def pop_AUTH(self, arg: str) -> POP3Reply | Deferred:
         if self.in_transaction():
             return "-ERR already authenticated"
         if not self.auth_allowed:
@@ -286,7 +284,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
             return multiline("+OK SASL mechanisms follow", list(self.sasl.mechanisms))
         return self.sasl_step(self.sasl.start(mechanism, initial.strip() or None))
 
-    def sasl_step(self, step: Any) -> Reply | Deferred:
+    def sasl_step(self, step: Any) -> POP3Reply | Deferred:
         if isinstance(step, Challenge):
             return f"+ {step.text}"
         if isinstance(step, Credentials):
@@ -305,17 +303,18 @@ class POP3Server(LineProtocol, TimeoutMixin):
         d = self.factory.auth.login("pop3", self.peer_ip, username, password)
         return d.addCallback(self.auth_result)
 
-    def auth_result(self, result: AuthResult) -> Reply | Deferred | None:
-        if result.outcome is Outcome.BLOCKED:
+    def auth_result(self, result: AuthResult) -> POP3Reply | Deferred | None:
+        if result.outcome is LoginOutcome.BLOCKED:
             self.close("-ERR [AUTH] Authentication failed. " + refusal(self.peer_ip))
             return None
-        if result.outcome is Outcome.FAILED:
+        if result.outcome is LoginOutcome.FAILED:
             return AUTH_FAILED
         account = result.account
+        assert account is not None  # a login that went OK has its account
         self.account = account
         path = maildir_path(self.factory.config.mailbox.mail_dir, account)
 
-        def opened(mailbox: Mailbox) -> Reply | None:
+        def opened(mailbox: Mailbox) -> POP3Reply | None:
             if self._closed:
                 mailbox.close()
                 return None
@@ -329,7 +328,7 @@ class POP3Server(LineProtocol, TimeoutMixin):
             )
             return f"+OK {plural(len(live))} ({sum(m.size for _, m in live)} octets)"
 
-        def not_opened(f: Any) -> Reply:
+        def not_opened(f: Any) -> POP3Reply:
             self.account = None
             if f.check(MailboxLocked):
                 log.info("pop3 mailbox in use for {account}", account=account.address)
@@ -364,19 +363,19 @@ class POP3Server(LineProtocol, TimeoutMixin):
             return "-ERR no such message"
         return numbers[0], message
 
-    def pop_STAT(self, arg: str) -> Reply:
+    def pop_STAT(self, arg: str) -> POP3Reply:
         if self.mailbox is None:
             return "-ERR not authenticated"
         live = self.mailbox.live()
         return f"+OK {len(live)} {sum(m.size for _, m in live)}"
 
-    def pop_LIST(self, arg: str) -> Reply:
+    def pop_LIST(self, arg: str) -> POP3Reply | Deferred:
         return self._listing(arg, lambda n, m: f"{n} {m.size}")
 
-    def pop_UIDL(self, arg: str) -> Reply:
+    def pop_UIDL(self, arg: str) -> POP3Reply | Deferred:
         return self._listing(arg, lambda n, m: f"{n} {m.uid}")
 
-    def _listing(self, arg: str, entry: Callable[[int, Any], str]) -> Reply:
+    def _listing(self, arg: str, entry: Callable[[int, Any], str]) -> POP3Reply | Deferred:
         if self.mailbox is None:
             return "-ERR not authenticated"
         if arg.strip():
@@ -389,13 +388,13 @@ class POP3Server(LineProtocol, TimeoutMixin):
 
         return self.thread(build) if len(live) > BIG_LISTING else build()
 
-    def pop_RETR(self, arg: str) -> Reply | Deferred:
+    def pop_RETR(self, arg: str) -> POP3Reply | Deferred:
         found = self._message_arg(arg)
         if isinstance(found, str):
             return found
         return self._send(found[1], None, "RETR")
 
-    def pop_TOP(self, arg: str) -> Reply | Deferred:
+    def pop_TOP(self, arg: str) -> POP3Reply | Deferred:
         if self.mailbox is None:
             return "-ERR not authenticated"
         numbers = numeric_args(arg, 2)
@@ -406,7 +405,9 @@ class POP3Server(LineProtocol, TimeoutMixin):
             return found
         return self._send(found[1], numbers[1], "TOP")
 
-    def _send(self, message: Message, lines: int | None, command: str) -> Reply | Deferred:
+    def _send(
+        self, message: ListedMessage, lines: int | None, command: str
+    ) -> POP3Reply | Deferred:
         encoder = WireEncoder(top=lines)
         first = b"+OK " + str(message.size).encode() + b" octets\r\n"
         if message.size < CHUNK:
@@ -422,8 +423,8 @@ class POP3Server(LineProtocol, TimeoutMixin):
         return ensureDeferred(self._stream(message, encoder, first, command))
 
     async def _stream(
-        self, message: Message, encoder: WireEncoder, first: bytes, command: str
-    ) -> Reply | None:
+        self, message: ListedMessage, encoder: WireEncoder, first: bytes, command: str
+    ) -> POP3Reply | None:
         try:
             file: BinaryIO = await self.thread(open_message, message.path)
         except OSError as e:
@@ -450,29 +451,29 @@ class POP3Server(LineProtocol, TimeoutMixin):
             self._sent(message, command)
         return None
 
-    def _sent(self, message: Message, command: str) -> None:
+    def _sent(self, message: ListedMessage, command: str) -> None:
         if command == "RETR":
             self.retrieved += 1
             self.retrieved_octets += message.size
 
-    def _unreadable(self, message: Message, error: OSError) -> Reply:
+    def _unreadable(self, message: ListedMessage, error: OSError) -> POP3Reply:
         log.warn("pop3 cannot read {path}: {error}", path=str(message.path), error=str(error))
         return "-ERR [SYS/TEMP] message no longer available"
 
-    def pop_DELE(self, arg: str) -> Reply:
+    def pop_DELE(self, arg: str) -> POP3Reply:
         found = self._message_arg(arg)
         if isinstance(found, str) or self.mailbox is None:
             return found if isinstance(found, str) else "-ERR not authenticated"
         self.mailbox.delete(found[0])
         return f"+OK message {found[0]} marked for deletion at QUIT"
 
-    def pop_RSET(self, arg: str) -> Reply:
+    def pop_RSET(self, arg: str) -> POP3Reply:
         if self.mailbox is None:
             return "-ERR not authenticated"
         self.mailbox.undelete_all()
         return f"+OK {plural(len(self.mailbox.live()))}"
 
-    def pop_NOOP(self, arg: str) -> Reply:
+    def pop_NOOP(self, arg: str) -> POP3Reply:
         return "+OK" if self.mailbox is not None else "-ERR not authenticated"
 
     def pop_QUIT(self, arg: str) -> Deferred | None:

@@ -50,16 +50,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ReactorNotRunning
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorSocket
 from twisted.internet.task import LoopingCall
 from twisted.logger import (
+    ILogObserver,
     InvalidLogLevelError,
     Logger,
     LogLevel,
@@ -70,6 +71,7 @@ from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 from . import metrics
+from .clocks import cancelling
 from .logs import plain, render
 from .metrics import Key, Totals
 
@@ -140,9 +142,10 @@ class _FromChild(_Records):
         # The child serves with the primary's config, not with what the file
         # says by the time it starts (it may have been edited since).
         blob = pickle.dumps(self.supervisor.config)
+        assert self.transport is not None  # connected
         self.transport.write(struct.pack(">Q", len(blob)) + blob)
 
-    def received(self, record: bytes) -> None:  # type: ignore[override]
+    def received(self, record: bytes) -> None:
         kind, body = record[:1], record[1:]
         if kind == _QUEUED:
             self.supervisor.queued(*from_queued_record(body))
@@ -280,7 +283,7 @@ class Supervisor(Service):
             except Exception:  # noqa: BLE001 - already gone
                 continue
             kill = self._clock.callLater(STOP_GRACE, _kill, transport)
-            child.ended.addBoth(lambda result, k=kill: (k.active() and k.cancel(), result)[1])
+            child.ended.addBoth(cancelling, kill)
         self._ended = DeferredList(ending, consumeErrors=True)
         return self.ended()
 
@@ -296,7 +299,7 @@ class Supervisor(Service):
         return d
 
 
-class _ChannelFactory(protocol.Factory):
+class _ChannelFactory(protocol.ServerFactory):
     noisy = False
 
     def __init__(self, supervisor: Supervisor, number: int) -> None:
@@ -332,7 +335,7 @@ class _ToPrimary(protocol.Protocol):
         self.dropped = 0
 
     def connectionMade(self) -> None:
-        self.transport.registerProducer(self, True)
+        IConsumer(self.transport).registerProducer(self, True)
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -351,6 +354,7 @@ class _ToPrimary(protocol.Protocol):
         if kind != _QUEUED and self.paused:  # a later metrics record has it all
             self.dropped += 1
             return
+        assert self.transport is not None  # connected
         self.transport.write(kind + body + _RECORD)
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -359,7 +363,7 @@ class _ToPrimary(protocol.Protocol):
             self.reactor.stop()
 
 
-class _ToPrimaryFactory(protocol.Factory):
+class _ToPrimaryFactory(protocol.ServerFactory):
     noisy = False
 
     def __init__(self, channel: _ToPrimary) -> None:
@@ -472,7 +476,9 @@ def child_main(argv: list[str] | None = None) -> None:
     config = pickle.loads(_read_exactly(_CHANNEL_FD, size))  # noqa: S301 - from our primary
     use_monotonic_clock(reactor)
     channel = _ToPrimary(reactor)
-    reactor.adoptStreamConnection(_CHANNEL_FD, socket.AF_UNIX, _ToPrimaryFactory(channel))
+    IReactorSocket(reactor).adoptStreamConnection(
+        _CHANNEL_FD, socket.AF_UNIX, _ToPrimaryFactory(channel)
+    )
 
     def observer(event: dict) -> None:
         try:
@@ -480,7 +486,8 @@ def child_main(argv: list[str] | None = None) -> None:
         except Exception:  # noqa: BLE001, S110 - a log line must never stop the worker
             pass
 
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    # Twisted takes any callable of an event as an ILogObserver.
+    globalLogBeginner.beginLoggingTo([cast(ILogObserver, observer)], redirectStandardIO=False)
 
     listeners = {}
     for item in args.listener:

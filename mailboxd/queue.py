@@ -104,7 +104,7 @@ class Entry:
 
         JSON from disk may be valid and still wrong; one bad entry must not
         stop the runner, so it is refused here and moved aside."""
-        checks = [
+        checks: list[tuple[object, type | tuple[type, ...], str]] = [
             (self.id, str, "id"),
             (self.sender, str, "sender"),
             (self.client, str, "client"),

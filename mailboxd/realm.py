@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import bcrypt
@@ -31,9 +31,11 @@ class MailboxRealm:
 
     directory: Callable[[], Directory]
 
-    def requestAvatar(self, avatarId: bytes, mind: object, *interfaces: Any) -> tuple:
+    def requestAvatar(self, avatarId: bytes | tuple[()], mind: object, *interfaces: Any) -> tuple:
         if IAccount not in interfaces:
             raise NotImplementedError("only IAccount avatars are served")
+        if not isinstance(avatarId, bytes):  # () is Twisted's anonymous avatar: none here
+            raise error.UnauthorizedLogin()
         address = parse_mailbox(avatarId.decode("utf-8"))
         account = None if address is None else self.directory().account(address)
         if account is None:  # deleted between the check and here
@@ -175,4 +177,4 @@ async def login(portal: Portal, username: str, password: bytes, client: str = ""
     """Log in through `portal`; raise UnauthorizedLogin on failure."""
     creds = ClientCredentials(username.encode("utf-8"), password, client)
     _iface, account, _logout = await portal.login(creds, None, IAccount)
-    return account
+    return cast(Account, account)  # what MailboxRealm gives for IAccount

@@ -24,6 +24,7 @@ from .accounts import Account
 from .addresses import Address
 from .clocks import Wall
 from .config import Config
+from .lines import SMTPReply
 from .maildir import IncomingMessage
 from .printable import arg_safe, shown
 from .queue import Entry, Recipient, enqueue, enqueue_bytes, queue_dir
@@ -31,7 +32,6 @@ from .workers import Workers
 
 log = Logger()
 
-Reply = tuple[int, str]
 
 BARE_CR_OR_LF = (550, "5.6.0 Error: message contains a bare CR or LF; lines must end in CRLF")
 NUL = (550, "5.6.0 Error: message contains a NUL byte")
@@ -42,7 +42,7 @@ NO_SPACE = (452, "4.3.1 Insufficient system storage")  # RFC 5321 §4.2.3, RFC 3
 TOO_MANY_HOPS = (554, "5.4.6 Too many hops")  # RFC 5321 §6.3: a loop, most likely
 
 
-def storage_error(error: BaseException, otherwise: Reply) -> Reply:
+def storage_error(error: BaseException, otherwise: SMTPReply) -> SMTPReply:
     """The reply for a failed write: 452 4.3.1 if the disk (or quota) is full."""
     full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
     return NO_SPACE if full else otherwise
@@ -121,7 +121,7 @@ class Reception:
     message: IncomingMessage
     return_path_size: int  # where the queue's copy starts: relayed mail has no Return-Path
     header_size: int = attrs.field(init=False)
-    error: Reply | None = attrs.field(init=False, default=None)
+    error: SMTPReply | None = attrs.field(init=False, default=None)
     in_header: bool = True  # until the empty line that ends the message's header
     hops: int = 0  # Received: fields the message came with
 
@@ -185,7 +185,7 @@ class Reception:
     def discard(self) -> None:
         self.message.discard()
 
-    def finish(self) -> Deferred | Reply:
+    def finish(self) -> Deferred | SMTPReply:
         """After the final dot: fires with the reply once every copy is on disk."""
         if self.error is not None:
             self.message.discard()
@@ -221,7 +221,7 @@ class Reception:
         d = intake.workers.disk(self.message.commit, mail_dir, accounts, relay, relay_held)
         return d.addCallbacks(self._stored, self._failed, callbackArgs=(accounts, entry))
 
-    def _stored(self, paths: list[Path], accounts: tuple[Account, ...], entry: Any) -> Reply:
+    def _stored(self, paths: list[Path], accounts: tuple[Account, ...], entry: Any) -> SMTPReply:
         tx = self.tx
         log.info(
             "accepted {queue_id} ({size} bytes) from <{sender}>: delivered to {recipients}, "
@@ -253,7 +253,7 @@ class Reception:
             )
         return (250, f"2.0.0 Ok: queued as {self.id}")
 
-    def _failed(self, f: Any) -> Reply:
+    def _failed(self, f: Any) -> SMTPReply:
         log.error(
             "delivery of {queue_id} failed, not acknowledged: {error}",
             queue_id=self.id,

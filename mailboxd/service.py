@@ -7,15 +7,15 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .accounts import AccountStore
@@ -38,7 +38,14 @@ from .queue import queue_dir, remove_unacknowledged
 from .realm import BcryptChecker, HashingQueue, MailboxRealm, make_portal
 from .smtp import SMTPFactory
 from .state import SQLiteStateStore, StateError, state_path
-from .tls import IMPLICIT_PREFIX, ServerTLS, TLSConfigError, implicit_endpoint, wrap_implicit
+from .tls import (
+    IMPLICIT_PREFIX,
+    ServerTLS,
+    TLSConfigError,
+    endpoint_string,
+    with_certificate,
+    wrap_implicit,
+)
 from .turns import Turns
 from .workers import Workers, hashing_threads, make_workers
 
@@ -76,9 +83,16 @@ class _Noting:
         return self.endpoint.listen(factory).addCallback(note)
 
 
-class ListenerService(StreamServerEndpointService):
-    """An endpoint service that stops start-up with one line if it cannot
-    listen, and keeps its port (child processes serve it too)."""
+class ListenerService(Service):
+    """Listens on an endpoint while the service runs, like Twisted's
+    StreamServerEndpointService, but stops start-up with one line if it
+    cannot listen, and keeps its port (child processes serve it too).
+
+    It keeps the Deferred that `endpoint.listen()` returned (`listening`)
+    itself: an endpoint that fails at once (a port in use, most often) fails
+    `privilegedStartService` with SystemExit instead of logging a traceback
+    while the server runs on without the listener.
+    """
 
     def __init__(
         self,
@@ -88,17 +102,18 @@ class ListenerService(StreamServerEndpointService):
         name: str,
         tls: ServerTLS | None = None,
     ) -> None:
+        full = endpoint_string(with_backlog(description))
         if description.startswith(IMPLICIT_PREFIX) and tls is not None:
-            endpoint = implicit_endpoint(reactor, with_backlog(description))
-            factory = wrap_implicit(tls, factory)
-        else:
-            endpoint = serverFromString(reactor, with_backlog(description))
+            # Our implicit-TLS parser (mailboxd.tls) takes the [tls] certificate
+            # as Twisted's ssl: does, and loads it when it listens.
+            full = with_certificate(full, tls.certificate, tls.private_key)
+        endpoint = serverFromString(reactor, full)
+        self.endpoint: IStreamServerEndpoint = _Noting(endpoint, self._listening)
+        self.factory = factory
         self.port: Any = None
-        super().__init__(_Noting(endpoint, self._listening), factory)
+        self.listening: Deferred | None = None  # fires with the port, once listening
         self.description = description
         self.setName(name)
-        # Fail at start-up rather than log and run without the listener.
-        self._raiseSynchronously = True
 
     turns: Turns | None = None  # set when worker processes share this socket
 
@@ -112,22 +127,46 @@ class ListenerService(StreamServerEndpointService):
     # made) under a worker still reading it, whose accept() then fails.
     workers_ended: Callable[[], Deferred] | None = None
 
-    def stopService(self) -> Deferred:
-        if self.workers_ended is None or self.port is None:
-            return super().stopService()
-        self.port.stopReading()  # no new connection here meanwhile
-        return self.workers_ended().addCallback(
-            lambda _: super(ListenerService, self).stopService()
-        )
-
     def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except CannotListenError as e:
-            raise SystemExit(
-                f"mailbox: cannot listen on {self.description}: {e.socketError}"
-            ) from None
+        super().privilegedStartService()
+        self.listening = self.endpoint.listen(self.factory)
+        starting = [True]
+        at_once: list[Failure] = []
+
+        def failed(f: Failure) -> None:
+            if starting[0]:
+                at_once.append(f)
+            elif not f.check(CancelledError):  # a later failure is logged
+                log.failure("{name} cannot listen", f, name=self.name)
+
+        self.listening.addErrback(failed)
+        starting[0] = False
+        if at_once:  # fail start-up: twistd prints the one line
+            error = at_once[0].value
+            reason = error.socketError if isinstance(error, CannotListenError) else error
+            raise SystemExit(f"mailbox: cannot listen on {self.description}: {reason}")
         log.info("{name} listening on {endpoint}", name=self.name, endpoint=self.description)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.listening is None:
+            self.privilegedStartService()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        if self.listening is None:
+            return succeed(None)
+        if self.workers_ended is not None and self.port is not None:
+            self.port.stopReading()  # no new connection here meanwhile
+            return self.workers_ended().addCallback(lambda _: self._stop_listening())
+        return self._stop_listening()
+
+    def _stop_listening(self) -> Deferred:
+        assert self.listening is not None
+        self.listening.cancel()  # if it is still trying to listen
+        return self.listening.addCallback(
+            lambda _: None if self.port is None else self.port.stopListening()
+        )
 
 
 @attrs.define(eq=False)

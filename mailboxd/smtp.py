@@ -18,18 +18,17 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 
 from .accounts import Account, Directory
 from .addresses import parse_mailbox
-from .auth import Authenticator, AuthResult, Outcome
+from .auth import Authenticator, AuthResult, LoginOutcome
 from .clocks import Wall
 from .config import Config
 from .connections import ConnectionCount
 from .faults import Faults
 from .faults import apply as apply_fault
 from .guard import refusal
-from .lines import LineProtocol
+from .lines import LineProtocol, SMTPReply
 from .metrics import Metrics
 from .policy import (
     Client,
@@ -57,7 +56,6 @@ from .workers import Workers
 
 log = Logger()
 
-Reply = tuple[int, str]
 
 COMMAND_LINE_MAX = 512  # RFC 5321 §4.5.3.1.4, CRLF included
 SASL_LINE_MAX = 12288  # RFC 4954 §4
@@ -70,7 +68,7 @@ __all__ = ["Delivery", "SMTPFactory", "SMTPServer"]
 
 
 @attrs.define(repr=False)
-class SMTPFactory(ServerFactory):
+class SMTPFactory(ServerFactory["SMTPServer"]):
     config: Config
     directory: Callable[[], Directory]
     clock: IReactorTime
@@ -102,7 +100,7 @@ class SMTPFactory(ServerFactory):
         return p
 
 
-def _wire(reply: Reply) -> str:
+def _wire(reply: SMTPReply) -> str:
     """A reply as it is sent, without its last CRLF: every line of a
     multi-line reply but the last marked "code-", all in one write."""
     code, text = reply
@@ -110,7 +108,7 @@ def _wire(reply: Reply) -> str:
     return "".join(f"{code}-{line}\r\n" for line in more) + f"{code} {last}"
 
 
-class SMTPServer(LineProtocol, TimeoutMixin):
+class SMTPServer(LineProtocol):
     factory: SMTPFactory
     max_line = COMMAND_LINE_MAX
     known_errors = (StateError,)
@@ -119,7 +117,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         cfg = self.factory.config
-        self.callLater = self.factory.clock.callLater
+        self.clock = self.factory.clock
         self.tls_pending = tls_connection(self.transport) is not None  # implicit TLS
         self.hostname = cfg.mailbox.hostname
         peer = self.transport.getPeer()
@@ -177,13 +175,13 @@ class SMTPServer(LineProtocol, TimeoutMixin):
 
     # --- plumbing -----------------------------------------------------------
 
-    def reply(self, reply: Reply) -> None:
+    def reply(self, reply: SMTPReply) -> None:
         self.sendLine(_wire(reply))
 
-    def close(self, reply: Reply) -> None:
+    def close(self, reply: SMTPReply) -> None:
         self.hang_up(_wire(reply))
 
-    def answer(self, reply: Reply | Deferred | None) -> Deferred | None:
+    def answer(self, reply: SMTPReply | Deferred | None) -> Deferred | None:
         if isinstance(reply, Deferred):
             return reply.addCallback(self.answer)
         if reply is None or self._closed:
@@ -256,7 +254,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
 
     # --- commands -----------------------------------------------------------
 
-    def smtp_EHLO(self, arg: str) -> Reply:
+    def smtp_EHLO(self, arg: str) -> SMTPReply:
         if not arg:
             return (501, "5.5.4 Syntax: EHLO hostname")
         self.helo, self.esmtp, self.tx = arg, True, None
@@ -286,13 +284,13 @@ class SMTPServer(LineProtocol, TimeoutMixin):
     def auth_allowed(self) -> bool:
         return self.secure or not self.factory.config.smtp.require_tls_for_auth
 
-    def smtp_HELO(self, arg: str) -> Reply:
+    def smtp_HELO(self, arg: str) -> SMTPReply:
         if not arg:
             return (501, "5.5.4 Syntax: HELO hostname")
         self.helo, self.esmtp, self.tx = arg, False, None
         return (250, self.hostname)
 
-    def smtp_MAIL(self, arg: str) -> Reply | Deferred:
+    def smtp_MAIL(self, arg: str) -> SMTPReply | Deferred:
         if self.helo is None:
             return (503, "5.5.1 Error: send HELO/EHLO first")
         if self.tx is not None:
@@ -312,7 +310,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
 
         must_match = self.factory.config.relay.sender_must_match_login
 
-        def decided(client: Client) -> Reply:
+        def decided(client: Client) -> SMTPReply:
             decision = decide_sender(client, self.factory.directory(), address, must_match)
             if decision.verdict is Verdict.REJECT:
                 log.info(
@@ -328,7 +326,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         needs_pop = partial(sender_needs_pop, sender=address, must_match=must_match)
         return self.client(needs_pop).addCallback(decided)
 
-    def check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
+    def check_mail_params(self, params: dict[str, str | None]) -> SMTPReply | None:
         limit = self.factory.config.smtp.max_message_size
         for name, value in params.items():
             if name == "SIZE" and self.esmtp:
@@ -343,18 +341,18 @@ class SMTPServer(LineProtocol, TimeoutMixin):
                 return (555, f"5.5.4 Unsupported option: {arg_safe(name)}")
         return None
 
-    def smtp_RCPT(self, arg: str) -> Reply | Deferred:
+    def smtp_RCPT(self, arg: str) -> SMTPReply | Deferred:
         reply = self.rcpt(arg)
         if isinstance(reply, Deferred):
             return reply.addCallback(self._rcpt_counted)
         return self._rcpt_counted(reply)
 
-    def _rcpt_counted(self, reply: Reply) -> Reply:
+    def _rcpt_counted(self, reply: SMTPReply) -> SMTPReply:
         if reply[0] >= 400:  # those accepted are counted by verdict
             self.factory.metrics.recipients["rejected"].inc()
         return reply
 
-    def rcpt(self, arg: str) -> Reply | Deferred:
+    def rcpt(self, arg: str) -> SMTPReply | Deferred:
         tx = self.tx
         if tx is None:
             return (503, "5.5.1 Error: need MAIL command")
@@ -375,7 +373,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         sender = parse_mailbox(tx.sender) if tx.sender else None
         must_match = self.factory.config.relay.sender_must_match_login
 
-        def decided(client: Client) -> Reply:
+        def decided(client: Client) -> SMTPReply:
             decision = decide(client, self.factory.directory(), rcpt, sender, must_match)
             if decision.verdict is Verdict.REJECT:
                 log.info(
@@ -399,7 +397,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         needs_pop = partial(rcpt_needs_pop, directory=self.factory.directory(), rcpt=rcpt)
         return self.client(needs_pop).addCallback(decided)
 
-    def smtp_DATA(self, arg: str) -> Reply | Deferred:
+    def smtp_DATA(self, arg: str) -> SMTPReply | Deferred:
         tx = self.tx
         if tx is None:
             return (503, "5.5.1 Error: need MAIL command")
@@ -437,7 +435,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
             self._counted(result, ended)
         return self.answer(result)
 
-    def _counted(self, reply: Reply, ended: float) -> Reply:
+    def _counted(self, reply: SMTPReply, ended: float) -> SMTPReply:
         metrics = self.factory.metrics
         if reply[0] == 250:
             self.accepted += 1
@@ -447,22 +445,22 @@ class SMTPServer(LineProtocol, TimeoutMixin):
             metrics.messages["rejected"].inc()
         return reply
 
-    def smtp_RSET(self, arg: str) -> Reply:
+    def smtp_RSET(self, arg: str) -> SMTPReply:
         self.tx = None
         return (250, "2.0.0 Ok")
 
-    def smtp_NOOP(self, arg: str) -> Reply:
+    def smtp_NOOP(self, arg: str) -> SMTPReply:
         return (250, "2.0.0 Ok")
 
-    def smtp_VRFY(self, arg: str) -> Reply:
+    def smtp_VRFY(self, arg: str) -> SMTPReply:
         if not arg:
             return (501, "5.5.4 Syntax: VRFY address")
         return (252, "2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
 
-    def smtp_EXPN(self, arg: str) -> Reply:
+    def smtp_EXPN(self, arg: str) -> SMTPReply:
         return (502, "5.5.1 Error: EXPN not supported")
 
-    def smtp_HELP(self, arg: str) -> Reply:
+    def smtp_HELP(self, arg: str) -> SMTPReply:
         return (214, "2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP VRFY QUIT")
 
     def smtp_QUIT(self, arg: str) -> None:
@@ -470,7 +468,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
 
     # --- AUTH (RFC 4954); the exchange itself is `sasl`'s ---------------------
 
-    def smtp_AUTH(self, arg: str) -> Reply | Deferred:
+    def smtp_AUTH(self, arg: str) -> SMTPReply | Deferred:
         if not self.auth_allowed:
             return (538, "5.7.11 Encryption required for requested authentication mechanism")
         if not self.esmtp:
@@ -484,7 +482,7 @@ class SMTPServer(LineProtocol, TimeoutMixin):
             return (501, "5.5.4 Syntax: AUTH mechanism [initial-response]")
         return self.sasl_step(self.sasl.start(mechanism, initial.strip() or None))
 
-    def sasl_step(self, step: Any) -> Reply | Deferred:
+    def sasl_step(self, step: Any) -> SMTPReply | Deferred:
         if isinstance(step, Challenge):
             self.max_line = SASL_LINE_MAX
             return (334, step.text)
@@ -505,17 +503,17 @@ class SMTPServer(LineProtocol, TimeoutMixin):
         self.sasl.cancel()
         self.max_line = COMMAND_LINE_MAX
 
-    def auth_result(self, result: AuthResult) -> Reply | None:
-        if result.outcome is Outcome.OK:
+    def auth_result(self, result: AuthResult) -> SMTPReply | None:
+        if result.outcome is LoginOutcome.OK:
             self.account = result.account
             return (235, "2.7.0 Authentication successful")
-        if result.outcome is Outcome.BLOCKED:
+        if result.outcome is LoginOutcome.BLOCKED:
             self.reply((535, "5.7.8 Authentication credentials invalid"))
             self.close((421, "4.7.1 " + refusal(self.peer_ip)))
             return None
         return (535, "5.7.8 Authentication credentials invalid")
 
-    def smtp_STARTTLS(self, arg: str) -> Reply | None:
+    def smtp_STARTTLS(self, arg: str) -> SMTPReply | None:
         if self.factory.tls is None:
             return (502, "5.5.1 Error: TLS not available")
         if self.secure:

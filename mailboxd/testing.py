@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import bcrypt
@@ -38,10 +38,14 @@ from twisted.internet.protocol import ServerFactory
 
 from . import accounts as accounts_file
 from .addresses import parse_mailbox
+from .clocks import cancelling
 from .config import SPEC, parse
 from .faults import Faults
 from .lines import LineProtocol
 from .maildir import IncomingMessage, maildir_path
+
+if TYPE_CHECKING:
+    from .service import Appliance
 
 __all__ = ["MailServer", "Message", "ShiftedClock", "TwistedMailServer"]
 
@@ -180,7 +184,7 @@ class Message:
 
     @property
     def message(self) -> EmailMessage:
-        return email.message_from_bytes(self.raw, policy=email.policy.default)  # type: ignore[return-value]
+        return email.message_from_bytes(self.raw, policy=email.policy.default)
 
     @property
     def subject(self) -> str:
@@ -191,9 +195,22 @@ class Message:
         return f"<Message from <{self.envelope_from}> to {to}: {self.subject!r}>"
 
 
+class _CaptureFactory(ServerFactory["_Capture"]):
+    noisy = False
+
+    def __init__(self, captured: Callable[[Message], None]) -> None:
+        self.captured = captured
+
+    def buildProtocol(self, addr: Any) -> _Capture:
+        p = _Capture()
+        p.factory = self
+        return p
+
+
 class _Capture(LineProtocol):
     """A minimal SMTP receiver standing in for the world: relayed mail lands here."""
 
+    factory: _CaptureFactory
     max_line = 1000
 
     def connectionMade(self) -> None:
@@ -205,7 +222,7 @@ class _Capture(LineProtocol):
     def lineReceived(self, line: bytes) -> None:
         if self.data is not None:
             if line == b".":
-                self.factory.captured(  # type: ignore[attr-defined]
+                self.factory.captured(
                     Message(self.sender or "", tuple(self.rcpts), b"\r\n".join(self.data) + b"\r\n")
                 )
                 self.data, self.sender, self.rcpts = None, None, []
@@ -265,11 +282,16 @@ def trusting_context(certificate: Path | None) -> ssl.SSLContext:
 class ServerAPI:
     """What the in-process and the child-process servers share."""
 
+    # Each server has these.
+    start: Callable[[], Any]
+    stop: Callable[[], Any]
+    wait_for_message: Callable[..., Any]
+
     def __enter__(self) -> Any:
-        return self.start()  # type: ignore[attr-defined]
+        return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()  # type: ignore[attr-defined]
+        self.stop()
 
     def assert_no_message(
         self,
@@ -282,9 +304,7 @@ class ServerAPI:
     ) -> None:
         """Fail if a matching message arrives (or has arrived) within `within` seconds."""
         try:
-            found = self.wait_for_message(  # type: ignore[attr-defined]
-                to, subject, predicate, within, outbound=outbound
-            )
+            found = self.wait_for_message(to, subject, predicate, within, outbound=outbound)
         except AssertionError:
             return
         raise AssertionError(f"unexpected message: {found!r}")
@@ -345,6 +365,7 @@ class MailServer(ServerAPI):
         self.smtp_port = self.submission_port = self.pop3_port = 0
         self.smtps_port: int | None = None
         self.pop3s_port: int | None = None
+        self.appliance: Appliance | None = None  # while it runs
 
     # --- life -------------------------------------------------------------------
 
@@ -373,7 +394,7 @@ class MailServer(ServerAPI):
             return
         self._running = False
         try:
-            if getattr(self, "appliance", None) is not None:
+            if self.appliance is not None:
                 self._in_reactor(self.appliance.service.stopService)
             if getattr(self, "_capture", None) is not None:
                 self._in_reactor(self._capture.stopListening)
@@ -421,9 +442,7 @@ class MailServer(ServerAPI):
         )
 
     def _start_capture(self, reactor: Any) -> int:
-        factory = ServerFactory.forProtocol(_Capture)
-        factory.captured = self._captured  # type: ignore[attr-defined]
-        factory.noisy = False
+        factory = _CaptureFactory(self._captured)
         self._capture = reactor.listenTCP(0, factory, interface="127.0.0.1")
         return self._capture.getHost().port
 
@@ -438,14 +457,17 @@ class MailServer(ServerAPI):
         appliance.outbound.delivered = self._delivered  # bounces to local senders
         appliance.service.privilegedStartService()
         appliance.service.startService()
-        waiting = [listener._waitingForPort for listener in appliance.listeners]
+        waiting = []
+        for listener in appliance.listeners:
+            assert listener.listening is not None  # started above
+            waiting.append(listener.listening)
 
         def ports(results: list) -> None:
-            found = {}
+            found: dict[str, int] = {}
             for listener, (ok, port) in zip(appliance.listeners, results, strict=True):
                 if not ok:
                     raise RuntimeError(f"cannot listen: {port.getErrorMessage()}")
-                found[listener.name] = port.getHost().port
+                found[str(listener.name)] = port.getHost().port
             self.smtp_port = found["smtp-0"]
             self.submission_port = found["submission-0"]
             self.pop3_port = found["pop3-0"]
@@ -456,6 +478,12 @@ class MailServer(ServerAPI):
 
     def _in_reactor(self, f: Callable[..., Any], *args: Any) -> Any:
         return _call(f, *args)
+
+    def _live(self) -> Appliance:
+        """The running appliance; RuntimeError if it is not running."""
+        if self.appliance is None:
+            raise RuntimeError("this MailServer is not running: call start() or use `with`")
+        return self.appliance
 
     def _running_or_raise(self) -> None:
         if not self._running:
@@ -481,7 +509,7 @@ class MailServer(ServerAPI):
         path = self.config.mailbox.accounts
         exists = target.key in accounts_file.listed(path)
         accounts_file.set_hash(path, target, hashed, must_exist=exists)
-        self._in_reactor(self.appliance.accounts.reload)
+        self._in_reactor(self._live().accounts.reload)
 
     def remove_account(self, address: str) -> None:
         """Delete the account and its mailbox; adding it again starts empty."""
@@ -491,7 +519,7 @@ class MailServer(ServerAPI):
             accounts_file.remove(self.config.mailbox.accounts, target)
         except KeyError:
             raise ValueError(f"{address}: no such account") from None
-        self._in_reactor(self.appliance.accounts.reload)
+        self._in_reactor(self._live().accounts.reload)
         account = accounts_file.Account(target.key, target.domain, target.local)
         shutil.rmtree(maildir_path(self.config.mailbox.mail_dir, account), ignore_errors=True)
         with self._cond:
@@ -622,17 +650,17 @@ class MailServer(ServerAPI):
         self.faults.clear()
 
         def in_reactor() -> None:
-            state = self.appliance.state
+            state = self._live().state
             for table in ("popauth", "failures", "blocks", "events"):
                 state.db.execute(f"DELETE FROM {table}")  # noqa: S608 - our table names
-            self.appliance.outbound.entries.clear()
+            self._live().outbound.entries.clear()
             self.clock.rewind()
 
         self._in_reactor(in_reactor)
         m = self.config.mailbox
         m.accounts.write_text("")
         m.aliases.write_text("")
-        self._in_reactor(self.appliance.accounts.reload)
+        self._in_reactor(self._live().accounts.reload)
         for child in m.mail_dir.iterdir():
             if child.name not in (".state", ".incoming"):
                 shutil.rmtree(child, ignore_errors=True)
@@ -703,7 +731,7 @@ class TwistedMailServer(MailServer):
 
         return d.addBoth(clean)
 
-    def wait_for_message(  # type: ignore[override]
+    def wait_for_message(
         self,
         to: str | None = None,
         subject: str | None = None,
@@ -739,7 +767,7 @@ class TwistedMailServer(MailServer):
                 )
 
         timer = reactor.callLater(timeout, expire)
-        d.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+        d.addBoth(cancelling, timer)
         return d
 
     def _arrived(self) -> None:

@@ -5,6 +5,34 @@ The certificate and key are checked at most once a second, on a new
 connection; when either file changed they are loaded again, so a renewed
 certificate (from an ACME client, say) is used without a restart. A renewal
 that cannot be loaded is logged and the last good certificate stays in use.
+
+The implicit-TLS endpoint is a Twisted endpoint-string parser plugin
+(`ImplicitTLSParser`, found through ``twisted/plugins/mailboxd_tls.py``), so
+that ``serverFromString`` parses and checks it as it does ``tcp:``::
+
+    mailbox-tls:PORT[:interface=ADDRESS][:backlog=N][:certKey=PEM[:privateKey=PEM]]
+
+PORT, interface and backlog mean what they mean for ``tcp:``: TLS from the
+first byte over TCP. certKey and privateKey are the certificate (chain) and
+its key, as for Twisted's ``ssl:`` (privateKey defaults to certKey).
+
+The operator writes ``tls:PORT[:interface=...]`` (the documented form, a
+config contract), and `endpoint_string` names the plugin for Twisted. The
+prefix ``tls`` itself is taken, by Twisted's own server parser in
+twisted_core (``tls:DIRECTORY[:port=N]``, certificates by SNI; Twisted 26.10
+has it): of two plugins with one prefix, Twisted takes whichever it finds
+first, and its own reads ``tls:465`` as the directory "465" on port 443.
+Only the prefix changes; the rest of the string is the operator's, parsed
+by Twisted. The certificate is the one in [tls]: the service adds it
+(`with_certificate`), and the config refuses a certKey or privateKey of the
+operator's own.
+
+Parsing reads no file: the config is checked with this parser, and only a
+listening server loads certificates. The endpoint loads them when it
+listens, as a `ServerTLS` (so renewals are followed here too), and a
+certificate that cannot be loaded fails the listen, naming the file. An
+endpoint parsed without certKey (as the config check parses the operator's
+words) refuses to listen.
 """
 
 from __future__ import annotations
@@ -14,14 +42,20 @@ import os
 from pathlib import Path
 from typing import Any
 
+import attrs
 from OpenSSL import SSL
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.endpoints import TCP4ServerEndpoint, quoteStringArgument
 from twisted.internet.interfaces import (
+    IListeningPort,
     IOpenSSLContextFactory,
+    IProtocolFactory,
     IReactorTime,
     IStreamServerEndpoint,
+    IStreamServerEndpointStringParser,
 )
 from twisted.logger import Logger
+from twisted.plugin import IPlugin
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
@@ -29,7 +63,8 @@ from .private import private_dir
 
 log = Logger()
 
-IMPLICIT_PREFIX = "tls:"  # our endpoint: TLS from the first byte, with [tls]'s certificate
+IMPLICIT_PREFIX = "tls:"  # what the operator writes: TLS from the first byte, [tls]'s certificate
+PLUGIN_PREFIX = "mailbox-tls"  # what Twisted knows our parser by (see the module docstring)
 
 
 class TLSConfigError(Exception):
@@ -102,9 +137,81 @@ class ServerTLS:
         return self._ctx
 
 
-def implicit_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
-    """The TCP endpoint under ``tls:PORT:...`` (the TLS layer wraps the factory)."""
-    return serverFromString(reactor, "tcp:" + description[len(IMPLICIT_PREFIX) :])
+@implementer(IStreamServerEndpoint)
+@attrs.frozen
+class ImplicitTLSEndpoint:
+    """TLS from the first byte over `endpoint` (TCP), with the certificate
+    and key loaded when it listens; see the module docstring."""
+
+    endpoint: IStreamServerEndpoint
+    clock: IReactorTime
+    certificate: Path | None
+    private_key: Path | None
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        if self.certificate is None or self.private_key is None:
+            return fail(ValueError("a tls: endpoint needs certKey= (its certificate) to listen"))
+        try:
+            tls = ServerTLS(self.certificate, self.private_key, self.clock)
+        except TLSConfigError as e:
+            return fail(e)
+        return self.endpoint.listen(wrap_implicit(tls, protocolFactory))
+
+
+def implicit_tls_endpoint(
+    reactor: Any,  # IReactorTCP for the endpoint, IReactorTime for the certificate's checks
+    port: str,
+    interface: str = "",
+    backlog: str = "50",
+    *,
+    certKey: str | None = None,
+    privateKey: str | None = None,
+) -> ImplicitTLSEndpoint:
+    """The endpoint a ``mailbox-tls:`` string describes (its words as
+    Twisted hands them over); ValueError or TypeError if they are wrong."""
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} is not from 0 to 65535")
+    queued = int(backlog)
+    if queued < 1:
+        raise ValueError(f"backlog {queued} is not a positive number")
+    if privateKey is not None and certKey is None:
+        raise ValueError("privateKey= needs certKey=")
+    tcp = TCP4ServerEndpoint(reactor, number, backlog=queued, interface=interface)
+    return ImplicitTLSEndpoint(
+        tcp,
+        reactor,
+        None if certKey is None else Path(certKey),
+        None if certKey is None else Path(privateKey or certKey),
+    )
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class ImplicitTLSParser:
+    """The implicit-TLS endpoint-string parser; see the module docstring."""
+
+    prefix = PLUGIN_PREFIX
+
+    def parseStreamServer(self, reactor: Any, *args: Any, **kwargs: Any) -> ImplicitTLSEndpoint:
+        # The interface's signature (strings from the description); what they
+        # mean is implicit_tls_endpoint's.
+        return implicit_tls_endpoint(reactor, *args, **kwargs)
+
+
+def endpoint_string(description: str) -> str:
+    """The endpoint string for Twisted of a listener as the operator wrote it:
+    ``tls:...`` names our parser (see the module docstring), the rest stays."""
+    if description.startswith(IMPLICIT_PREFIX):
+        return f"{PLUGIN_PREFIX}:{description[len(IMPLICIT_PREFIX) :]}"
+    return description
+
+
+def with_certificate(description: str, certificate: Path, private_key: Path) -> str:
+    """An implicit-TLS endpoint string with this certificate and key."""
+    return (
+        f"{description}:certKey={quoteStringArgument(str(certificate))}"
+        f":privateKey={quoteStringArgument(str(private_key))}"
+    )
 
 
 def wrap_implicit(tls: ServerTLS, factory: Any) -> TLSMemoryBIOFactory:

@@ -9,7 +9,7 @@ from email.message import EmailMessage
 import pytest
 
 from mailboxd import bounce
-from mailboxd.bounce import Failure, build_dsn
+from mailboxd.bounce import FailedRecipient, build_dsn
 
 ORIGINAL = (
     b"From: Alice <alice@example.test>\n"
@@ -20,8 +20,10 @@ ORIGINAL = (
     b"SECRET BODY LINE\n"
     b"Subject: not a header, part of the body\n"
 )
-UNKNOWN = Failure("x@far.test", "5.1.1", "550 5.1.1 <x@far.test>: user unknown", "mx.far.test")
-EXPIRED = Failure("y@far.test", "4.4.7", "")
+UNKNOWN = FailedRecipient(
+    "x@far.test", "5.1.1", "550 5.1.1 <x@far.test>: user unknown", "mx.far.test"
+)
+EXPIRED = FailedRecipient("y@far.test", "4.4.7", "")
 
 
 def dsn(**overrides) -> bytes:
@@ -145,7 +147,7 @@ def test_original_without_body_or_headers():
     ],
 )
 def test_diagnostic_cannot_inject(evil):
-    failure = Failure("x@far.test\r\nBcc: a@b.test", "5.0.0", evil, "mx\nBcc: c@d.test")
+    failure = FailedRecipient("x@far.test\r\nBcc: a@b.test", "5.0.0", evil, "mx\nBcc: c@d.test")
     data = dsn(failures=[failure])
     check_lines(data)
     message = parse(data)
@@ -162,7 +164,7 @@ def test_diagnostic_cannot_inject(evil):
 
 
 def test_non_ascii_diagnostic_becomes_ascii():
-    data = dsn(failures=[Failure("x@far.test", "5.7.1", "550 5.7.1 refusé \N{SNOWMAN}")])
+    data = dsn(failures=[FailedRecipient("x@far.test", "5.7.1", "550 5.7.1 refusé \N{SNOWMAN}")])
     (group,) = report_groups(parse(data))[1:]
     assert group["Diagnostic-Code"] == "smtp; 550 5.7.1 refus? ?"
 
@@ -202,7 +204,7 @@ def test_no_failures_or_bad_status_is_refused():
     with pytest.raises(ValueError):
         dsn(failures=[])
     with pytest.raises(ValueError):
-        dsn(failures=[Failure("x@far.test", "5.1.1\nBcc: y", "")])
+        dsn(failures=[FailedRecipient("x@far.test", "5.1.1\nBcc: y", "")])
 
 
 def test_long_lines_are_folded_or_cut():
@@ -210,8 +212,8 @@ def test_long_lines_are_folded_or_cut():
     giant_word = "550-" + "A" * 5000
     original = b"Subject: " + b"s" * 3000 + b"\nX-Long: " + b"x " * 2000 + b"\n\nbody\n"
     failures = [
-        Failure("x@far.test", "5.1.1", words, "mx.far.test"),
-        Failure("y@far.test", "5.1.1", giant_word),
+        FailedRecipient("x@far.test", "5.1.1", words, "mx.far.test"),
+        FailedRecipient("y@far.test", "5.1.1", giant_word),
     ]
     data = dsn(failures=failures, original=original)
     check_lines(data)

@@ -42,3 +42,8 @@ def test_twistd_mailbox_version(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout == f"mailbox (mailboxd) {mailboxd.__version__}\n"
     assert not list(tmp_path.iterdir())  # no pid file, log or state was made
+
+
+def test_the_twisted_plugins_are_installed_with_the_package():
+    files = {str(f) for f in importlib.metadata.files("mailboxd") or []}
+    assert {"twisted/plugins/mailboxd_plugin.py", "twisted/plugins/mailboxd_tls.py"} <= files

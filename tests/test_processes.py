@@ -146,3 +146,47 @@ def test_a_shared_listener_is_closed_only_once_the_workers_have_ended():
     assert calls == ["stop reading"] and not stopped.called
     ended.callback(None)
     assert calls == ["stop reading", "close"] and stopped.called
+
+
+def test_a_listener_that_cannot_listen_stops_the_start_with_one_line():
+    import socket
+
+    from twisted.internet import reactor
+    from twisted.internet.protocol import ServerFactory
+
+    from mailboxd.service import ListenerService
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    try:
+        port = blocker.getsockname()[1]
+        description = f"tcp:{port}:interface=127.0.0.1"
+        service = ListenerService(reactor, description, ServerFactory(), "smtp-0")
+        with pytest.raises(SystemExit) as raised:
+            service.privilegedStartService()
+    finally:
+        blocker.close()
+    message = str(raised.value)
+    assert message.startswith(f"mailbox: cannot listen on {description}: ")
+    assert "in use" in message and "\n" not in message
+    assert service.port is None
+
+
+def test_a_listener_keeps_the_deferred_of_its_port_and_stops_it():
+    from twisted.internet.protocol import ServerFactory
+    from twisted.internet.testing import MemoryReactor
+
+    from mailboxd.service import ListenerService
+
+    reactor = MemoryReactor()
+    service = ListenerService(reactor, "tcp:2525:interface=127.0.0.1", ServerFactory(), "s")
+    assert service.listening is None
+    service.startService()  # listens, without privilegedStartService first
+    ports = []
+    service.listening.addCallback(ports.append)
+    assert ports == [service.port] and reactor.tcpServers[0][0] == 2525
+    stopping = []
+    service.port.stopListening = lambda: stopping.append("close")
+    stopped = service.stopService()
+    assert stopped.called and stopping == ["close"] and not service.running

@@ -12,6 +12,8 @@ import pytest
 from conftest import TWISTD, unit_config
 from test_pop3 import Session as POP
 from test_smtp import Session as SMTP
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailboxd.config import ConfigError, parse
 from mailboxd.tls import ServerTLS, TLSConfigError, make_self_signed
@@ -188,6 +190,92 @@ def test_implicit_tls_endpoint_needs_a_certificate(tmp_path):
             "[pop3]\nlisten = tls:nope\n[tls]\ncertificate = a\nprivate_key = b\n",
             tmp_path / "x.ini",
         )
+
+
+# --- the implicit-TLS endpoint: a parser plugin Twisted finds ----------------------
+
+
+def test_twisted_finds_the_implicit_tls_parser_by_its_prefix(certs):
+    from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailboxd.tls import ImplicitTLSEndpoint, endpoint_string, with_certificate
+
+    reactor = MemoryReactorClock()
+    description = endpoint_string(r"tls:2465:interface=\:\::backlog=64")
+    assert description == r"mailbox-tls:2465:interface=\:\::backlog=64"
+    endpoint = serverFromString(reactor, with_certificate(description, *certs))
+    assert isinstance(endpoint, ImplicitTLSEndpoint)
+    assert isinstance(endpoint.endpoint, TCP4ServerEndpoint)
+    assert (endpoint.certificate, endpoint.private_key) == certs
+    served = ServerFactory.forProtocol(Protocol)
+    endpoint.listen(served)
+    port, factory, backlog, interface = reactor.tcpServers[0]
+    assert (port, backlog, interface) == (2465, 64, "::")
+    assert isinstance(factory, TLSMemoryBIOFactory) and factory.wrappedFactory is served
+
+
+def test_the_certificate_is_escaped_and_the_key_defaults_to_it(tmp_path):
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    from mailboxd.tls import with_certificate
+
+    odd = tmp_path / "a:b\\c.pem"
+    endpoint = serverFromString(MemoryReactor(), with_certificate("mailbox-tls:0", odd, odd))
+    assert endpoint.certificate == endpoint.private_key == odd
+    endpoint = serverFromString(MemoryReactor(), "mailbox-tls:0:certKey=/etc/both.pem")
+    assert endpoint.certificate == endpoint.private_key == Path("/etc/both.pem")
+
+
+@pytest.mark.parametrize(
+    ("description", "error"),
+    [
+        ("mailbox-tls:nope", ValueError),
+        ("mailbox-tls:65536", ValueError),
+        ("mailbox-tls:-1", ValueError),
+        ("mailbox-tls:465:backlog=many", ValueError),
+        ("mailbox-tls:465:backlog=0", ValueError),
+        ("mailbox-tls:465:privateKey=/k.pem", ValueError),
+        ("mailbox-tls:465:colour=blue", TypeError),
+        ("mailbox-tls:465:127.0.0.1:50:/c.pem", TypeError),  # certKey= is a keyword
+        ("mailbox-tls", TypeError),
+    ],
+)
+def test_twisted_refuses_a_wrong_implicit_tls_string(description, error):
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    with pytest.raises(error):
+        serverFromString(MemoryReactor(), description)
+
+
+def test_an_implicit_tls_endpoint_loads_its_certificate_when_it_listens(tmp_path, certs):
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailboxd.tls import with_certificate
+
+    reactor = MemoryReactorClock()
+    missing = tmp_path / "missing.pem"
+    endpoint = serverFromString(reactor, with_certificate("mailbox-tls:0", missing, certs[1]))
+    failed = []
+    endpoint.listen(ServerFactory()).addErrback(failed.append)
+    assert failed[0].check(TLSConfigError) and str(missing) in str(failed[0].value)
+    unready = serverFromString(reactor, "mailbox-tls:0")  # as the config check parses it
+    failed.clear()
+    unready.listen(ServerFactory()).addErrback(failed.append)
+    assert "needs certKey=" in str(failed[0].value)
+    assert reactor.tcpServers == []
+
+
+def test_the_config_takes_tls_as_documented_and_nothing_of_the_plugin(tmp_path):
+    tls = "[tls]\ncertificate = a\nprivate_key = b\n"
+    config = parse(f"[pop3]\nlisten = tls:1995:interface=127.0.0.1\n{tls}", tmp_path / "x.ini")
+    assert config.pop3.listen == ("tls:1995:interface=127.0.0.1",)
+    for word in ("tls:1995:certKey=/etc/c.pem", "mailbox-tls:1995", "tls:70000"):
+        with pytest.raises(ConfigError, match=r"x\.ini: .*\[pop3\] listen = '" + word):
+            parse(f"[pop3]\nlisten = {word}\n{tls}", tmp_path / "x.ini")
 
 
 def test_twistd_with_an_unreadable_certificate_says_one_line(tmp_path):
