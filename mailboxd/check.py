@@ -223,6 +223,9 @@ def _shown(key: str, value: Any) -> str:
         return "yes" if value else "no"
     if key == "workers" and value == 0:
         return "auto"
+    if key == "resolver":
+        host, port = value
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if key == "domain_aliases":
         return " ".join(f"{alias}={canonical}" for alias, canonical in value)
     if isinstance(value, tuple):

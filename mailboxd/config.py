@@ -30,6 +30,7 @@ class MailboxSection:
     bcrypt_rounds: int
     home: Path | None = None  # what relative paths are resolved against; None: the cwd
     workers: int = 1  # serving processes; 0: one per core
+    resolver: tuple[str, int] | None = None  # the DNS server for every lookup; None: resolv.conf
 
 
 @attrs.frozen
@@ -256,6 +257,27 @@ def _workers(text: str) -> int:
         raise _Invalid("auto or a number of processes from 1 to 256") from None
 
 
+def _nameserver(text: str) -> tuple[str, int] | None:
+    text = text.strip()
+    if not text:
+        return None
+    host, port = text, "53"
+    if text.startswith("["):  # [2001:db8::53]:5353
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ("53" if not rest else "x")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise _Invalid(
+            f"the IP address of a DNS server, with :port if not 53, not {text!r}"
+        ) from None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise _Invalid(f"a port from 1 to 65535 in {text!r}")
+    return host, int(port)
+
+
 def _optional_path(text: str) -> Path | None:
     return Path(text.strip()) if text.strip() else None
 
@@ -274,6 +296,7 @@ SPEC: _Spec = {
         "trusted_networks": ("127.0.0.0/8 ::1/128", _networks),
         "bcrypt_rounds": ("12", _count(4, 31)),
         "workers": ("1", _workers),
+        "resolver": ("", _nameserver),
     },
     "smtp": {
         "listen": ("tcp:2525:interface=127.0.0.1", _endpoints),

@@ -34,7 +34,6 @@ from twisted.mail.smtp import (
     SMTPClientError,
     SMTPConnectError,
 )
-from twisted.names.client import createResolver
 from twisted.python.failure import Failure
 
 from . import queue
@@ -48,6 +47,7 @@ from .maildir import IncomingMessage
 from .metrics import Metrics
 from .printable import shown
 from .queue import Entry, Recipient
+from .resolver import twisted_resolver
 from .routes import Hop, RouteError, destination, mx_hosts, parse_smarthost
 from .smtp import Delivery
 from .workers import Pool, in_pool
@@ -839,7 +839,7 @@ class Outbound:
                 hops = [parse_smarthost(smarthost)]
             else:
                 if self.resolver is None:  # made on first use: it re-reads resolv.conf on a timer
-                    self.resolver = createResolver()
+                    self.resolver = twisted_resolver(self.config.mailbox.resolver)
                 hosts = await mx_hosts(self.resolver, dest)
                 hops = [Hop(h, self.mx_port) for h in hosts]
         except RouteError as e:

@@ -393,3 +393,27 @@ def test_twistd_port_in_use_is_one_clear_line(tmp_path, busy):
     assert "cannot listen" in complaints[0] and "in use" in complaints[0], complaints
     errors = [line for line in lines_of(out) if "#error]" in line or "#critical]" in line]
     assert errors == complaints, out
+
+
+@pytest.mark.parametrize(
+    "text, server",
+    [
+        ("", None),
+        ("127.0.0.1", ("127.0.0.1", 53)),
+        ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+        ("::1", ("::1", 53)),
+        ("[::1]:5353", ("::1", 5353)),
+    ],
+)
+def test_the_resolver_is_an_address_and_a_port(text, server):
+    c = config.parse(f"[mailbox]\nresolver = {text}\n", Path("x.ini"))
+    assert c.mailbox.resolver == server
+
+
+@pytest.mark.parametrize(
+    "text", ["dns.example.test", "127.0.0.1:0", "127.0.0.1:x", "[::1]x", "1.2.3"]
+)
+def test_a_resolver_that_is_not_an_address_is_one_line(text):
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(f"[mailbox]\nresolver = {text}\n", Path("x.ini"))
+    assert str(e.value).startswith("x.ini: line 2: [mailbox] resolver = "), str(e.value)

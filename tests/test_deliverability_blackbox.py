@@ -8,6 +8,8 @@ import smtplib
 
 import pytest
 from conftest import ALICE
+from test_blackbox import wait_for
+from zone_server import MX, A, ZoneServer
 
 pytestmark = pytest.mark.blackbox
 
@@ -28,3 +30,32 @@ def test_a_message_with_more_than_max_hops_received_fields_is_refused(server):
     assert e.value.smtp_code == 554 and e.value.smtp_error == b"5.4.6 Too many hops"
     [kept] = server.messages(ALICE)
     assert b"fifty" in kept.read_bytes()
+
+
+@pytest.fixture
+def zones(tmp_path):
+    """Start a DNS server on loopback with the zones given: zones(name, *records)."""
+    started: list[ZoneServer] = []
+
+    def start(**zones: list[str]) -> ZoneServer:
+        server = ZoneServer(tmp_path / f"z{len(started)}")
+        for zone, records in zones.items():
+            server.add(zone.replace("_", "."), *records)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def test_mx_lookups_ask_the_configured_resolver(make_server, zones):
+    dns = zones(far_test=[MX("far.test", 10, "mx.far.test"), A("mx.far.test", "127.0.0.1")])
+    server = make_server(f"[mailbox]\nresolver = {dns.address}\n[relay]\nsmarthost =\n")
+    server.add_test_accounts().start()
+    with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as s:
+        s.sendmail(ALICE, ["someone@gone.far.test"], b"Subject: out\r\n\r\nx\r\n")
+    # Only the zone's server can say that name does not exist: a bounce, at once.
+    assert wait_for(lambda: len(server.messages(ALICE)) == 1, timeout=20), server.log()
+    [bounce] = server.messages(ALICE)
+    assert b"gone.far.test: no such domain (NXDOMAIN)" in bounce.read_bytes()

@@ -1,0 +1,74 @@
+"""One DNS resolver for everything (`[mailbox] resolver`).
+
+The outbound queue looks up MX records on the reactor, with `twisted.names`.
+The SPF, DKIM and DMARC libraries (pyspf, dkimpy, authheaders) look up
+their records from the checks' threads, with dnspython, which all three use;
+this module points dnspython's default resolver at the same server, so that
+every lookup the appliance makes goes to one place, a test's DNS server on
+loopback included. Every lookup there has a short deadline: a slow or
+silent DNS server costs a message a few seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import dns.exception
+import dns.resolver
+from twisted.internet.interfaces import IResolver
+from twisted.names import client
+
+Nameserver = tuple[str, int]
+
+LOOKUP_SECONDS = 2.0  # for one lookup, all tries and servers included
+
+
+def twisted_resolver(server: Nameserver | None) -> IResolver:
+    """For lookups on the reactor: `server`, or those of /etc/resolv.conf."""
+    if server is None:
+        return client.createResolver()
+    return client.Resolver(servers=[server])
+
+
+def thread_resolver(
+    server: Nameserver | None, lifetime: float = LOOKUP_SECONDS
+) -> dns.resolver.Resolver:
+    """A dnspython resolver for the checks' threads, with a cache (answers
+    are kept for their TTL: a burst from one domain asks once)."""
+    resolver = dns.resolver.Resolver(configure=server is None)
+    if server is not None:
+        resolver.nameservers = [server[0]]
+        resolver.port = server[1]
+    resolver.lifetime = lifetime
+    resolver.timeout = lifetime
+    resolver.cache = dns.resolver.LRUCache(10_000)
+    return resolver
+
+
+def use_everywhere(resolver: dns.resolver.Resolver) -> None:
+    """Make `resolver` the one pyspf and authheaders use (dnspython's default)."""
+    dns.resolver.default_resolver = resolver
+
+
+class TempError(Exception):
+    """A lookup that may succeed later: a timeout, or no server answered."""
+
+
+def txt(resolver: dns.resolver.Resolver, name: bytes | str) -> bytes | None:
+    """The first TXT record at `name`, its strings joined (as DKIM keys are
+    read: RFC 6376 §3.6.2.2); None if there is none. TempError for a
+    timeout or a server failure, which must not read as "no record"."""
+    if isinstance(name, bytes):
+        name = name.decode("ascii", "replace")
+    try:
+        answer = resolver.resolve(name, "TXT", raise_on_no_answer=False, search=False)
+    except dns.resolver.NXDOMAIN:
+        return None
+    except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
+        raise TempError(f"{name}: {type(e).__name__}") from None
+    except dns.exception.DNSException:
+        return None  # a malformed name or answer: nothing to use
+    for rrset in answer.response.answer:
+        for record in rrset:
+            strings = getattr(record, "strings", None)
+            if strings is not None:
+                return b"".join(strings)
+    return None
