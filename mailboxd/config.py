@@ -86,6 +86,12 @@ class LogSection:
 
 
 @attrs.frozen
+class DKIMSection:
+    keys: Path = Path("etc/dkim")  # <keys>/<domain>/<selector>.pem
+    selector: str = "mailbox"
+
+
+@attrs.frozen
 class MetricsSection:
     listen: tuple[str, ...] = ()  # where GET /metrics is served; empty: nowhere
 
@@ -101,6 +107,7 @@ class Config:
     tls: TLSSection
     log: LogSection = LogSection()
     metrics: MetricsSection = MetricsSection()
+    dkim: DKIMSection = DKIMSection()
 
     def canonical_domain(self, domain: str) -> str | None:
         """The local domain `domain` names (itself or via an alias), else None."""
@@ -278,6 +285,13 @@ def _nameserver(text: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def _selector(text: str) -> str:
+    word = text.strip().lower()
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", word):
+        raise _Invalid(f"a DKIM selector (letters, digits, hyphens), not {text.strip()!r}")
+    return word
+
+
 def _optional_path(text: str) -> Path | None:
     return Path(text.strip()) if text.strip() else None
 
@@ -342,6 +356,10 @@ SPEC: _Spec = {
     "metrics": {
         "listen": ("", _endpoints),
     },
+    "dkim": {
+        "keys": ("etc/dkim", _path),
+        "selector": ("mailbox", _selector),
+    },
 }
 
 _SECTIONS = {
@@ -353,6 +371,7 @@ _SECTIONS = {
     "tls": TLSSection,
     "log": LogSection,
     "metrics": MetricsSection,
+    "dkim": DKIMSection,
 }
 
 
@@ -425,6 +444,7 @@ def _resolved(config: Config) -> Config:
             m, accounts=home / m.accounts, aliases=home / m.aliases, mail_dir=home / m.mail_dir
         ),
         tls=attrs.evolve(t, certificate=under(t.certificate), private_key=under(t.private_key)),
+        dkim=attrs.evolve(config.dkim, keys=home / config.dkim.keys),
     )
 
 
@@ -437,6 +457,7 @@ def relative_paths(config: Config) -> list[tuple[str, Path]]:
         ("[mailbox] mail_dir", m.mail_dir),
         ("[tls] certificate", t.certificate),
         ("[tls] private_key", t.private_key),
+        ("[dkim] keys", config.dkim.keys),
     ]
     return [(key, path) for key, path in found if path is not None and not path.is_absolute()]
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import bcrypt
 
-from . import __version__, accounts, check, queue
+from . import __version__, accounts, check, queue, signing
 from .addresses import parse_mailbox
-from .config import Config, ConfigError, load, relative_paths
+from .config import SPEC, Config, ConfigError, load, relative_paths
 from .private import private_dir
 from .state import SQLiteStateStore, StateError, normalise_ip, state_path
 from .tls import make_self_signed
@@ -178,6 +178,41 @@ def tls_command(config: Config, args: argparse.Namespace) -> None:
         print(f"{cert} exists; left as it is")
 
 
+def dkim_command(config: Config, args: argparse.Namespace) -> None:
+    domain = args.domain.lower().rstrip(".")
+    if config.canonical_domain(domain) is None:
+        local = " ".join(
+            config.mailbox.domains + tuple(a for a, _ in config.mailbox.domain_aliases)
+        )
+        raise SystemExit(f"mailboxctl: {domain} is not a local domain ({local})")
+    selector = config.dkim.selector
+    if args.selector is not None:
+        try:
+            selector = SPEC["dkim"]["selector"][1](args.selector)
+        except ValueError as e:
+            raise SystemExit(f"mailboxctl: --selector {args.selector!r}: expected {e}") from None
+    path = signing.key_path(config.dkim.keys, domain, selector)
+    if args.action == "keygen":
+        if path.exists():
+            raise SystemExit(
+                f"mailboxctl: {path} exists; 'mailboxctl dkim show {domain}' prints its record"
+            )
+        if not 1024 <= args.bits <= 8192:
+            raise SystemExit(
+                f"mailboxctl: --bits {args.bits}: expected 1024 to 8192 (2048 is usual)"
+            )
+        signing.write_key(path, signing.new_key(args.bits), config.path.stat().st_gid)
+        print(f"# the key is in {path}; publish this record in {domain}'s zone:")
+    try:
+        print(signing.dns_record(domain, selector, path.read_bytes()))
+    except FileNotFoundError:
+        raise SystemExit(
+            f"mailboxctl: no key for {domain} ({path}); 'mailboxctl dkim keygen {domain}' makes one"
+        ) from None
+    except signing.KeyProblem as e:
+        raise SystemExit(f"mailboxctl: {path}: {e}") from None
+
+
 def check_command(config: Config, args: argparse.Namespace) -> int:
     """Print each problem (or, with none, a summary); the exit status."""
     if args.show:
@@ -233,6 +268,14 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tls", help="TLS certificates")
     tact = t.add_subparsers(dest="action", required=True)
     tact.add_parser("self-signed", help="create a self-signed certificate where [tls] points")
+    d = sub.add_parser("dkim", help="DKIM keys, and the DNS records to publish for them")
+    dact = d.add_subparsers(dest="action", required=True)
+    keygen = dact.add_parser("keygen", help="make a domain's key and print its DNS record")
+    show = dact.add_parser("show", help="print the DNS record of a domain's key")
+    for a in (keygen, show):
+        a.add_argument("domain")
+        a.add_argument("--selector", help="default: [dkim] selector")
+    keygen.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
     return p
 
 
@@ -271,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
             "popauth": popauth,
             "queue": queue_command,
             "tls": tls_command,
+            "dkim": dkim_command,
         }
         commands[args.command](config, args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit

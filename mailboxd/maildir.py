@@ -147,6 +147,51 @@ class IncomingMessage:
             os.close(fd)
         return data
 
+    def content(self, offset: int) -> bytes:
+        """The message so far from `offset` on, as it is stored (LF line
+        ends). Blocking, for a spilled message: call it in a thread pool."""
+        if self._file is None:
+            return b"\n".join([*self._held, b""])[offset:]
+        self._file.flush()
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read()
+
+    def insert_after_first_line(self, lines: list[bytes]) -> None:
+        """Add `lines` (each without its line end) after the first line (the
+        Return-Path): header fields this server adds once the data is in,
+        such as a DKIM signature. Blocking, for a spilled message."""
+        added = sum(len(line) + 1 for line in lines)
+        if self._file is None:
+            self._held[1:1] = lines
+            self._held_size += added
+        else:
+            self._rewrite_with(lines)
+        self.size += added
+        self.wire_size += added + len(lines)
+
+    def _rewrite_with(self, lines: list[bytes]) -> None:
+        assert self._file is not None
+        self._file.flush()
+        old, old_path = self._file, self.path
+        self.path = self.spool_dir / unique_name(self.hostname)
+        self._created = False
+        new = os.fdopen(self._create(), "wb", buffering=65536)
+        try:
+            with open(old_path, "rb") as source:
+                new.write(source.readline())
+                new.write(b"".join(line + b"\n" for line in lines))
+                while chunk := source.read(1 << 20):
+                    new.write(chunk)
+        except BaseException:
+            new.close()
+            os.unlink(self.path)
+            self.path, self._file, self._created = old_path, old, True
+            raise
+        self._file = new
+        old.close()
+        os.unlink(old_path)
+
     def discard(self) -> None:
         self._held, self._held_size = [], 0
         if self._file is not None:

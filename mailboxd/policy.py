@@ -138,3 +138,17 @@ def decide_sender(
     if canonical is not None and canonical.domain in own:
         return ok
     return Decision(Verdict.REJECT, 553, f"5.1.0 <{sender}> sender rejected")
+
+
+def signing_domains(
+    client: Client, domains: tuple[str, ...], aliases: tuple[tuple[str, str], ...]
+) -> frozenset[str]:
+    """The From: domains whose DKIM key may sign what this client relays:
+    the authenticated account's domain, the POP-authorising accounts'
+    domains, with their aliases; every local domain for trusted networks.
+    A customer of one domain never gets another local domain's signature."""
+    own = set(domains) if client.trusted else set(client.pop_domains or ())
+    if client.account is not None:
+        own.add(client.account.domain)
+    own &= set(domains)
+    return frozenset(own | {alias for alias, canonical in aliases if canonical in own})

@@ -12,7 +12,9 @@ import datetime
 import errno
 import random
 from collections.abc import Callable
-from email.utils import format_datetime
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from email.utils import format_datetime, getaddresses
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from .lines import SMTPReply
 from .maildir import IncomingMessage
 from .printable import arg_safe, shown
 from .queue import Entry, Recipient, enqueue, enqueue_bytes, queue_dir
+from .signing import Signer
 from .workers import Workers
 
 log = Logger()
@@ -94,6 +97,7 @@ class Intake:
     # on, after `offset`) if it was held in memory.
     queued: Callable[[Entry, bytes | None], object]
     delivered: Callable[[Delivery], object] | None = None  # told of each accepted message
+    signer: Signer | None = None  # DKIM keys for relayed mail
 
     def __repr__(self) -> str:
         return "<Intake>"
@@ -185,8 +189,10 @@ class Reception:
     def discard(self) -> None:
         self.message.discard()
 
-    def finish(self) -> Deferred | SMTPReply:
-        """After the final dot: fires with the reply once every copy is on disk."""
+    def finish(self, may_sign: frozenset[str] = frozenset()) -> Deferred | SMTPReply:
+        """After the final dot: fires with the reply once every copy is on
+        disk. Relayed mail whose From: domain is in `may_sign` is signed
+        with that domain's DKIM key first (see signing.py)."""
         if self.error is not None:
             self.message.discard()
             log.info(
@@ -218,8 +224,27 @@ class Reception:
             def relay_held(data: bytes) -> None:
                 enqueue_bytes(queue_dir(mail_dir), data, entry)
 
-        d = intake.workers.disk(self.message.commit, mail_dir, accounts, relay, relay_held)
+        signer = intake.signer
+        if tx.relay and may_sign and signer is not None:
+            d = intake.workers.check(self._sign, signer, may_sign)
+            d.addCallback(
+                lambda _: intake.workers.disk(
+                    self.message.commit, mail_dir, accounts, relay, relay_held
+                )
+            )
+        else:
+            d = intake.workers.disk(self.message.commit, mail_dir, accounts, relay, relay_held)
         return d.addCallbacks(self._stored, self._failed, callbackArgs=(accounts, entry))
+
+    def _sign(self, signer: Signer, may_sign: frozenset[str]) -> None:
+        """Add the DKIM signature the message's From: domain may have. Blocking."""
+        content = self.message.content(self.return_path_size)
+        domain = from_domain(content)
+        if domain is None or domain not in may_sign:
+            return
+        field = signer.sign(content.replace(b"\n", b"\r\n"), domain)
+        if field is not None:
+            self.message.insert_after_first_line(field.rstrip(b"\r\n").split(b"\r\n"))
 
     def _stored(self, paths: list[Path], accounts: tuple[Account, ...], entry: Any) -> SMTPReply:
         tx = self.tx
@@ -260,6 +285,19 @@ class Reception:
             error=str(f.value),
         )
         return storage_error(f.value, NOT_STORED)
+
+
+def from_domain(message: bytes) -> str | None:
+    """The domain of the one address in the message's one From: field, or
+    None (no From:, several, or no domain): only then is there one to sign for."""
+    header = BytesHeaderParser(policy=compat32).parsebytes(message)
+    fields = header.get_all("From") or []
+    if len(fields) != 1:
+        return None
+    found = getaddresses([str(fields[0])])
+    if len(found) != 1 or "@" not in found[0][1]:
+        return None
+    return found[0][1].rpartition("@")[2].lower().rstrip(".") or None
 
 
 def received_header(

@@ -36,6 +36,7 @@ from .private import private_dir
 from .processes import Supervisor, adopt, worker_count
 from .queue import queue_dir, remove_unacknowledged
 from .realm import BcryptChecker, HashingQueue, MailboxRealm, make_portal
+from .signing import Signer
 from .smtp import SMTPFactory
 from .state import SQLiteStateStore, StateError, state_path
 from .tls import (
@@ -416,6 +417,8 @@ def _factories(
     wall: Wall,
     queued: Any,
 ) -> tuple[SMTPFactory, SMTPFactory, POP3Factory]:
+    signer = Signer(config.dkim.keys, config.dkim.selector)
+
     def smtp(listener: Listener) -> SMTPFactory:
         return SMTPFactory(
             config,
@@ -430,6 +433,7 @@ def _factories(
             connections=parts.connections,
             wall=wall,
             metrics=parts.metrics,
+            signer=signer,
         )
 
     pop3 = POP3Factory(

@@ -38,6 +38,7 @@ from .policy import (
     decide_sender,
     rcpt_needs_pop,
     sender_needs_pop,
+    signing_domains,
 )
 from .popauth import PopAuthRegistry
 from .printable import arg_safe, shown
@@ -50,6 +51,7 @@ from .reception import (
     Transaction,
 )
 from .sasl import Aborted, Challenge, Credentials, Exchange, Forbidden, Malformed, Unsupported
+from .signing import Signer
 from .state import StateError
 from .tls import ServerTLS, describe, tls_connection
 from .workers import Workers
@@ -84,6 +86,7 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
     connections: ConnectionCount | None = None  # shared by every listener
     wall: Wall = time.time  # for the instants a message carries (Received:, queue entries)
     metrics: Metrics = attrs.field(factory=Metrics)  # one for the process, shared
+    signer: Signer | None = None  # DKIM keys for what authorised clients relay
 
     noisy = False  # the connection log lines say more
 
@@ -92,7 +95,9 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
 
     @property
     def intake(self) -> Intake:
-        return Intake(self.config, self.wall, self.workers, self.queued, self.delivered)
+        return Intake(
+            self.config, self.wall, self.workers, self.queued, self.delivered, self.signer
+        )
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
         p = SMTPServer()
@@ -427,13 +432,31 @@ class SMTPServer(LineProtocol):
         self.strict_crlf = False
         self.max_line = COMMAND_LINE_MAX
         self.setTimeout(self.factory.config.smtp.idle_timeout)
-        result = reception.finish()
         ended = self.factory.clock.seconds()
+        result: SMTPReply | Deferred
+        if reception.error is None and reception.tx.relay and self.factory.signer is not None:
+            result = self._signed_finish(reception)
+        else:
+            result = reception.finish()
         if isinstance(result, Deferred):
             result.addCallback(self._counted, ended)
         elif result is not None:
             self._counted(result, ended)
         return self.answer(result)
+
+    def _signed_finish(self, reception: Reception) -> Deferred:
+        """Finish, with DKIM signing for the domains this client may use."""
+        config = self.factory.config.mailbox
+
+        def finish(client: Client) -> SMTPReply | Deferred:
+            return reception.finish(signing_domains(client, config.domains, config.domain_aliases))
+
+        def not_finished(f: Any) -> Any:
+            reception.discard()
+            return f
+
+        needs_pop = lambda c: c.account is None and not c.trusted  # noqa: E731
+        return self.client(needs_pop).addCallbacks(finish, not_finished)
 
     def _counted(self, reply: SMTPReply, ended: float) -> SMTPReply:
         metrics = self.factory.metrics

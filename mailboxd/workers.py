@@ -29,6 +29,9 @@ from twisted.python.failure import Failure
 
 STORAGE_THREADS = 8  # spool files, Maildir deliveries and reads, the outbound queue
 STATE_THREADS = 4  # SQLite: several, so that reads go on while a write waits for a lock
+# DKIM signing and the inbound checks: mostly waiting for DNS answers, and
+# never in the way of a delivery's fsync or a login.
+CHECKS_THREADS = 16
 HASHING_NICENESS = 10  # bcrypt yields the CPU to the reactor and the storage threads
 
 _lowered = threading.local()
@@ -151,6 +154,9 @@ class Workers:
     storage: Pool
     hashing: Pool
     state: Pool
+    checks: Pool = attrs.field(
+        factory=lambda: Pool(minthreads=0, maxthreads=CHECKS_THREADS, name="mailbox-checks")
+    )
 
     def disk(self, f: Callable[..., Any], *args: Any) -> Deferred:
         return in_pool(self.reactor, self.storage, f, *args)
@@ -161,9 +167,12 @@ class Workers:
     def db(self, f: Callable[..., Any], *args: Any) -> Deferred:
         return in_pool(self.reactor, self.state, f, *args)
 
+    def check(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        return in_pool(self.reactor, self.checks, f, *args)
+
     @property
     def pools(self) -> tuple[Pool, ...]:
-        return (self.storage, self.hashing, self.state)
+        return (self.storage, self.hashing, self.state, self.checks)
 
 
 def hashing_threads() -> int:

@@ -4,12 +4,17 @@ loopback) DKIM signing, ARC sealing and the inbound SPF, DKIM and DMARC checks."
 
 from __future__ import annotations
 
+import re
 import smtplib
 
+import dkim
 import pytest
-from conftest import ALICE
+from conftest import ALICE, ALICE_PW, ctl
 from test_blackbox import wait_for
-from zone_server import MX, A, ZoneServer
+from test_outbound_blackbox import Capture
+from zone_server import MX, TXT, A, ZoneServer
+
+from mailboxd.resolver import txt
 
 pytestmark = pytest.mark.blackbox
 
@@ -59,3 +64,52 @@ def test_mx_lookups_ask_the_configured_resolver(make_server, zones):
     assert wait_for(lambda: len(server.messages(ALICE)) == 1, timeout=20), server.log()
     [bounce] = server.messages(ALICE)
     assert b"gone.far.test: no such domain (NXDOMAIN)" in bounce.read_bytes()
+
+
+def published(record_line: str) -> list[str]:
+    """The strings of the TXT record `mailboxctl dkim keygen` printed."""
+    name, _, rest = record_line.partition(" IN TXT ")
+    assert name == "mailbox._domainkey.example.test.", record_line
+    return re.findall(r'"([^"]*)"', rest)
+
+
+def test_relayed_mail_is_signed_and_verifies_with_the_record_keygen_printed(make_server, zones):
+    server = make_server("[mailbox]\ntrusted_networks =\n")  # relaying needs AUTH
+    server.add_test_accounts()
+    out = ctl(server, "dkim", "keygen", "example.test").stdout
+    record = out.strip().splitlines()[-1]
+    assert ctl(server, "dkim", "show", "example.test").stdout.strip() == record
+    dns = zones(example_test=[TXT("mailbox._domainkey.example.test", *published(record))])
+    capture = Capture(server.home, server.smarthost_port).start()
+    try:
+        server.start()
+        with smtplib.SMTP("127.0.0.1", server.submission_port, timeout=10) as s:
+            s.login(ALICE, ALICE_PW)
+            for sender in ("Alice <alice@example.test>", "bob@other.test", "alice@example.org"):
+                s.sendmail(
+                    ALICE,
+                    ["someone@far.test"],
+                    f"From: {sender}\r\nTo: someone@far.test\r\nSubject: from {sender}\r\n"
+                    "Date: Tue, 01 Dec 2026 10:00:00 +0000\r\n\r\nhello\r\n".encode(),
+                )
+        assert wait_for(lambda: len(capture.messages()) == 3, timeout=20), server.log()
+    finally:
+        capture.stop()
+    by_subject = {
+        re.search(rb"Subject: from ([^\r]*)", m["data"])[1]: m["data"] for m in capture.messages()
+    }
+    resolver = dns.resolver()
+
+    def dnsfunc(name, timeout=5):
+        return txt(resolver, name)
+
+    signed = by_subject[b"Alice <alice@example.test>"]
+    assert signed.startswith(b"DKIM-Signature: ")
+    assert dkim.verify(signed, dnsfunc=dnsfunc)
+    assert not dkim.verify(signed.replace(b"hello", b"hellO"), dnsfunc=dnsfunc)
+    # Alice may not sign as other.test (another customer's domain); example.org
+    # is hers, but has no key: both go out unsigned.
+    assert b"DKIM-Signature" not in by_subject[b"bob@other.test"]
+    assert b"DKIM-Signature" not in by_subject[b"alice@example.org"]
+    assert server.log().count("dkim: no key for example.org") == 1
+    server.check_log()
