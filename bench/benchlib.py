@@ -46,6 +46,7 @@ def start_server(
     ini = "[mailbox]\nhostname = mail.example.test\ndomains = example.test\nbcrypt_rounds = 4\n"
     ini += mailbox
     ini += f"[smtp]\nlisten = tcp:{port}:interface=127.0.0.1\nsubmission =\n[pop3]\nlisten =\n"
+    ini += "[inbound]\nchecks = no\n"  # no DNS lookups about made-up domains
     (home / "etc").mkdir()
     for name, text in (("accounts", accounts), ("aliases", ""), ("mailbox.ini", ini + sections)):
         (home / "etc" / name).write_text(text)

@@ -60,6 +60,8 @@ submission =
 listen = tcp:$MBX_POP3:interface=127.0.0.1
 [relay]
 pop_before_smtp_ttl = 0
+[inbound]
+checks = no
 INI
     (cd "$home" && PYTHONPATH=$TREE exec "$TWISTD" -n --pidfile= mailbox --config etc/mailbox.ini \
         > "$home/log" 2>&1) &

@@ -92,6 +92,13 @@ class DKIMSection:
 
 
 @attrs.frozen
+class InboundSection:
+    checks: bool = True  # SPF, DKIM and DMARC of mail from the world
+    dmarc_reject: bool = True  # refuse what fails a p=reject DMARC policy
+    spf_reject: bool = False  # refuse an SPF fail
+
+
+@attrs.frozen
 class MetricsSection:
     listen: tuple[str, ...] = ()  # where GET /metrics is served; empty: nowhere
 
@@ -108,6 +115,7 @@ class Config:
     log: LogSection = LogSection()
     metrics: MetricsSection = MetricsSection()
     dkim: DKIMSection = DKIMSection()
+    inbound: InboundSection = InboundSection()
 
     def canonical_domain(self, domain: str) -> str | None:
         """The local domain `domain` names (itself or via an alias), else None."""
@@ -360,6 +368,11 @@ SPEC: _Spec = {
         "keys": ("etc/dkim", _path),
         "selector": ("mailbox", _selector),
     },
+    "inbound": {
+        "checks": ("yes", _bool),
+        "dmarc_reject": ("yes", _bool),
+        "spf_reject": ("no", _bool),
+    },
 }
 
 _SECTIONS = {
@@ -372,6 +385,7 @@ _SECTIONS = {
     "log": LogSection,
     "metrics": MetricsSection,
     "dkim": DKIMSection,
+    "inbound": InboundSection,
 }
 
 

@@ -12,9 +12,7 @@ import datetime
 import errno
 import random
 from collections.abc import Callable
-from email.parser import BytesHeaderParser
-from email.policy import compat32
-from email.utils import format_datetime, getaddresses
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from .accounts import Account
 from .addresses import Address
 from .clocks import Wall
 from .config import Config
+from .inbound import Checked, Checker, claims, from_domain
 from .lines import SMTPReply
 from .maildir import IncomingMessage
 from .printable import arg_safe, shown
@@ -98,6 +97,7 @@ class Intake:
     queued: Callable[[Entry, bytes | None], object]
     delivered: Callable[[Delivery], object] | None = None  # told of each accepted message
     signer: Signer | None = None  # DKIM keys for relayed mail
+    checker: Checker | None = None  # SPF, DKIM and DMARC of mail from the world
 
     def __repr__(self) -> str:
         return "<Intake>"
@@ -128,6 +128,7 @@ class Reception:
     error: SMTPReply | None = attrs.field(init=False, default=None)
     in_header: bool = True  # until the empty line that ends the message's header
     hops: int = 0  # Received: fields the message came with
+    dropping: bool = False  # inside a header field that is not kept
 
     def __attrs_post_init__(self) -> None:
         self.header_size = self.message.wire_size
@@ -149,8 +150,8 @@ class Reception:
             return None
         if line.startswith(b"."):
             line = line[1:]
-        if self.in_header:
-            self._header_line(line)
+        if self.in_header and not self._header_line(line):
+            return None
         body_size = self.message.wire_size - self.header_size + len(line) + 2
         if body_size > self.intake.config.smtp.max_message_size:
             self.error = TOO_BIG
@@ -165,13 +166,20 @@ class Reception:
         # A spool file is a directory update, which can wait for the disk.
         return self.intake.workers.disk(self.message.spill).addErrback(self._spill_failed)
 
-    def _header_line(self, line: bytes) -> None:
+    def _header_line(self, line: bytes) -> bool:
+        """Count the hops; False for a line not kept: an Authentication-Results
+        field that claims this server's name came from somebody else."""
         if not line:
             self.in_header = False
-        elif line[:9].lower() == b"received:":
+            return True
+        if line[:1] in (b" ", b"\t"):  # a folded field goes on
+            return not self.dropping
+        self.dropping = claims(line, self.intake.config.mailbox.hostname)
+        if line[:9].lower() == b"received:":
             self.hops += 1
             if self.hops > self.intake.config.smtp.max_hops:
                 self.error = TOO_MANY_HOPS
+        return not self.dropping
 
     def _spill_failed(self, f: Any) -> None:
         f.trap(OSError)
@@ -189,10 +197,13 @@ class Reception:
     def discard(self) -> None:
         self.message.discard()
 
-    def finish(self, may_sign: frozenset[str] = frozenset()) -> Deferred | SMTPReply:
+    def finish(
+        self, may_sign: frozenset[str] = frozenset(), check: bool = False
+    ) -> Deferred | SMTPReply:
         """After the final dot: fires with the reply once every copy is on
         disk. Relayed mail whose From: domain is in `may_sign` is signed
-        with that domain's DKIM key first (see signing.py)."""
+        with that domain's DKIM key first (see signing.py); with `check`,
+        the message is checked first (inbound.py), and may be refused."""
         if self.error is not None:
             self.message.discard()
             log.info(
@@ -224,16 +235,40 @@ class Reception:
             def relay_held(data: bytes) -> None:
                 enqueue_bytes(queue_dir(mail_dir), data, entry)
 
-        signer = intake.signer
+        def commit(_: object = None) -> Deferred:
+            return intake.workers.disk(self.message.commit, mail_dir, accounts, relay, relay_held)
+
+        signer, checker = intake.signer, intake.checker
+        if check and checker is not None:
+            d = intake.workers.check(self._check, checker)
+            return d.addCallback(self._checked, commit, accounts, entry)
         if tx.relay and may_sign and signer is not None:
-            d = intake.workers.check(self._sign, signer, may_sign)
-            d.addCallback(
-                lambda _: intake.workers.disk(
-                    self.message.commit, mail_dir, accounts, relay, relay_held
-                )
-            )
+            d = intake.workers.check(self._sign, signer, may_sign).addCallback(commit)
         else:
-            d = intake.workers.disk(self.message.commit, mail_dir, accounts, relay, relay_held)
+            d = commit()
+        return d.addCallbacks(self._stored, self._failed, callbackArgs=(accounts, entry))
+
+    def _check(self, checker: Checker) -> Checked:
+        """Check the message and add the Authentication-Results. Blocking."""
+        content = self.message.content(self.return_path_size).replace(b"\n", b"\r\n")
+        checked = checker(content, self.trace.ip, self.trace.helo, self.tx.sender)
+        if checked.refusal is None:
+            self.message.insert_after_first_line(checked.lines)
+        return checked
+
+    def _checked(
+        self, checked: Checked, commit: Callable[[], Deferred], accounts: Any, entry: Any
+    ) -> Deferred | SMTPReply:
+        if checked.refusal is not None:
+            self.message.discard()
+            log.info(
+                "smtp message refused from {client}: {reason}",
+                client=self.trace.ip,
+                reason=checked.refusal[1],
+                code=checked.refusal[0],
+            )
+            return checked.refusal
+        d = commit()
         return d.addCallbacks(self._stored, self._failed, callbackArgs=(accounts, entry))
 
     def _sign(self, signer: Signer, may_sign: frozenset[str]) -> None:
@@ -285,19 +320,6 @@ class Reception:
             error=str(f.value),
         )
         return storage_error(f.value, NOT_STORED)
-
-
-def from_domain(message: bytes) -> str | None:
-    """The domain of the one address in the message's one From: field, or
-    None (no From:, several, or no domain): only then is there one to sign for."""
-    header = BytesHeaderParser(policy=compat32).parsebytes(message)
-    fields = header.get_all("From") or []
-    if len(fields) != 1:
-        return None
-    found = getaddresses([str(fields[0])])
-    if len(found) != 1 or "@" not in found[0][1]:
-        return None
-    return found[0][1].rpartition("@")[2].lower().rstrip(".") or None
 
 
 def received_header(

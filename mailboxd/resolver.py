@@ -18,7 +18,7 @@ from twisted.names import client
 
 Nameserver = tuple[str, int]
 
-LOOKUP_SECONDS = 2.0  # for one lookup, all tries and servers included
+LOOKUP_SECONDS = 1.0  # for one lookup, all tries and servers included
 
 
 def twisted_resolver(server: Nameserver | None) -> IResolver:

@@ -25,6 +25,7 @@ from .config import Config
 from .connections import Board, ConnectionCount
 from .credcache import CredentialCache
 from .guard import Guard
+from .inbound import Checker, Policy
 from .instance import InstanceLock, InstanceRunning, lock_path
 from .maildir import clean_spool
 from .metrics import Exposition, Metrics, MetricsSite
@@ -36,6 +37,7 @@ from .private import private_dir
 from .processes import Supervisor, adopt, worker_count
 from .queue import queue_dir, remove_unacknowledged
 from .realm import BcryptChecker, HashingQueue, MailboxRealm, make_portal
+from .resolver import thread_resolver, use_everywhere
 from .signing import Signer
 from .smtp import SMTPFactory
 from .state import SQLiteStateStore, StateError, state_path
@@ -418,6 +420,12 @@ def _factories(
     queued: Any,
 ) -> tuple[SMTPFactory, SMTPFactory, POP3Factory]:
     signer = Signer(config.dkim.keys, config.dkim.selector)
+    checker = None
+    if config.inbound.checks:
+        resolver = thread_resolver(config.mailbox.resolver)
+        use_everywhere(resolver)  # pyspf's and authheaders' lookups too
+        i = config.inbound
+        checker = Checker(Policy(config.mailbox.hostname, i.dmarc_reject, i.spf_reject), resolver)
 
     def smtp(listener: Listener) -> SMTPFactory:
         return SMTPFactory(
@@ -434,6 +442,7 @@ def _factories(
             wall=wall,
             metrics=parts.metrics,
             signer=signer,
+            checker=checker,
         )
 
     pop3 = POP3Factory(

@@ -28,6 +28,7 @@ from .connections import ConnectionCount
 from .faults import Faults
 from .faults import apply as apply_fault
 from .guard import refusal
+from .inbound import Checker
 from .lines import LineProtocol, SMTPReply
 from .metrics import Metrics
 from .policy import (
@@ -87,6 +88,7 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
     wall: Wall = time.time  # for the instants a message carries (Received:, queue entries)
     metrics: Metrics = attrs.field(factory=Metrics)  # one for the process, shared
     signer: Signer | None = None  # DKIM keys for what authorised clients relay
+    checker: Checker | None = None  # checks mail from the world on `listen`
 
     noisy = False  # the connection log lines say more
 
@@ -96,7 +98,13 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
     @property
     def intake(self) -> Intake:
         return Intake(
-            self.config, self.wall, self.workers, self.queued, self.delivered, self.signer
+            self.config,
+            self.wall,
+            self.workers,
+            self.queued,
+            self.delivered,
+            self.signer,
+            self.checker,
         )
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
@@ -434,8 +442,10 @@ class SMTPServer(LineProtocol):
         self.setTimeout(self.factory.config.smtp.idle_timeout)
         ended = self.factory.clock.seconds()
         result: SMTPReply | Deferred
-        if reception.error is None and reception.tx.relay and self.factory.signer is not None:
-            result = self._signed_finish(reception)
+        signing = reception.tx.relay and self.factory.signer is not None
+        checking = self.factory.checker is not None and self.factory.listener is Listener.MTA
+        if reception.error is None and (signing or checking):
+            result = self._finish(reception)
         else:
             result = reception.finish()
         if isinstance(result, Deferred):
@@ -444,12 +454,17 @@ class SMTPServer(LineProtocol):
             self._counted(result, ended)
         return self.answer(result)
 
-    def _signed_finish(self, reception: Reception) -> Deferred:
-        """Finish, with DKIM signing for the domains this client may use."""
+    def _finish(self, reception: Reception) -> Deferred:
+        """Finish with what this client's authorisation calls for: DKIM
+        signing for the domains it may use, or the checks of mail from the world."""
         config = self.factory.config.mailbox
 
         def finish(client: Client) -> SMTPReply | Deferred:
-            return reception.finish(signing_domains(client, config.domains, config.domain_aliases))
+            may_sign: frozenset[str] = frozenset()
+            if reception.tx.relay and self.factory.signer is not None:
+                may_sign = signing_domains(client, config.domains, config.domain_aliases)
+            check = self.factory.checker is not None and not client.authorised
+            return reception.finish(may_sign, check and client.listener is Listener.MTA)
 
         def not_finished(f: Any) -> Any:
             reception.discard()

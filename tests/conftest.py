@@ -81,6 +81,9 @@ class MailServer:
             f"listen = tcp:{self.pop3_port}:interface=127.0.0.1\n"
             "[relay]\n"
             f"smarthost = 127.0.0.1:{self.smarthost_port}\n"
+            # No SPF/DKIM/DMARC lookups about test domains unless a test asks.
+            "[inbound]\n"
+            "checks = no\n"
         )
         if tls:
             from mailboxd.tls import make_self_signed

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 import smtplib
+import socket
+import time
 
 import dkim
 import pytest
@@ -15,6 +17,7 @@ from test_outbound_blackbox import Capture
 from zone_server import MX, TXT, A, ZoneServer
 
 from mailboxd.resolver import txt
+from mailboxd.signing import dns_record, new_key
 
 pytestmark = pytest.mark.blackbox
 
@@ -66,10 +69,10 @@ def test_mx_lookups_ask_the_configured_resolver(make_server, zones):
     assert b"gone.far.test: no such domain (NXDOMAIN)" in bounce.read_bytes()
 
 
-def published(record_line: str) -> list[str]:
+def published(record_line: str, domain: str = "example.test") -> list[str]:
     """The strings of the TXT record `mailboxctl dkim keygen` printed."""
     name, _, rest = record_line.partition(" IN TXT ")
-    assert name == "mailbox._domainkey.example.test.", record_line
+    assert name.endswith(f"._domainkey.{domain}."), record_line
     return re.findall(r'"([^"]*)"', rest)
 
 
@@ -113,3 +116,168 @@ def test_relayed_mail_is_signed_and_verifies_with_the_record_keygen_printed(make
     assert b"DKIM-Signature" not in by_subject[b"alice@example.org"]
     assert server.log().count("dkim: no key for example.org") == 1
     server.check_log()
+
+
+# --- mail from the world: SPF, DKIM and DMARC -------------------------------------
+
+SIGNER_KEY = new_key(1024)  # the sending domain's key, for the messages signed here
+
+
+def message(sender: str, subject: str) -> bytes:
+    return (
+        f"From: {sender}\r\nTo: {ALICE}\r\nSubject: {subject}\r\n"
+        f"Date: Tue, 01 Dec 2026 10:00:00 +0000\r\nMessage-ID: <{subject}@far.test>\r\n"
+        "\r\nhello from far away\r\n"
+    ).encode()
+
+
+def signed(data: bytes, domain: str) -> bytes:
+    return dkim.sign(data, b"sel", domain.encode(), SIGNER_KEY) + data
+
+
+def key_record(domain: str) -> str:
+    return TXT(
+        f"sel._domainkey.{domain}", *published(dns_record(domain, "sel", SIGNER_KEY), domain)
+    )
+
+
+@pytest.fixture
+def checking(make_server, zones):
+    """A server that checks mail from the world (nobody trusted), and the zones it asks."""
+    dns = zones(
+        pass_test=[
+            TXT("pass.test", "v=spf1 ip4:127.0.0.1 -all"),
+            key_record("pass.test"),
+            TXT("_dmarc.pass.test", "v=DMARC1; p=reject"),
+        ],
+        fail_test=[
+            TXT("fail.test", "v=spf1 ip4:192.0.2.1 -all"),
+            TXT("_dmarc.fail.test", "v=DMARC1; p=none"),
+        ],
+        soft_test=[TXT("soft.test", "v=spf1 ~all")],
+        none_test=[A("none.test", "192.0.2.9")],
+        reject_test=[
+            TXT("reject.test", "v=spf1 ip4:192.0.2.1 -all"),
+            TXT("_dmarc.reject.test", "v=DMARC1; p=reject"),
+        ],
+        far_test=[TXT("client.far.test", "v=spf1 ip4:127.0.0.1 -all")],
+    )
+    server = make_server(
+        f"[mailbox]\ntrusted_networks =\nresolver = {dns.address}\n[inbound]\nchecks = yes\n"
+    )
+    return server.add_test_accounts().start()
+
+
+def send(server, sender: str, data: bytes) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=20) as s:
+        s.ehlo("client.far.test")
+        s.mail(sender)
+        assert s.rcpt(ALICE)[0] == 250
+        return s.data(data)
+
+
+def results(server, subject: str) -> str:
+    """The Authentication-Results field of the delivered copy, unfolded."""
+    for path in server.messages(ALICE):
+        text = path.read_bytes().decode()
+        if f"Subject: {subject}\n" in text:
+            head = text.split("\n\n", 1)[0]
+            assert head.count("Authentication-Results:") == 1, head
+            field = head.split("Authentication-Results: ", 1)[1]
+            lines = [field.split("\n")[0]]
+            for line in field.split("\n")[1:]:
+                if not line.startswith(("\t", " ")):
+                    break
+                lines.append(line.strip())
+            return " ".join(lines)
+    raise AssertionError(f"no message {subject!r}")
+
+
+@pytest.mark.parametrize(
+    "sender, subject, sign, found",
+    [
+        (
+            "a@pass.test",
+            "spf-pass",
+            True,
+            [
+                "spf=pass smtp.mailfrom=pass.test",
+                "dkim=pass header.d=pass.test",
+                "dmarc=pass",
+                "header.from=pass.test",
+            ],
+        ),
+        (
+            "a@fail.test",
+            "spf-fail",
+            False,
+            [
+                "spf=fail smtp.mailfrom=fail.test",
+                "dkim=none",
+                "dmarc=fail",
+                "header.from=fail.test policy.dmarc=none",
+            ],
+        ),
+        (
+            "a@soft.test",
+            "spf-softfail",
+            False,
+            ["spf=softfail smtp.mailfrom=soft.test", "dmarc=none"],
+        ),
+        ("a@none.test", "spf-none", False, ["spf=none smtp.mailfrom=none.test", "dmarc=none"]),
+    ],
+)
+def test_mail_from_the_world_says_what_was_checked(checking, sender, subject, sign, found):
+    data = message(sender, subject)
+    code, _ = send(checking, sender, signed(data, sender.split("@")[1]) if sign else data)
+    assert code == 250
+    field = results(checking, subject)
+    assert field.startswith("mail.example.test;"), field
+    assert "spf=pass smtp.helo=client.far.test" in field, field
+    for part in found:
+        assert part in field, (part, field)
+    checking.check_log()
+
+
+def test_a_signature_broken_in_transit_fails_and_spf_still_passes(checking):
+    data = signed(message("a@pass.test", "dkim-fail"), "pass.test").replace(b"hello", b"HELLO")
+    assert send(checking, "a@pass.test", data)[0] == 250
+    field = results(checking, "dkim-fail")
+    assert "dkim=fail header.d=pass.test" in field and "dmarc=pass" in field, field
+
+
+def test_dmarc_reject_refuses_and_forged_results_are_removed(checking):
+    code, text = send(checking, "a@reject.test", message("a@reject.test", "rejected"))
+    assert (code, text) == (
+        550,
+        b"5.7.1 Unauthenticated email from reject.test is not accepted due to domain's DMARC policy",
+    )
+    forged = b"Authentication-Results: mail.example.test; spf=pass; dkim=pass; dmarc=pass\r\n"
+    theirs = b"Authentication-Results: mx.far.test; spf=fail\r\n"
+    data = forged + theirs + message("a@fail.test", "forged")
+    assert send(checking, "a@fail.test", data)[0] == 250
+    [copy] = [p for p in checking.messages(ALICE) if b"Subject: forged" in p.read_bytes()]
+    head = copy.read_bytes().split(b"\n\n")[0]
+    assert b"mx.far.test; spf=fail" in head  # another server's: kept
+    assert head.count(b"Authentication-Results: mail.example.test;") == 1
+    assert b"spf=fail smtp.mailfrom=fail.test" in head  # ours, not the forged one
+
+
+def test_a_dns_timeout_is_temperror_never_a_refusal(make_server):
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))  # a DNS server that never answers
+    try:
+        server = make_server(
+            "[mailbox]\ntrusted_networks =\n"
+            f"resolver = 127.0.0.1:{silent.getsockname()[1]}\n[inbound]\nchecks = yes\n"
+        )
+        server.add_test_accounts().start()
+        began = time.monotonic()
+        assert send(server, "a@reject.test", message("a@reject.test", "timeout"))[0] == 250
+        took = time.monotonic() - began
+        field = results(server, "timeout")
+    finally:
+        silent.close()
+    assert "spf=temperror smtp.mailfrom=reject.test" in field, field
+    assert "dmarc=temperror" in field, field
+    assert took < 10, took
