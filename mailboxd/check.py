@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from . import signing
 from .accounts import Directory, Problem, load_directory
 from .config import SPEC, Config, relative_paths
 from .tls import TLSConfigError, context_for
@@ -82,6 +83,7 @@ def problems(
     yield from _readable(user, m.aliases, "[mailbox] aliases", required=False)
     yield from (str(p) for p in skipped)
     yield from _writable_dir(user, m.mail_dir, "[mailbox] mail_dir")
+    yield from _dkim_keys(config, user)
     t = config.tls
     if t.certificate is not None and t.private_key is not None:
         unreadable = [
@@ -100,6 +102,26 @@ def _home(config: Config) -> Iterator[str]:
             f"{config.path}: {named} are taken from the current folder {Path.cwd()}, "
             f"which holds no appliance; set [mailbox] home or absolute paths"
         )
+
+
+def _dkim_keys(config: Config, user: RunAs) -> Iterator[str]:
+    """Each local domain's DKIM key, where there is one: readable, and a key."""
+    for domain in _local_domains(config):
+        path = signing.key_path(config.dkim.keys, domain, config.dkim.selector)
+        if not path.exists():
+            continue
+        unreadable = list(_readable(user, path, "[dkim] keys", required=True))
+        yield from unreadable
+        if not unreadable:
+            try:
+                signing.public_key(path.read_bytes())
+            except (OSError, signing.KeyProblem) as e:
+                yield f"{path}: [dkim] keys: {getattr(e, 'strerror', None) or e}"
+
+
+def _local_domains(config: Config) -> list[str]:
+    m = config.mailbox
+    return [*m.domains, *(alias for alias, _ in m.domain_aliases)]
 
 
 def _readable(user: RunAs, path: Path, key: str, required: bool) -> Iterator[str]:
@@ -196,6 +218,16 @@ def summary(config: Config, user: RunAs, now: datetime.datetime, accounts: Direc
         )
     relay = config.relay
     lines.append(f"relay: {'smarthost ' + relay.smarthost if relay.smarthost else 'direct to MX'}")
+    signed = [
+        d
+        for d in _local_domains(config)
+        if signing.key_path(config.dkim.keys, d, config.dkim.selector).exists()
+    ]
+    unsigned = [d for d in _local_domains(config) if d not in signed]
+    lines.append(
+        f"dkim: keys for {' '.join(signed) or 'no domain'}"
+        + (f"; {' '.join(unsigned)} send unsigned" if unsigned else "")
+    )
     return lines
 
 

@@ -25,6 +25,7 @@ import dns.exception
 import dns.resolver
 import spf
 from authres import AuthenticationResultsHeader, DKIMAuthenticationResult, SPFAuthenticationResult
+from authres.arc import ARCAuthenticationResult
 from authres.dmarc import DMARCAuthenticationResult
 
 from .lines import SMTPReply
@@ -49,6 +50,7 @@ class Checked:
 
     lines: list[bytes]
     refusal: SMTPReply | None = None
+    arc: str = "none"  # the ARC chain it arrived with: what a seal of ours carries on
 
 
 def spf_check(ip: str, sender: str, helo: str) -> tuple[str, str]:
@@ -96,6 +98,24 @@ def dkim_checks(message: bytes, resolver: dns.resolver.Resolver) -> list[DKIMAut
     return results
 
 
+def arc_check(message: bytes, resolver: dns.resolver.Resolver) -> str:
+    """The ARC chain's validation (RFC 8617 §5.2): none, pass or fail; or
+    temperror when a key could not be looked up now."""
+    if b"\narc-seal:" not in message.lower() and not message.lower().startswith(b"arc-seal:"):
+        return "none"
+
+    def dnsfunc(name: bytes, timeout: float = LOOKUP_SECONDS) -> bytes | None:
+        return txt(resolver, name)
+
+    try:
+        cv, _, _ = dkim.arc_verify(message, dnsfunc=dnsfunc, timeout=LOOKUP_SECONDS)
+    except TempError:
+        return "temperror"
+    except Exception:  # noqa: BLE001 - a chain that cannot be read has failed
+        return "fail"
+    return _text(cv).lower()
+
+
 def dmarc_check(
     message: bytes, mail_from: SPFAuthenticationResult, dkims: list[DKIMAuthenticationResult]
 ) -> DMARCAuthenticationResult:
@@ -128,10 +148,17 @@ def check(
     dkims = dkim_checks(message, resolver)
     aligned = SPFAuthenticationResult(result=mail_result, smtp_mailfrom=identity)
     dmarc = dmarc_check(message, aligned, dkims)
-    results = [spf_from, spf_helo, *(dkims or [DKIMAuthenticationResult(result="none")]), dmarc]
+    arc = arc_check(message, resolver)
+    results = [
+        spf_from,
+        spf_helo,
+        *(dkims or [DKIMAuthenticationResult(result="none")]),
+        dmarc,
+        ARCAuthenticationResult(result=arc),
+    ]
     field = str(AuthenticationResultsHeader(authserv_id=policy.hostname, results=results))
     lines = [line.encode("utf-8", "replace") for line in _folded(field)]
-    return Checked(lines, refusal(policy, spf_from, dkims, dmarc))
+    return Checked(lines, refusal(policy, spf_from, dkims, dmarc), arc)
 
 
 def refusal(

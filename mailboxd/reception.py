@@ -72,6 +72,9 @@ class Transaction:
     recipients: list[Address] = attrs.field(factory=list)
     accounts: dict[str, Account] = attrs.field(factory=dict)  # local deliveries
     relay: dict[str, str] = attrs.field(factory=dict)  # key -> address, for the queue
+    # Local domains whose aliases forward this message off-site: the first
+    # with a DKIM key seals it (ARC).
+    forwarders: list[str] = attrs.field(factory=list)
 
 
 @attrs.frozen
@@ -254,7 +257,21 @@ class Reception:
         checked = checker(content, self.trace.ip, self.trace.helo, self.tx.sender)
         if checked.refusal is None:
             self.message.insert_after_first_line(checked.lines)
+            signer = self.intake.signer
+            if self.tx.forwarders and signer is not None and checked.arc != "temperror":
+                self._seal(signer)
         return checked
+
+    def _seal(self, signer: Signer) -> None:
+        """ARC-seal what an alias forwards off-site, with the results it
+        arrived with (now at the top). Blocking."""
+        content = self.message.content(self.return_path_size).replace(b"\n", b"\r\n")
+        hostname = self.intake.config.mailbox.hostname
+        for domain in self.tx.forwarders:
+            fields = signer.seal(content, domain, hostname)
+            if fields is not None:
+                self.message.insert_after_first_line(fields.rstrip(b"\r\n").split(b"\r\n"))
+                return
 
     def _checked(
         self, checked: Checked, commit: Callable[[], Deferred], accounts: Any, entry: Any

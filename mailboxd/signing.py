@@ -161,6 +161,24 @@ class Signer:
             canonicalize=CANONICALIZATION,
         )
 
+    def seal(self, message: bytes, domain: str, authserv_id: str) -> bytes | None:
+        """The ARC set (RFC 8617) for a message forwarded off-site, sealed
+        with `domain`'s key: ARC-Seal, ARC-Message-Signature and
+        ARC-Authentication-Results, the last made from our
+        Authentication-Results (`authserv_id`), which the message (CRLF line
+        ends) must carry. None if the domain has no usable key."""
+        key = self.key(domain)
+        if key is None:
+            return None
+        fields = dkim.arc_sign(
+            message,
+            self.selector.encode("ascii"),
+            domain.lower().encode("ascii"),
+            key,
+            authserv_id.encode("ascii"),
+        )
+        return b"".join(fields) or None
+
     def _say_once(self, path: Path, version: object, text: str, domain: str) -> None:
         with self._lock:
             if (path, version) in self._said:

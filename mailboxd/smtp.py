@@ -405,6 +405,9 @@ class SMTPServer(LineProtocol):
                 tx.relay.setdefault(rcpt.key, str(rcpt))
             for target in decision.forwards:  # forwarding aliases keep the envelope sender
                 tx.relay.setdefault(target.lower(), target)
+            domain = self.factory.config.canonical_domain(rcpt.domain)
+            if decision.forwards and domain is not None and domain not in tx.forwarders:
+                tx.forwarders.append(domain)
             return (decision.code, decision.text)
 
         needs_pop = partial(rcpt_needs_pop, directory=self.factory.directory(), rcpt=rcpt)

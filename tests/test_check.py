@@ -201,3 +201,34 @@ def test_show_prints_every_key_with_defaults_and_hides_the_password(tmp_path):
     again = check(shown, "--show")
     assert again.returncode == 0, again.stdout
     assert again.stdout.split("\n", 1)[1] == text.split("\n", 1)[1]
+
+
+def test_dkim_keys_are_checked_and_summed_up(tmp_path):
+    config = appliance(tmp_path)
+    keys = tmp_path / "etc" / "dkim"
+    out = check(config)
+    assert "dkim: keys for no domain; example.test send unsigned" in out.stdout, out.stdout
+    made = subprocess.run(
+        [
+            str(MAILBOXCTL),
+            "--config",
+            str(config),
+            "dkim",
+            "keygen",
+            "example.test",
+            "--bits",
+            "1024",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    assert (keys / "example.test" / "mailbox.pem").is_file()
+    out = check(config)
+    assert out.returncode == 0 and "dkim: keys for example.test\n" in out.stdout, out.stdout
+    (keys / "example.test" / "mailbox.pem").write_text("not a key\n")
+    out = check(config)
+    assert out.returncode == 1
+    [line] = [x for x in out.stdout.splitlines() if "[dkim] keys" in x]
+    assert line.startswith(f"{keys}/example.test/mailbox.pem: [dkim] keys: not a PEM private key")

@@ -281,3 +281,46 @@ def test_a_dns_timeout_is_temperror_never_a_refusal(make_server):
     assert "spf=temperror smtp.mailfrom=reject.test" in field, field
     assert "dmarc=temperror" in field, field
     assert took < 10, took
+
+
+def test_mail_an_alias_forwards_off_site_is_arc_sealed(make_server, zones):
+    server = make_server("[mailbox]\ntrusted_networks =\n[inbound]\nchecks = yes\n")
+    server.add_test_accounts()
+    server.aliases.write_text("fwd@example.test: someone@far.test\n")
+    record = ctl(server, "dkim", "keygen", "example.test").stdout.strip().splitlines()[-1]
+    dns = zones(
+        pass_test=[TXT("pass.test", "v=spf1 ip4:127.0.0.1 -all"), key_record("pass.test")],
+        example_test=[TXT("mailbox._domainkey.example.test", *published(record))],
+    )
+    text = server.config.read_text().replace(
+        "[mailbox]\n", f"[mailbox]\nresolver = {dns.address}\n", 1
+    )
+    server.config.write_text(text)
+    capture = Capture(server.home, server.smarthost_port).start()
+    try:
+        server.start()
+        data = signed(message("a@pass.test", "forwarded"), "pass.test")
+        with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=20) as s:
+            s.ehlo("client.far.test")
+            s.sendmail("a@pass.test", ["fwd@example.test"], data)
+        assert wait_for(lambda: len(capture.messages()) == 1, timeout=20), server.log()
+    finally:
+        capture.stop()
+    [forwarded] = capture.messages()
+    sent = forwarded["data"]
+    assert forwarded["rcpt_to"] == ["someone@far.test"]
+    assert sent.startswith(b"ARC-Seal: i=1; ") and b"cv=none" in sent.split(b"\r\n\r\n")[0]
+    resolver = dns.resolver()
+
+    def dnsfunc(name, timeout=5):
+        return txt(resolver, name)
+
+    cv, _, why = dkim.arc_verify(sent, dnsfunc=dnsfunc)
+    assert cv == b"pass", why
+    head = sent.split(b"\r\n\r\n")[0].replace(b"\r\n ", b" ").replace(b"\r\n\t", b" ")
+    [aar] = [
+        line for line in head.split(b"\r\n") if line.startswith(b"ARC-Authentication-Results:")
+    ]
+    assert b"i=1; mail.example.test" in aar and b"spf=pass" in aar and b"dkim=pass" in aar, aar
+    assert dkim.verify(sent, dnsfunc=dnsfunc)  # the sender's own signature survives
+    server.check_log()
