@@ -420,6 +420,9 @@ def _factories(
     queued: Any,
 ) -> tuple[SMTPFactory, SMTPFactory, POP3Factory]:
     signer = Signer(config.dkim.keys, config.dkim.selector)
+    m = config.mailbox
+    local = [*m.domains, *(alias for alias, _ in m.domain_aliases)]
+    parts.workers.reactor.callWhenRunning(parts.workers.checks.callInThread, signer.survey, local)
     checker = None
     if config.inbound.checks:
         resolver = thread_resolver(config.mailbox.resolver)

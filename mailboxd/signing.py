@@ -145,6 +145,12 @@ class Signer:
             return None
         return value
 
+    def survey(self, domains: list[str]) -> None:
+        """Say, at start, which domains have no usable key (the same lines
+        the first message would cause). Blocking."""
+        for domain in domains:
+            self.key(domain)
+
     def sign(self, message: bytes, domain: str) -> bytes | None:
         """The DKIM-Signature field (CRLF line ends) for `message` (CRLF
         line ends), with d=`domain`; None if the domain has no usable key.

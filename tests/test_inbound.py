@@ -85,3 +85,16 @@ def test_which_results_claim_to_be_ours(line, ours):
 )
 def test_the_from_domain(head, domain):
     assert from_domain(head + b"\r\nbody\r\n") == domain
+
+
+def test_a_malformed_signature_is_a_permerror_not_a_crash():
+    from mailboxd.inbound import dkim_checks
+    from mailboxd.resolver import thread_resolver
+
+    message = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=far.test; s=sel; h=from; bh=!!!; b=???\r\n"
+        b"From: a@far.test\r\nSubject: x\r\n\r\nbody\r\n"
+    )
+    # A resolver nobody asks: the signature is refused before any lookup.
+    [result] = dkim_checks(message, thread_resolver(("127.0.0.1", 9)))
+    assert result.result == "permerror" and result.header_d == "far.test"
