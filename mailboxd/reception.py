@@ -208,14 +208,7 @@ class Reception:
         with that domain's DKIM key first (see signing.py); with `check`,
         the message is checked first (inbound.py), and may be refused."""
         if self.error is not None:
-            self.message.discard()
-            log.info(
-                "smtp message refused from {client}: {reason}",
-                client=self.trace.ip,
-                reason=self.error[1],
-                code=self.error[0],
-            )
-            return self.error
+            return self._refused(self.error)
         intake, tx = self.intake, self.tx
         accounts = tuple(tx.accounts.values())
         mail_dir = intake.config.mailbox.mail_dir
@@ -251,6 +244,16 @@ class Reception:
             d = commit()
         return d.addCallbacks(self._stored, self._failed, callbackArgs=(accounts, entry))
 
+    def _refused(self, reply: SMTPReply) -> SMTPReply:
+        self.message.discard()
+        log.info(
+            "smtp message refused from {client}: {reason}",
+            client=self.trace.ip,
+            reason=reply[1],
+            code=reply[0],
+        )
+        return reply
+
     def _check(self, checker: Checker) -> Checked:
         """Check the message and add the Authentication-Results. Blocking."""
         content = self.message.content(self.return_path_size).replace(b"\n", b"\r\n")
@@ -277,14 +280,7 @@ class Reception:
         self, checked: Checked, commit: Callable[[], Deferred], accounts: Any, entry: Any
     ) -> Deferred | SMTPReply:
         if checked.refusal is not None:
-            self.message.discard()
-            log.info(
-                "smtp message refused from {client}: {reason}",
-                client=self.trace.ip,
-                reason=checked.refusal[1],
-                code=checked.refusal[0],
-            )
-            return checked.refusal
+            return self._refused(checked.refusal)
         d = commit()
         return d.addCallbacks(self._stored, self._failed, callbackArgs=(accounts, entry))
 
