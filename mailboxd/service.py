@@ -418,11 +418,18 @@ def _factories(
     clock: Any,
     wall: Wall,
     queued: Any,
+    survey: bool = False,
 ) -> tuple[SMTPFactory, SMTPFactory, POP3Factory]:
+    """The three factories; with `survey` (the primary), the DKIM keys are
+    looked at once the reactor runs, so that a missing or broken one is
+    said at start (once, not by every worker)."""
     signer = Signer(config.dkim.keys, config.dkim.selector)
-    m = config.mailbox
-    local = [*m.domains, *(alias for alias, _ in m.domain_aliases)]
-    parts.workers.reactor.callWhenRunning(parts.workers.checks.callInThread, signer.survey, local)
+    if survey:
+        m = config.mailbox
+        local = [*m.domains, *(alias for alias, _ in m.domain_aliases)]
+        parts.workers.reactor.callWhenRunning(
+            parts.workers.checks.callInThread, signer.survey, local
+        )
     checker = None
     if config.inbound.checks:
         resolver = thread_resolver(config.mailbox.resolver)
@@ -508,7 +515,9 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
         metrics=parts.metrics,
     )
     Running(outbound).setServiceParent(top)
-    mta, submission, pop3 = factories = _factories(config, parts, clock, wall, outbound.add)
+    mta, submission, pop3 = factories = _factories(
+        config, parts, clock, wall, outbound.add, survey=True
+    )
     listeners = []
     supervisor = None
     turns = Turns(board, clock) if board is not None else None
