@@ -22,6 +22,11 @@ log = Logger()
 
 BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 MAX_ALIAS_DEPTH = 10
+# What an account's line may set for it alone, after the hash, in the last of
+# Dovecot passwd-file's fields: address:hash:uid:gid:gecos:home:shell:key=value ...
+# (the fields between are not used here, and may be empty).
+OVERRIDES = ("relay_recipients_per_hour",)
+PASSWD_FILE_FIELDS = 8
 
 
 @attrs.frozen
@@ -53,6 +58,7 @@ class Directory:
     domain_aliases: dict[str, str]
     hashes: dict[str, bytes] = attrs.field(factory=dict)
     aliases: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
+    overrides: dict[str, dict[str, int]] = attrs.field(factory=dict)  # account -> key -> value
     # The bcrypt cost most accounts use: unknown users are checked at that cost.
     typical_cost: int | None = None
 
@@ -81,6 +87,11 @@ class Directory:
         if c is None or c.key not in self.hashes:
             return None
         return Account(address=c.key, domain=c.domain, local=c.local)
+
+    def setting(self, account: str, key: str, default: int) -> int:
+        """`key` for `account` (its address, as Account.address): its own
+        value from the accounts file, or `default`."""
+        return self.overrides.get(account, {}).get(key, default)
 
     def password_hash(self, address: Address) -> bytes | None:
         c = self.canonical(address)
@@ -143,15 +154,19 @@ def parse_accounts(
     path: Path,
     is_local: Callable[[str], bool],
     key: Callable[[Address], str] = _plain_key,
+    overrides: dict[str, dict[str, int]] | None = None,
 ) -> tuple[dict[str, bytes], list[Problem]]:
     """Parse ``address:hash`` lines; bad lines become Problems, not failures.
 
     `key` gives the form accounts are compared and stored in (the loader's
     makes the domain canonical, so a domain alias cannot list one twice).
+    An account's own settings (OVERRIDES) go into `overrides`, if given; a
+    malformed one is a Problem, and the account keeps the defaults.
     """
     hashes: dict[str, bytes] = {}
     problems = []
-    for number, address_text, sep, hashed in _entries(text):
+    for number, address_text, sep, fields in _entries(text):
+        hashed, _, rest = fields.partition(":")
         address = parse_mailbox(address_text)
         if not sep or address is None:
             problems.append(Problem(path, number, "expected address:bcrypt-hash"))
@@ -171,7 +186,33 @@ def parse_accounts(
             problems.append(Problem(path, number, f"{address}: listed twice; the first line wins"))
         else:
             hashes[key(address)] = hashed.strip().encode("ascii")
+            found, problem = _overrides(rest)
+            if problem:
+                problems.append(Problem(path, number, f"{address}: {problem}"))
+            elif found and overrides is not None:
+                overrides[key(address)] = found
     return hashes, problems
+
+
+def _overrides(rest: str) -> tuple[dict[str, int], str | None]:
+    """The settings in what follows the hash, or the problem with them."""
+    if not rest.strip():
+        return {}, None
+    fields = rest.split(":")
+    if len(fields) != PASSWD_FILE_FIELDS - 2:
+        return {}, (
+            "expected address:hash or address:hash:uid:gid:gecos:home:shell:settings "
+            "(as Dovecot's passwd-file), the settings as key=value"
+        )
+    found: dict[str, int] = {}
+    for word in fields[-1].split():
+        name, eq, value = word.partition("=")
+        if name not in OVERRIDES or not eq:
+            return {}, f"unknown setting {word!r}; expected one of {', '.join(OVERRIDES)}"
+        if not value.isdigit():
+            return {}, f"{name} = {value!r}: expected a whole number"
+        found[name] = int(value)
+    return found, None
 
 
 def parse_aliases(
@@ -216,11 +257,15 @@ def load_directory(
 ) -> tuple[Directory, list[Problem]]:
     empty = Directory(domains=domains, domain_aliases=domain_aliases)
     key = empty.canonical_key
-    hashes, p1 = parse_accounts(_read(accounts), accounts, empty.is_local_domain, key)
+    overrides: dict[str, dict[str, int]] = {}
+    hashes, p1 = parse_accounts(_read(accounts), accounts, empty.is_local_domain, key, overrides)
     alias_map, p2 = parse_aliases(_read(aliases), aliases, empty.is_local_domain, key)
     costs = Counter(int(h[4:6]) for h in hashes.values() if h[4:6].isdigit())
     typical = costs.most_common(1)[0][0] if costs else None
-    return attrs.evolve(empty, hashes=hashes, aliases=alias_map, typical_cost=typical), p1 + p2
+    directory = attrs.evolve(
+        empty, hashes=hashes, aliases=alias_map, overrides=overrides, typical_cost=typical
+    )
+    return directory, p1 + p2
 
 
 def _stamp(path: Path) -> tuple[int, ...] | None:
@@ -373,7 +418,9 @@ def set_hash(
         found = False
         for i, line in enumerate(lines):
             if _line_address(line, key) == key(address):
-                lines[i] = new_line
+                # A new password keeps the account's own settings.
+                parts = line.strip().split(":", 2)
+                lines[i] = new_line + (f":{parts[2]}" if len(parts) == 3 else "")
                 found = True
                 break
         if must_exist and not found:

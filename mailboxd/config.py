@@ -72,6 +72,7 @@ class LimitsSection:
     block_duration: int
     auth_cache_ttl: int
     connections_per_ip: int
+    relay_recipients_per_hour: int = 500  # per account or POP-authorised IP; 0: none
 
 
 @attrs.frozen
@@ -353,6 +354,7 @@ SPEC: _Spec = {
         "block_duration": ("3600", _count(0)),
         "auth_cache_ttl": ("3600", _count(0)),
         "connections_per_ip": ("50", _count(0)),
+        "relay_recipients_per_hour": ("500", _count(0)),
     },
     "tls": {
         "certificate": ("", _optional_path),

@@ -17,6 +17,7 @@ import bcrypt
 from . import __version__, accounts, check, queue, signing
 from .addresses import parse_mailbox
 from .config import SPEC, Config, ConfigError, load, relative_paths
+from .limits import SETTING as LIMIT_SETTING
 from .private import private_dir
 from .state import SQLiteStateStore, StateError, normalise_ip, state_path
 from .tls import make_self_signed
@@ -133,6 +134,33 @@ def popauth(config: Config, args: argparse.Namespace) -> None:
         raise SystemExit(f"mailboxctl: {ip} has no POP-before-SMTP authorisation")
     store.note(now, f"revoked the POP-before-SMTP authorisation of {ip}")
     print(f"revoked {ip}")
+
+
+def limits_command(config: Config, args: argparse.Namespace) -> None:
+    store, now = _state(config), time.time()
+    if args.action == "list":
+        m = config.mailbox
+        directory, _ = accounts.load_directory(
+            m.accounts, m.aliases, m.domains, dict(m.domain_aliases)
+        )
+        default = config.limits.relay_recipients_per_hour
+        for sender, count in store.relay_counts(now):
+            limit = directory.setting(sender, LIMIT_SETTING, default) if "@" in sender else default
+            state = (
+                "over"
+                if limit and count >= limit
+                else "near"
+                if limit and count * 5 >= limit * 4
+                else "ok"
+            )
+            shown = f"of {limit}" if limit else "(no limit)"
+            print(f"{sender}	{count} recipients relayed in the last hour {shown}	{state}")
+        return
+    sender = _address(config, args.sender).key if "@" in args.sender else _ip(args.sender)
+    if not store.reset_relay(sender):
+        raise SystemExit(f"mailboxctl: {sender} relayed nothing in the last hour")
+    store.note(now, f"reset the relay count of {sender}")
+    print(f"reset {sender}")
 
 
 def queue_command(config: Config, args: argparse.Namespace) -> None:
@@ -254,6 +282,12 @@ def parser() -> argparse.ArgumentParser:
         cact = c.add_subparsers(dest="action", required=True)
         cact.add_parser("list", help=f"list the {text}")
         cact.add_parser(verb, help=f"{verb} one IP").add_argument("ip")
+    lim = sub.add_parser("limits", help="recipients each sender relayed in the last hour")
+    lact = lim.add_subparsers(dest="action", required=True)
+    lact.add_parser("list", help="who relayed, how much, and who is near or over the limit")
+    lact.add_parser("reset", help="clear one sender's count").add_argument(
+        "sender", help="an account (its address) or an IP address"
+    )
     q = sub.add_parser("queue", help="the outbound queue")
     qact = q.add_subparsers(dest="action", required=True)
     qact.add_parser("list", help="list queued messages and their recipients")
@@ -313,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
             "blocked": blocked,
             "popauth": popauth,
             "queue": queue_command,
+            "limits": limits_command,
             "tls": tls_command,
             "dkim": dkim_command,
         }

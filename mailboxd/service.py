@@ -27,6 +27,7 @@ from .credcache import CredentialCache
 from .guard import Guard
 from .inbound import Checker, Policy
 from .instance import InstanceLock, InstanceRunning, lock_path
+from .limits import RelayLimits
 from .maildir import clean_spool
 from .metrics import Exposition, Metrics, MetricsSite
 from .outbound import Outbound
@@ -334,6 +335,7 @@ class _Parts:
     tls: ServerTLS | None
     connections: ConnectionCount
     metrics: Metrics
+    relay_limits: RelayLimits
 
     def directory(self) -> Any:
         return self.accounts.directory
@@ -409,7 +411,8 @@ def _serving_parts(
     cost = accounts.directory.typical_cost or m.bcrypt_rounds
     reactor.callWhenRunning(workers.hashing.callInThread, checker.dummy_hash, cost)
     connections = ConnectionCount(config.limits.connections_per_ip, m.trusted_networks, board)
-    return _Parts(state, workers, accounts, auth, popauth, tls, connections, metrics)
+    relay_limits = RelayLimits(state, workers.db, wall, clock)
+    return _Parts(state, workers, accounts, auth, popauth, tls, connections, metrics, relay_limits)
 
 
 def _factories(
@@ -453,6 +456,7 @@ def _factories(
             metrics=parts.metrics,
             signer=signer,
             checker=checker,
+            relay_limits=parts.relay_limits,
         )
 
     pop3 = POP3Factory(

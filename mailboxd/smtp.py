@@ -29,10 +29,13 @@ from .faults import Faults
 from .faults import apply as apply_fault
 from .guard import refusal
 from .inbound import Checker
+from .limits import SETTING as LIMIT_SETTING
+from .limits import RelayLimits, limited_reply, relay_sender
 from .lines import LineProtocol, SMTPReply
 from .metrics import Metrics
 from .policy import (
     Client,
+    Decision,
     Listener,
     Verdict,
     decide,
@@ -89,6 +92,7 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
     metrics: Metrics = attrs.field(factory=Metrics)  # one for the process, shared
     signer: Signer | None = None  # DKIM keys for what authorised clients relay
     checker: Checker | None = None  # checks mail from the world on `listen`
+    relay_limits: RelayLimits | None = None  # counts what each sender relays
 
     noisy = False  # the connection log lines say more
 
@@ -386,8 +390,9 @@ class SMTPServer(LineProtocol):
         sender = parse_mailbox(tx.sender) if tx.sender else None
         must_match = self.factory.config.relay.sender_must_match_login
 
-        def decided(client: Client) -> SMTPReply:
-            decision = decide(client, self.factory.directory(), rcpt, sender, must_match)
+        def decided(client: Client) -> SMTPReply | Deferred:
+            directory = self.factory.directory()
+            decision = decide(client, directory, rcpt, sender, must_match)
             if decision.verdict is Verdict.REJECT:
                 log.info(
                     "smtp rcpt refused {rcpt} from {client}: {code}",
@@ -396,6 +401,20 @@ class SMTPServer(LineProtocol):
                     code=decision.code,
                 )
                 return (decision.code, decision.text)
+            limits = self.factory.relay_limits
+            counted = relay_sender(client) if decision.verdict is Verdict.RELAY else None
+            if counted is None or limits is None:
+                return accept(decision)
+            limit = self.factory.config.limits.relay_recipients_per_hour
+            if client.account is not None:
+                limit = directory.setting(client.account.address, LIMIT_SETTING, limit)
+
+            def within(allowed: bool) -> SMTPReply:
+                return accept(decision) if allowed else limited_reply(counted)
+
+            return limits.take(counted, limit).addCallback(within)
+
+        def accept(decision: Decision) -> SMTPReply:
             verdict = "relay" if decision.verdict is Verdict.RELAY else "local"
             self.factory.metrics.recipients[verdict].inc()
             tx.recipients.append(rcpt)

@@ -1,5 +1,5 @@
 """Runtime state shared by the server and mailboxctl: POP authorisations,
-authentication failures and IP blocks.
+authentication failures, IP blocks and the relay counts of the last hour.
 
 `StateStore` is the interface; `SQLiteStateStore` is the embedded default, a
 file under the mail directory. A cluster would put the same interface on
@@ -35,6 +35,9 @@ CREATE INDEX IF NOT EXISTS failures_ip ON failures (ip, at);
 CREATE TABLE IF NOT EXISTS blocks (ip TEXT PRIMARY KEY, until REAL NOT NULL, since REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, what TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS relayed (
+    sender TEXT NOT NULL, minute INTEGER NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (sender, minute));
 """
 # What each table must have; a file with other tables of these names is not ours.
 COLUMNS = {
@@ -42,7 +45,10 @@ COLUMNS = {
     "failures": "ip, at",
     "blocks": "ip, since, until",
     "events": "id, at, what",
+    "relayed": "sender, minute, count",
 }
+RELAY_WINDOW = 3600  # seconds: relay limits count the last hour...
+RELAY_BUCKET = 60  # ...in buckets of a minute, so a sender costs at most 60 rows
 
 
 T = TypeVar("T")
@@ -87,6 +93,12 @@ class FailureVerdict:
         return self.new_block or not self.blocked
 
 
+@attrs.frozen
+class RelayCount:
+    allowed: bool  # counted: under the limit
+    count: int  # recipients relayed in the last hour, this one included if allowed
+
+
 class StateStore(Protocol):
     def popauth(self, ip: str, now: float) -> PopAuth | None: ...
     def add_popauth(self, ip: str, now: float, expires: float, domain: str) -> PopAuth: ...
@@ -99,6 +111,9 @@ class StateStore(Protocol):
     def blocks(self, now: float) -> list[Block]: ...
     def unblock(self, ip: str) -> bool: ...
     def prune(self, now: float, failure_window: float) -> list[Block]: ...
+    def count_relay(self, sender: str, now: float, limit: int) -> RelayCount: ...
+    def relay_counts(self, now: float) -> list[tuple[str, int]]: ...
+    def reset_relay(self, sender: str) -> bool: ...
     def note(self, at: float, what: str) -> None: ...
     def events_after(self, last: int) -> list[tuple[int, float, str]]: ...
 
@@ -276,7 +291,46 @@ class SQLiteStateStore:
         self._run("DELETE FROM blocks WHERE until <= ?", (now,))
         self._run("DELETE FROM failures WHERE at <= ?", (now - failure_window,))
         self._run("DELETE FROM events WHERE at <= ?", (now - 7 * 86400,))
+        old = int((now - RELAY_WINDOW) // RELAY_BUCKET)
+        self._run("DELETE FROM relayed WHERE minute <= ?", (old,))
         return ended
+
+    def count_relay(self, sender: str, now: float, limit: int) -> RelayCount:
+        """Count one relayed recipient for `sender` (an account, or an IP),
+        unless it already relayed `limit` (0: no limit) in the last hour.
+        One write transaction, so that processes counting at once never let
+        more through than the limit."""
+
+        def count(db: sqlite3.Connection) -> RelayCount:
+            minute = int(now // RELAY_BUCKET)
+            since = int((now - RELAY_WINDOW) // RELAY_BUCKET)
+            found = db.execute(
+                "SELECT coalesce(sum(count), 0) FROM relayed WHERE sender = ? AND minute > ?",
+                (sender, since),
+            ).fetchone()[0]
+            if limit and found >= limit:
+                return RelayCount(False, found)
+            db.execute(
+                "INSERT INTO relayed (sender, minute, count) VALUES (?, ?, 1) "
+                "ON CONFLICT (sender, minute) DO UPDATE SET count = count + 1",
+                (sender, minute),
+            )
+            return RelayCount(True, found + 1)
+
+        return self._transaction(count)
+
+    def relay_counts(self, now: float) -> list[tuple[str, int]]:
+        """(sender, recipients relayed in the last hour), most first."""
+        since = int((now - RELAY_WINDOW) // RELAY_BUCKET)
+        rows = self._run(
+            "SELECT sender, sum(count) AS n FROM relayed WHERE minute > ? "
+            "GROUP BY sender ORDER BY n DESC, sender",
+            (since,),
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    def reset_relay(self, sender: str) -> bool:
+        return self._run("DELETE FROM relayed WHERE sender = ?", (sender,)).rowcount > 0
 
     def note(self, at: float, what: str) -> None:
         """Record an operator's change, so the server's log shows it too."""

@@ -583,3 +583,38 @@ def test_ctl_passwd_finds_a_line_written_with_a_domain_alias(home):
         home / "etc" / "accounts", home / "etc" / "aliases", DOMAINS, dict(DOMAIN_ALIASES)
     )
     assert bcrypt.checkpw(b"new pw", d.password_hash(addr("alice@example.test")))
+
+
+# --- an account's own settings (Dovecot passwd-file's last field) -----------------
+
+HASH4 = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
+
+
+@pytest.mark.parametrize(
+    "rest, settings, problem",
+    [
+        ("", None, None),
+        ("::::::relay_recipients_per_hour=2000", {"relay_recipients_per_hour": 2000}, None),
+        (
+            ":1000:1000:Alice:/home/alice:/bin/sh:relay_recipients_per_hour=0",
+            {"relay_recipients_per_hour": 0},
+            None,
+        ),
+        ("::::::", None, None),
+        (":relay_recipients_per_hour=5", None, "expected address:hash or address:hash:uid:gid"),
+        ("::::::quota_bytes=5", None, "unknown setting 'quota_bytes=5'"),
+        ("::::::relay_recipients_per_hour=lots", None, "relay_recipients_per_hour = 'lots'"),
+    ],
+)
+def test_an_accounts_line_may_carry_settings(rest, settings, problem):
+    overrides: dict = {}
+    hashes, problems = parse_accounts(
+        f"alice@example.test:{HASH4}{rest}\n", Path("accounts"), lambda d: True, overrides=overrides
+    )
+    assert list(hashes) == ["alice@example.test"]  # a bad setting never locks the account out
+    assert overrides.get("alice@example.test") == settings
+    if problem is None:
+        assert problems == []
+    else:
+        [p] = problems
+        assert str(p).startswith("accounts:1: alice@example.test: ") and problem in str(p), str(p)

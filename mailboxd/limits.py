@@ -1,0 +1,70 @@
+"""Relay limits per sender (`[limits] relay_recipients_per_hour`): the
+commonest small-ISP incident is a stolen password or an infected PC sending
+thousands of messages an hour through the appliance. Relayed recipients are
+counted in the state store (shared by every worker and mailboxctl, kept
+across restarts) per authenticated account, or per address for a client
+that only a POP3 login authorises; trusted networks are not counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from .clocks import Wall
+from .policy import Client
+from .state import RELAY_WINDOW, RelayCount, StateStore, normalise_ip
+
+log = Logger()
+
+SETTING = "relay_recipients_per_hour"  # the key, in [limits] and in an account's line
+
+
+def relay_sender(client: Client) -> str | None:
+    """Whose count a relayed recipient goes to: the account, the POP-authorised
+    address, or nobody (trusted networks)."""
+    if client.trusted:
+        return None
+    if client.account is not None:
+        return client.account.address
+    if client.pop_domains is not None:
+        return normalise_ip(client.ip)
+    return None
+
+
+def limited_reply(sender: str) -> tuple[int, str]:
+    return (451, f"4.7.1 Relay limit reached for {sender}, try again later")
+
+
+@attrs.define(eq=False)
+class RelayLimits:
+    store: StateStore
+    db: Callable[..., Deferred]  # runs a store call in the state pool
+    wall: Wall  # the instants counted are stored
+    clock: Any  # monotonic: when the log last said a sender reached its limit
+    _said: dict[str, float] = attrs.field(factory=dict)
+
+    def take(self, sender: str, limit: int) -> Deferred:
+        """Fires with True if one more recipient for `sender` is within
+        `limit` a hour (0: no limit), and counts it; else with False."""
+        d = self.db(self.store.count_relay, sender, self.wall(), limit)
+        return d.addCallback(self._counted, sender, limit)
+
+    def _counted(self, result: RelayCount, sender: str, limit: int) -> bool:
+        if not result.allowed:
+            now = self.clock.seconds()
+            if now - self._said.get(sender, -RELAY_WINDOW) >= RELAY_WINDOW:
+                self._said[sender] = now
+                log.warn(
+                    "relay limit reached for {sender}: {count} recipients in the last hour "
+                    "(limit {limit})",
+                    sender=sender,
+                    count=result.count,
+                    limit=limit,
+                    code=451,
+                )
+        return result.allowed

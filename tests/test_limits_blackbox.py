@@ -1,0 +1,94 @@
+"""Relay limits per sender (issue 15, item 1), on the real server: an
+account, and a POP-authorised address, may relay `relay_recipients_per_hour`
+recipients in an hour; the next gets 451, local mail still flows, mailboxctl
+lists and resets the counts, and they survive a restart."""
+
+from __future__ import annotations
+
+import poplib
+import smtplib
+
+import pytest
+from conftest import ALICE, ALICE_PW, BOB, BOB_PW, _hash, ctl
+
+pytestmark = pytest.mark.blackbox
+
+LIMITED_ALICE = (451, b"4.7.1 Relay limit reached for alice@example.test, try again later")
+LIMITED_IP = (451, b"4.7.1 Relay limit reached for 127.0.0.1, try again later")
+
+
+def relay(s: smtplib.SMTP, sender: str, count: int) -> None:
+    """`count` relayed recipients, in transactions of 100, each abandoned."""
+    while count:
+        n = min(count, 100)
+        s.mail(sender)
+        for i in range(n):
+            assert s.rcpt(f"r{count}-{i}@far.test")[0] == 250
+        s.rset()
+        count -= n
+
+
+def session(server, login: tuple[str, str] | None) -> smtplib.SMTP:
+    s = smtplib.SMTP("127.0.0.1", server.submission_port if login else server.smtp_port, timeout=30)
+    s.ehlo("pc.example.test")
+    if login:
+        s.login(*login)
+    return s
+
+
+def test_the_501st_relayed_recipient_waits_local_mail_flows_and_it_survives_a_restart(untrusted):
+    server = untrusted()
+    p = poplib.POP3("127.0.0.1", server.pop3_port, timeout=10)  # authorises 127.0.0.1
+    p.user(BOB)
+    p.pass_(BOB_PW)
+    p.quit()
+    with session(server, (ALICE, ALICE_PW)) as s:
+        relay(s, ALICE, 500)
+        s.mail(ALICE)
+        assert s.rcpt("one-more@far.test") == LIMITED_ALICE
+        assert s.rcpt(BOB)[0] == 250  # local delivery is not limited
+        s.rset()
+    with session(server, None) as s:  # no AUTH: POP-before-SMTP, counted per address
+        relay(s, BOB, 500)
+        s.mail(BOB)
+        assert s.rcpt("one-more@far.test") == LIMITED_IP
+        s.rset()
+    listed = ctl(server, "limits", "list").stdout.splitlines()
+    assert "alice@example.test\t500 recipients relayed in the last hour of 500\tover" in listed
+    assert "127.0.0.1\t500 recipients relayed in the last hour of 500\tover" in listed
+
+    server.stop()
+    server.start()
+    with session(server, (ALICE, ALICE_PW)) as s:
+        s.mail(ALICE)
+        assert s.rcpt("after-restart@far.test") == LIMITED_ALICE
+        assert ctl(server, "limits", "reset", ALICE).stdout == "reset alice@example.test\n"
+        assert s.rcpt("after-reset@far.test")[0] == 250
+    assert server.log().count("relay limit reached for alice@example.test") == 2  # once per run
+    ctl(server, "limits", "reset", "127.0.0.2", ok=(1,))
+
+
+def test_an_account_may_have_its_own_limit(make_server):
+    server = make_server("[mailbox]\ntrusted_networks =\n[limits]\nrelay_recipients_per_hour = 2\n")
+    server.add_test_accounts()
+    with server.accounts.open("a") as f:
+        f.write(f"news@example.test:{_hash('news pw')}::::::relay_recipients_per_hour=5\n")
+    server.start()
+    with session(server, ("news@example.test", "news pw")) as s:
+        relay(s, "news@example.test", 5)
+        s.mail("news@example.test")
+        assert s.rcpt("sixth@far.test")[0] == 451
+    with session(server, (ALICE, ALICE_PW)) as s:
+        relay(s, ALICE, 2)
+        s.mail(ALICE)
+        assert s.rcpt("third@far.test") == LIMITED_ALICE
+    # A new password keeps the account's own settings.
+    ctl(server, "user", "passwd", "news@example.test", input="new pw\n")
+    assert "::::::relay_recipients_per_hour=5" in server.accounts.read_text()
+
+
+def test_trusted_networks_are_not_counted(make_server):
+    server = make_server("[limits]\nrelay_recipients_per_hour = 1\n").add_test_accounts().start()
+    with session(server, None) as s:
+        relay(s, ALICE, 3)
+    assert ctl(server, "limits", "list").stdout == ""
