@@ -73,6 +73,7 @@ class LimitsSection:
     auth_cache_ttl: int
     connections_per_ip: int
     relay_recipients_per_hour: int = 500  # per account or POP-authorised IP; 0: none
+    ipv6_prefix: int = 64  # IPv6 clients are counted by network, not by address
 
 
 @attrs.frozen
@@ -355,6 +356,7 @@ SPEC: _Spec = {
         "auth_cache_ttl": ("3600", _count(0)),
         "connections_per_ip": ("50", _count(0)),
         "relay_recipients_per_hour": ("500", _count(0)),
+        "ipv6_prefix": ("64", _count(1, 128)),
     },
     "tls": {
         "certificate": ("", _optional_path),

@@ -13,7 +13,7 @@ import attrs
 
 from .config import IPNetwork
 from .policy import is_trusted
-from .state import normalise_ip
+from .state import client_key
 
 BOARD_SLOTS = 1 << 18  # addresses hash to this many slots; a sparse table, pages made as touched
 _CELL_MAX = 0xFFFF
@@ -115,6 +115,7 @@ class ConnectionCount:
     cap: int
     trusted_networks: tuple[IPNetwork, ...] = ()
     board: Board | None = None
+    ipv6_prefix: int = 128  # IPv6 clients are counted by network (client_key)
     _open: collections.Counter = attrs.field(init=False, factory=collections.Counter)
 
     def opened(self) -> None:
@@ -131,7 +132,7 @@ class ConnectionCount:
         """Count a new connection from `ip`; False (not counted) if it is one too many."""
         if self.cap <= 0 or is_trusted(ip, self.trusted_networks):
             return True
-        key = normalise_ip(ip)
+        key = client_key(ip, self.ipv6_prefix)
         here = self._open[key]
         elsewhere = self.board.others(key) if self.board is not None else 0
         if here + elsewhere >= self.cap:
@@ -143,7 +144,7 @@ class ConnectionCount:
 
     def release(self, ip: str) -> None:
         """A connection `admit` counted has closed."""
-        key = normalise_ip(ip)
+        key = client_key(ip, self.ipv6_prefix)
         here = self._open.get(key, 0)
         if here == 0:  # never counted: trusted, or no cap
             return

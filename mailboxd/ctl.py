@@ -19,7 +19,7 @@ from .addresses import parse_mailbox
 from .config import SPEC, Config, ConfigError, load, relative_paths
 from .limits import SETTING as LIMIT_SETTING
 from .private import private_dir
-from .state import SQLiteStateStore, StateError, normalise_ip, state_path
+from .state import SQLiteStateStore, StateError, client_key, normalise_ip, state_path
 from .tls import make_self_signed
 
 
@@ -105,13 +105,24 @@ def _ip(text: str) -> str:
         raise SystemExit(f"mailboxctl: {text!r} is not an IP address") from None
 
 
+def _client(config: Config, text: str) -> str:
+    """How blocks and relay counts know a client: an IPv6 one by its network
+    ([limits] ipv6_prefix), given as any address in it, or as the network."""
+    if "/" in text:
+        try:
+            text = str(ipaddress.ip_network(text, strict=False).network_address)
+        except ValueError:
+            raise SystemExit(f"mailboxctl: {text!r} is not an IP address or network") from None
+    return client_key(_ip(text), config.limits.ipv6_prefix)
+
+
 def blocked(config: Config, args: argparse.Namespace) -> None:
     store, now = _state(config), time.time()
     if args.action == "list":
         for b in store.blocks(now):
             print(f"{b.ip}\tblocked since {_when(b.since)}\tuntil {_when(b.until)}")
         return
-    ip = _ip(args.ip)
+    ip = _client(config, args.ip)
     failures = store.failures(ip, 0.0)
     if store.unblock(ip):
         store.note(now, f"unblocked {ip}")
@@ -156,7 +167,9 @@ def limits_command(config: Config, args: argparse.Namespace) -> None:
             shown = f"of {limit}" if limit else "(no limit)"
             print(f"{sender}	{count} recipients relayed in the last hour {shown}	{state}")
         return
-    sender = _address(config, args.sender).key if "@" in args.sender else _ip(args.sender)
+    sender = (
+        _address(config, args.sender).key if "@" in args.sender else _client(config, args.sender)
+    )
     if not store.reset_relay(sender):
         raise SystemExit(f"mailboxctl: {sender} relayed nothing in the last hour")
     store.note(now, f"reset the relay count of {sender}")

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from .clocks import Wall
 from .config import LimitsSection
-from .state import FailureLimit, FailureVerdict, StateError, StateStore, normalise_ip
+from .state import FailureLimit, FailureVerdict, StateError, StateStore, client_key
 
 log = Logger()
 
@@ -66,7 +66,7 @@ class Guard:
         connection be greeted; its logins are still refused, since a login
         always asks the store (`blocked`). An IP the copy lists (unblocked
         since, perhaps) is asked of the store too."""
-        ip = normalise_ip(ip)
+        ip = client_key(ip, self.limits.ipv6_prefix)
         if self.clock is None:
             return self.blocked(ip)
         if not self._fresh():
@@ -108,7 +108,7 @@ class Guard:
     def blocked(self, ip: str) -> Deferred:
         """Fires with True if `ip` is blocked now; fails with StateError if
         the store cannot say, or cannot record this IP's earlier failures."""
-        ip = normalise_ip(ip)
+        ip = client_key(ip, self.limits.ipv6_prefix)
         owed = self._unrecorded.pop(ip, 0)
         now = self.wall()
 
@@ -129,7 +129,7 @@ class Guard:
 
     def failed(self, ip: str) -> Deferred:
         """Record a failed verdict; fires with the FailureVerdict (blocked: end the session)."""
-        ip = normalise_ip(ip)
+        ip = client_key(ip, self.limits.ipv6_prefix)
 
         def verdict(v: FailureVerdict) -> FailureVerdict:
             if v.new_block:

@@ -17,22 +17,22 @@ from twisted.logger import Logger
 
 from .clocks import Wall
 from .policy import Client
-from .state import RELAY_WINDOW, RelayCount, StateStore, normalise_ip
+from .state import RELAY_WINDOW, RelayCount, StateStore, client_key
 
 log = Logger()
 
 SETTING = "relay_recipients_per_hour"  # the key, in [limits] and in an account's line
 
 
-def relay_sender(client: Client) -> str | None:
+def relay_sender(client: Client, ipv6_prefix: int = 128) -> str | None:
     """Whose count a relayed recipient goes to: the account, the POP-authorised
-    address, or nobody (trusted networks)."""
+    address (an IPv6 one by its network), or nobody (trusted networks)."""
     if client.trusted:
         return None
     if client.account is not None:
         return client.account.address
     if client.pop_domains is not None:
-        return normalise_ip(client.ip)
+        return client_key(client.ip, ipv6_prefix)
     return None
 
 

@@ -410,7 +410,9 @@ def _serving_parts(
     # Make the unknown-user hash before the first login needs it (see BcryptChecker).
     cost = accounts.directory.typical_cost or m.bcrypt_rounds
     reactor.callWhenRunning(workers.hashing.callInThread, checker.dummy_hash, cost)
-    connections = ConnectionCount(config.limits.connections_per_ip, m.trusted_networks, board)
+    connections = ConnectionCount(
+        config.limits.connections_per_ip, m.trusted_networks, board, config.limits.ipv6_prefix
+    )
     relay_limits = RelayLimits(state, workers.db, wall, clock)
     return _Parts(state, workers, accounts, auth, popauth, tls, connections, metrics, relay_limits)
 

@@ -402,7 +402,8 @@ class SMTPServer(LineProtocol):
                 )
                 return (decision.code, decision.text)
             limits = self.factory.relay_limits
-            counted = relay_sender(client) if decision.verdict is Verdict.RELAY else None
+            prefix = self.factory.config.limits.ipv6_prefix
+            counted = relay_sender(client, prefix) if decision.verdict is Verdict.RELAY else None
             if counted is None or limits is None:
                 return accept(decision)
             limit = self.factory.config.limits.relay_recipients_per_hour

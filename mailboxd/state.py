@@ -350,6 +350,21 @@ def state_path(mail_dir: Path) -> Path:
     return mail_dir / ".state" / "state.sqlite3"
 
 
+@functools.lru_cache(maxsize=4096)
+def client_key(ip: str, ipv6_prefix: int = 128) -> str:
+    """What failed logins, blocks, connection caps and relay limits count an
+    address under: an IPv4 address itself; an IPv6 address's network of
+    `ipv6_prefix` bits (one host usually has a whole /64 to rotate through),
+    written as 2001:db8:1:2::/64."""
+    key = normalise_ip(ip)
+    if ":" not in key or ipv6_prefix >= 128:
+        return key
+    try:
+        return str(ipaddress.ip_network(f"{key}/{ipv6_prefix}", strict=False))
+    except ValueError:
+        return key
+
+
 @functools.lru_cache(maxsize=4096)  # asked at every command; parsing is not free
 def normalise_ip(ip: str) -> str:
     """The key form of a client address: IPv4-mapped IPv6 becomes IPv4."""

@@ -66,3 +66,14 @@ def test_a_release_never_takes_a_count_below_nothing(boards):
     count.release("192.0.2.1")
     assert count.admit("192.0.2.1")
     assert not ConnectionCount(1, board=boards[1]).admit("192.0.2.1")
+
+
+def test_ipv6_addresses_of_one_network_share_the_cap():
+    from mailboxd.connections import ConnectionCount
+
+    count = ConnectionCount(2, ipv6_prefix=64)
+    assert count.admit("2001:db8:1:2::1") and count.admit("2001:db8:1:2::2")
+    assert not count.admit("2001:db8:1:2:aaaa::3")  # the same /64: one client
+    assert count.admit("2001:db8:1:3::1") and count.admit("192.0.2.1")
+    count.release("2001:db8:1:2::1")
+    assert count.admit("2001:db8:1:2::77")

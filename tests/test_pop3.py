@@ -318,3 +318,17 @@ def test_a_pop3_session_is_logged_once_at_its_end(unit):
         "pop3 session from 192.0.2.9: 2.5 s"
     ]
     assert not [line for line in lines if "connection from" in line or "disconnect" in line]
+
+
+def test_two_ipv6_addresses_in_one_64_share_a_block(unit):
+    """[limits] ipv6_prefix = 64: a host that rotates through its /64 is one client."""
+    for i in range(10):  # [limits] auth_failures
+        s = Session(unit, ip=f"2001:db8:1:2::{i + 1:x}")
+        assert s.login(password="wrong").startswith("-ERR")
+    neighbour = Session(unit, ip="2001:db8:1:2:ffff:ffff:ffff:fffe")
+    assert neighbour.greeting[0].startswith("-ERR") and "2001:db8:1:2:" in neighbour.greeting[0]
+    other = Session(unit, ip="2001:db8:1:3::1")  # the next /64: another client
+    assert other.greeting[0].startswith("+OK")
+    assert other.login().startswith("+OK")
+    [block] = unit.state.blocks(unit.clock.seconds())
+    assert block.ip == "2001:db8:1:2::/64"  # what `mailboxctl blocked list` shows

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 
-from mailboxd.state import SQLiteStateStore, state_path
+import pytest
+
+from mailboxd.state import SQLiteStateStore, client_key, state_path
 
 T0 = 1_790_000_000.0
 
@@ -39,3 +41,20 @@ def test_senders_counting_at_once_never_pass_the_limit(tmp_path):
     for t in threads:
         t.join()
     assert allowed.count(True) == 120
+
+
+@pytest.mark.parametrize(
+    "ip, prefix, key",
+    [
+        ("192.0.2.7", 64, "192.0.2.7"),
+        ("::ffff:192.0.2.7", 64, "192.0.2.7"),  # IPv4-mapped: the IPv4 address
+        ("2001:db8:1:2:3:4:5:6", 64, "2001:db8:1:2::/64"),
+        ("2001:DB8:1:2::9", 48, "2001:db8:1::/48"),
+        ("2001:db8:1:2::9", 128, "2001:db8:1:2::9"),
+        ("::1", 64, "::/64"),
+        ("fe80::1%eth0", 64, "fe80::/64"),
+        ("not an address", 64, "not an address"),
+    ],
+)
+def test_what_an_address_is_counted_under(ip, prefix, key):
+    assert client_key(ip, prefix) == key
