@@ -98,6 +98,7 @@ class InboundSection:
     checks: bool = True  # SPF, DKIM and DMARC of mail from the world
     dmarc_reject: bool = True  # refuse what fails a p=reject DMARC policy
     spf_reject: bool = False  # refuse an SPF fail
+    dnsbl: tuple[str, ...] = ()  # DNS blocklist zones asked about clients on `listen`
 
 
 @attrs.frozen
@@ -376,6 +377,7 @@ SPEC: _Spec = {
         "checks": ("yes", _bool),
         "dmarc_reject": ("yes", _bool),
         "spf_reject": ("no", _bool),
+        "dnsbl": ("", _domains),
     },
 }
 

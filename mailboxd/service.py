@@ -24,6 +24,7 @@ from .clocks import Wall
 from .config import Config
 from .connections import Board, ConnectionCount
 from .credcache import CredentialCache
+from .dnsbl import Blocklists
 from .guard import Guard
 from .inbound import Checker, Policy
 from .instance import InstanceLock, InstanceRunning, lock_path
@@ -38,7 +39,7 @@ from .private import private_dir
 from .processes import Supervisor, adopt, worker_count
 from .queue import queue_dir, remove_unacknowledged
 from .realm import BcryptChecker, HashingQueue, MailboxRealm, make_portal
-from .resolver import thread_resolver, use_everywhere
+from .resolver import thread_resolver, twisted_resolver, use_everywhere
 from .signing import Signer
 from .smtp import SMTPFactory
 from .state import SQLiteStateStore, StateError, state_path
@@ -435,6 +436,10 @@ def _factories(
         parts.workers.reactor.callWhenRunning(
             parts.workers.checks.callInThread, signer.survey, local
         )
+    blocklists = None
+    if config.inbound.dnsbl:
+        resolver_here = twisted_resolver(config.mailbox.resolver)
+        blocklists = Blocklists(config.inbound.dnsbl, resolver_here, clock)
     checker = None
     if config.inbound.checks:
         resolver = thread_resolver(config.mailbox.resolver)
@@ -459,6 +464,7 @@ def _factories(
             signer=signer,
             checker=checker,
             relay_limits=parts.relay_limits,
+            blocklists=blocklists,
         )
 
     pop3 = POP3Factory(

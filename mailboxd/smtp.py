@@ -25,6 +25,8 @@ from .auth import Authenticator, AuthResult, LoginOutcome
 from .clocks import Wall
 from .config import Config
 from .connections import ConnectionCount
+from .dnsbl import Blocklists, Listing
+from .dnsbl import refusal as dnsbl_refusal
 from .faults import Faults
 from .faults import apply as apply_fault
 from .guard import refusal
@@ -40,6 +42,7 @@ from .policy import (
     Verdict,
     decide,
     decide_sender,
+    is_trusted,
     rcpt_needs_pop,
     sender_needs_pop,
     signing_domains,
@@ -93,6 +96,7 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
     signer: Signer | None = None  # DKIM keys for what authorised clients relay
     checker: Checker | None = None  # checks mail from the world on `listen`
     relay_limits: RelayLimits | None = None  # counts what each sender relays
+    blocklists: Blocklists | None = None  # [inbound] dnsbl, for clients on `listen`
 
     noisy = False  # the connection log lines say more
 
@@ -151,6 +155,11 @@ class SMTPServer(LineProtocol):
         # end: at a message a connection, a log line is a good part of the
         # cost of a message (two lines fewer: 14% more messages a second).
         self.began = self.factory.clock.seconds()
+        self.listing: Listing | None = None
+        lists = self.factory.blocklists
+        if lists is not None and lists.zones and self.factory.listener is Listener.MTA:
+            if not is_trusted(self.peer_ip, cfg.mailbox.trusted_networks):
+                self.listing = Listing(lists.listed(self.peer_ip))  # asked now, used at RCPT
         listener = self.factory.listener.value + ("-tls" if self.tls_pending else "")
         self.factory.metrics.connections[listener].inc()
         if not self.count_connection(self.factory.connections):
@@ -401,6 +410,21 @@ class SMTPServer(LineProtocol):
                     code=decision.code,
                 )
                 return (decision.code, decision.text)
+            if self.listing is not None and not client.authorised:
+
+                def unless_listed(zone: str | None) -> SMTPReply:
+                    if zone is None:
+                        return accept(decision)
+                    log.info(
+                        "smtp rcpt refused {rcpt} from {client}: listed in {zone}",
+                        rcpt=shown(str(rcpt)),
+                        client=self.peer_ip,
+                        zone=zone,
+                        code=554,
+                    )
+                    return dnsbl_refusal(self.peer_ip, zone)
+
+                return self.listing.zone().addCallback(unless_listed)
             limits = self.factory.relay_limits
             prefix = self.factory.config.limits.ipv6_prefix
             counted = relay_sender(client, prefix) if decision.verdict is Verdict.RELAY else None
