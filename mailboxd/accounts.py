@@ -25,7 +25,7 @@ MAX_ALIAS_DEPTH = 10
 # What an account's line may set for it alone, after the hash, in the last of
 # Dovecot passwd-file's fields: address:hash:uid:gid:gecos:home:shell:key=value ...
 # (the fields between are not used here, and may be empty).
-OVERRIDES = ("relay_recipients_per_hour",)
+OVERRIDES = ("relay_recipients_per_hour", "quota")
 PASSWD_FILE_FIELDS = 8
 
 

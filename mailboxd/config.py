@@ -31,6 +31,7 @@ class MailboxSection:
     home: Path | None = None  # what relative paths are resolved against; None: the cwd
     workers: int = 1  # serving processes; 0: one per core
     resolver: tuple[str, int] | None = None  # the DNS server for every lookup; None: resolv.conf
+    quota: int = 0  # bytes a mailbox may hold; 0: no limit
 
 
 @attrs.frozen
@@ -296,6 +297,15 @@ def _nameserver(text: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def _bytes(text: str) -> int:
+    word = text.strip().upper()
+    factor = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(word[-1:], 1)
+    digits = word[:-1] if factor > 1 else word
+    if not digits.isdigit():
+        raise _Invalid(f"a number of bytes, with K, M or G if you like (1G), not {text.strip()!r}")
+    return int(digits) * factor
+
+
 def _selector(text: str) -> str:
     word = text.strip().lower()
     if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", word):
@@ -322,6 +332,7 @@ SPEC: _Spec = {
         "bcrypt_rounds": ("12", _count(4, 31)),
         "workers": ("1", _workers),
         "resolver": ("", _nameserver),
+        "quota": ("0", _bytes),
     },
     "smtp": {
         "listen": ("tcp:2525:interface=127.0.0.1", _endpoints),

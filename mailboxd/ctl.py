@@ -18,6 +18,7 @@ from . import __version__, accounts, check, queue, signing
 from .addresses import parse_mailbox
 from .config import SPEC, Config, ConfigError, load, relative_paths
 from .limits import SETTING as LIMIT_SETTING
+from .maildir import QUOTA_SETTING, maildir_path, usage
 from .private import private_dir
 from .state import SQLiteStateStore, StateError, client_key, normalise_ip, state_path
 from .tls import make_self_signed
@@ -62,8 +63,16 @@ def _password() -> bytes:
 def user(config: Config, args: argparse.Namespace) -> None:
     path = config.mailbox.accounts
     if args.action == "list":
+        m = config.mailbox
+        directory, _ = accounts.load_directory(
+            m.accounts, m.aliases, m.domains, dict(m.domain_aliases)
+        )
         for listed in accounts.listed(path):
-            print(listed)
+            local, _, domain = listed.rpartition("@")
+            used = usage(maildir_path(m.mail_dir, accounts.Account(listed, domain, local)))
+            quota = directory.setting(listed, QUOTA_SETTING, m.quota)
+            of = f" of {quota} ({used * 100 // quota}%)" if quota else ""
+            print(f"{listed}\t{used} bytes{of}")
         return
     address = _address(config, args.address)
     if args.action == "del":

@@ -32,6 +32,42 @@ def maildir_path(mail_dir: Path, account: Account) -> Path:
     return mail_dir / account.domain / account.local
 
 
+QUOTA_SETTING = "quota"  # [mailbox] quota, and an account's own in its accounts line
+
+
+def full_mailboxes(
+    mail_dir: Path, accounts: tuple[Account, ...], quotas: dict[str, int], adding: int
+) -> list[str]:
+    """The accounts (of those with a quota) whose mailbox cannot take
+    `adding` more bytes (at RCPT, 0: whose mailbox is full). Blocking."""
+    return [
+        a.address
+        for a in accounts
+        if a.address in quotas
+        and usage(maildir_path(mail_dir, a)) + max(adding, 1) > quotas[a.address]
+    ]
+
+
+def usage(maildir: Path) -> int:
+    """The bytes a Maildir's messages take (new/ and cur/), from the sizes
+    our names carry (",S=") or, for others, the files themselves. Blocking."""
+    total = 0
+    for sub in ("new", "cur"):
+        try:
+            entries = os.scandir(maildir / sub)
+        except FileNotFoundError:
+            continue
+        with entries:
+            for entry in entries:
+                named = entry.name.partition(",S=")[2].split(",", 1)[0].split(":", 1)[0]
+                if named.isdigit():
+                    total += int(named)
+                else:
+                    with contextlib.suppress(OSError):
+                        total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
 def ensure_maildir(path: Path) -> None:
     for sub in ("tmp", "new", "cur"):
         private_dir(path / sub)

@@ -26,7 +26,7 @@ from .clocks import Wall
 from .config import Config
 from .inbound import Checked, Checker, claims, from_domain
 from .lines import SMTPReply
-from .maildir import IncomingMessage
+from .maildir import IncomingMessage, full_mailboxes
 from .printable import arg_safe, shown
 from .queue import Entry, Recipient, enqueue, enqueue_bytes, queue_dir
 from .signing import Signer
@@ -42,6 +42,7 @@ NOT_SPOOLED = (451, "4.3.0 Error: local storage unavailable, try again later")
 NOT_STORED = (451, "4.3.0 Error: could not store the message, try again later")
 NO_SPACE = (452, "4.3.1 Insufficient system storage")  # RFC 5321 §4.2.3, RFC 3463
 TOO_MANY_HOPS = (554, "5.4.6 Too many hops")  # RFC 5321 §6.3: a loop, most likely
+MAILBOX_FULL = (452, "4.2.2 Mailbox full")  # RFC 3463: the sender keeps the message
 
 
 def storage_error(error: BaseException, otherwise: SMTPReply) -> SMTPReply:
@@ -75,6 +76,7 @@ class Transaction:
     # Local domains whose aliases forward this message off-site: the first
     # with a DKIM key seals it (ARC).
     forwarders: list[str] = attrs.field(factory=list)
+    quotas: dict[str, int] = attrs.field(factory=dict)  # account -> bytes, for those with one
 
 
 @attrs.frozen
@@ -232,7 +234,11 @@ class Reception:
                 enqueue_bytes(queue_dir(mail_dir), data, entry)
 
         def commit(_: object = None) -> Deferred:
-            return intake.workers.disk(self.message.commit, mail_dir, accounts, relay, relay_held)
+            if not tx.quotas:
+                return intake.workers.disk(
+                    self.message.commit, mail_dir, accounts, relay, relay_held
+                )
+            return intake.workers.disk(self._commit_within_quota, accounts, relay, relay_held)
 
         signer, checker = intake.signer, intake.checker
         if check and checker is not None:
@@ -243,6 +249,17 @@ class Reception:
         else:
             d = commit()
         return d.addCallbacks(self._stored, self._failed, callbackArgs=(accounts, entry))
+
+    def _commit_within_quota(
+        self, accounts: tuple[Account, ...], relay: Any, relay_held: Any
+    ) -> list[Path] | SMTPReply:
+        """Commit, unless the message would overflow a mailbox: then nothing
+        is delivered, and the sender keeps it (452). Blocking."""
+        mail_dir = self.intake.config.mailbox.mail_dir
+        if full_mailboxes(mail_dir, accounts, self.tx.quotas, self.message.size):
+            self.message.discard()
+            return MAILBOX_FULL
+        return self.message.commit(mail_dir, accounts, relay, relay_held)
 
     def _refused(self, reply: SMTPReply) -> SMTPReply:
         self.message.discard()
@@ -294,7 +311,11 @@ class Reception:
         if field is not None:
             self.message.insert_after_first_line(field.rstrip(b"\r\n").split(b"\r\n"))
 
-    def _stored(self, paths: list[Path], accounts: tuple[Account, ...], entry: Any) -> SMTPReply:
+    def _stored(
+        self, paths: list[Path] | SMTPReply, accounts: tuple[Account, ...], entry: Any
+    ) -> SMTPReply:
+        if isinstance(paths, tuple):  # not stored: refused in the storage thread
+            return self._refused(paths)
         tx = self.tx
         log.info(
             "accepted {queue_id} ({size} bytes) from <{sender}>: delivered to {recipients}, "

@@ -14,13 +14,13 @@ from functools import partial
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from .accounts import Account, Directory
-from .addresses import parse_mailbox
+from .addresses import Address, parse_mailbox
 from .auth import Authenticator, AuthResult, LoginOutcome
 from .clocks import Wall
 from .config import Config
@@ -34,6 +34,7 @@ from .inbound import Checker
 from .limits import SETTING as LIMIT_SETTING
 from .limits import RelayLimits, limited_reply, relay_sender
 from .lines import LineProtocol, SMTPReply
+from .maildir import QUOTA_SETTING, full_mailboxes
 from .metrics import Metrics
 from .policy import (
     Client,
@@ -51,6 +52,7 @@ from .popauth import PopAuthRegistry
 from .printable import arg_safe, shown
 from .queue import Entry
 from .reception import (
+    MAILBOX_FULL,
     Delivery,
     Intake,
     Reception,
@@ -399,45 +401,39 @@ class SMTPServer(LineProtocol):
         sender = parse_mailbox(tx.sender) if tx.sender else None
         must_match = self.factory.config.relay.sender_must_match_login
 
-        def decided(client: Client) -> SMTPReply | Deferred:
+        async def decided(client: Client) -> SMTPReply:
             directory = self.factory.directory()
             decision = decide(client, directory, rcpt, sender, must_match)
             if decision.verdict is Verdict.REJECT:
-                log.info(
-                    "smtp rcpt refused {rcpt} from {client}: {code}",
-                    rcpt=shown(str(rcpt)),
-                    client=self.peer_ip,
-                    code=decision.code,
-                )
-                return (decision.code, decision.text)
+                return self._rcpt_refused(rcpt, (decision.code, decision.text))
             if self.listing is not None and not client.authorised:
-
-                def unless_listed(zone: str | None) -> SMTPReply:
-                    if zone is None:
-                        return accept(decision)
-                    log.info(
-                        "smtp rcpt refused {rcpt} from {client}: listed in {zone}",
-                        rcpt=shown(str(rcpt)),
-                        client=self.peer_ip,
-                        zone=zone,
-                        code=554,
-                    )
-                    return dnsbl_refusal(self.peer_ip, zone)
-
-                return self.listing.zone().addCallback(unless_listed)
+                zone = await self.listing.zone()
+                if zone is not None:
+                    return self._rcpt_refused(rcpt, dnsbl_refusal(self.peer_ip, zone), zone)
+            default = self.factory.config.mailbox.quota
+            quotas = {
+                a.address: q
+                for a in decision.accounts
+                if (q := directory.setting(a.address, QUOTA_SETTING, default))
+            }
+            if quotas:
+                mail_dir = self.factory.config.mailbox.mail_dir
+                full = await self.factory.workers.disk(
+                    full_mailboxes, mail_dir, decision.accounts, quotas, 0
+                )
+                if full:
+                    return self._rcpt_refused(rcpt, MAILBOX_FULL)
             limits = self.factory.relay_limits
             prefix = self.factory.config.limits.ipv6_prefix
             counted = relay_sender(client, prefix) if decision.verdict is Verdict.RELAY else None
-            if counted is None or limits is None:
-                return accept(decision)
-            limit = self.factory.config.limits.relay_recipients_per_hour
-            if client.account is not None:
-                limit = directory.setting(client.account.address, LIMIT_SETTING, limit)
-
-            def within(allowed: bool) -> SMTPReply:
-                return accept(decision) if allowed else limited_reply(counted)
-
-            return limits.take(counted, limit).addCallback(within)
+            if counted is not None and limits is not None:
+                limit = self.factory.config.limits.relay_recipients_per_hour
+                if client.account is not None:
+                    limit = directory.setting(client.account.address, LIMIT_SETTING, limit)
+                if not await limits.take(counted, limit):
+                    return limited_reply(counted)
+            tx.quotas.update(quotas)
+            return accept(decision)
 
         def accept(decision: Decision) -> SMTPReply:
             verdict = "relay" if decision.verdict is Verdict.RELAY else "local"
@@ -455,7 +451,18 @@ class SMTPServer(LineProtocol):
             return (decision.code, decision.text)
 
         needs_pop = partial(rcpt_needs_pop, directory=self.factory.directory(), rcpt=rcpt)
-        return self.client(needs_pop).addCallback(decided)
+        return self.client(needs_pop).addCallback(lambda c: ensureDeferred(decided(c)))
+
+    def _rcpt_refused(self, rcpt: Address, reply: SMTPReply, zone: str | None = None) -> SMTPReply:
+        log.info(
+            "smtp rcpt refused {rcpt} from {client}: {code}"
+            + (" (listed in {zone})" if zone else ""),
+            rcpt=shown(str(rcpt)),
+            client=self.peer_ip,
+            code=reply[0],
+            zone=zone,
+        )
+        return reply
 
     def smtp_DATA(self, arg: str) -> SMTPReply | Deferred:
         tx = self.tx

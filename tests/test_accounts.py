@@ -488,7 +488,7 @@ def test_ctl_add_passwd_del_list(home):
 
     code, out = ctl(home, "user", "list")
     assert code == 0, out
-    assert out.splitlines() == ["alice@example.test", "bob@example.test"]
+    assert out.splitlines() == ["alice@example.test\t0 bytes", "bob@example.test\t0 bytes"]
 
     code, out = ctl(home, "user", "passwd", "alice@example.test", stdin="new pw\n")
     assert code == 0, out
@@ -502,7 +502,7 @@ def test_ctl_add_passwd_del_list(home):
     assert code == 0, out
     assert "alice@example.test" in out
     code, out = ctl(home, "user", "list")
-    assert out.splitlines() == ["bob@example.test"]
+    assert out.splitlines() == ["bob@example.test\t0 bytes"]
     assert accounts_file.read_text().startswith("# accounts\n")
     assert sorted(p.name for p in (home / "etc").iterdir() if not p.name.endswith(".lock")) == [
         "accounts",

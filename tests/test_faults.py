@@ -47,7 +47,7 @@ def test_mailboxctl_into_a_pipe_closed_early_says_so_in_one_line(tmp_path):
         timeout=60,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
     )
-    assert done.stdout == "user00000@example.test\n"
+    assert done.stdout == "user00000@example.test\t0 bytes\n"
     assert done.stderr == "mailboxctl: the output was closed before everything was written\n"
 
 
@@ -93,13 +93,13 @@ def test_mailboxctl_with_a_home_acts_on_the_appliance_from_anywhere(appliance):
     config = home / "etc" / "mailbox.ini"
     config.write_text(f"[mailbox]\ndomains = example.test\nhome = {home}\n")
     done = ctl_in(elsewhere, config, "user", "list")
-    assert (done.returncode, done.stdout) == (0, "alice@example.test\n"), done.stderr
+    assert (done.returncode, done.stdout) == (0, "alice@example.test\t0 bytes\n"), done.stderr
     assert ctl_in(elsewhere, config, "popauth", "list").returncode == 0
     assert (home / "mailbox" / ".state" / "state.sqlite3").exists()
     assert list(elsewhere.iterdir()) == []
     # and from the home itself, without `home`, as `make run` does
     config.write_text("[mailbox]\ndomains = example.test\n")
-    assert ctl_in(home, config, "user", "list").stdout == "alice@example.test\n"
+    assert ctl_in(home, config, "user", "list").stdout == "alice@example.test\t0 bytes\n"
 
 
 # --- item 6: the reactor's clock -----------------------------------------------------

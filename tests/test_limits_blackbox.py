@@ -92,3 +92,42 @@ def test_trusted_networks_are_not_counted(make_server):
     with session(server, None) as s:
         relay(s, ALICE, 3)
     assert ctl(server, "limits", "list").stdout == ""
+
+
+# --- quotas (issue 15, item 4) ------------------------------------------------------
+
+
+def test_a_full_mailbox_refuses_with_452_and_can_still_be_read_and_emptied(make_server):
+    server = make_server("[mailbox]\nquota = 4000\n").add_test_accounts().start()
+    new = server.maildir(ALICE) / "new"
+    new.mkdir(parents=True, exist_ok=True)
+    old = b"Subject: old\n\n" + (b"x" * 99 + b"\n") * 50  # delivered before the quota was set
+    (new / "1700000000.M1P1.old").write_bytes(old)
+    with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as s:
+        s.ehlo("client.far.test")
+        s.mail("a@far.test")
+        assert s.rcpt(ALICE) == (452, b"4.2.2 Mailbox full")
+        assert s.rcpt(BOB)[0] == 250  # another mailbox: no quota trouble
+        s.rset()
+    listed = ctl(server, "user", "list").stdout
+    assert f"alice@example.test\t{len(old)} bytes of 4000 ({len(old) * 100 // 4000}%)" in listed
+
+    p = poplib.POP3("127.0.0.1", server.pop3_port, timeout=10)
+    p.user(ALICE)
+    p.pass_(ALICE_PW)
+    assert p.retr(1)[1][0] == b"Subject: old"
+    p.dele(1)
+    p.quit()
+
+    with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as s:
+        s.sendmail("a@far.test", [ALICE], b"Subject: fits\r\n\r\n" + (b"y" * 98 + b"\r\n") * 15)
+        s.mail("a@far.test")
+        assert s.rcpt(ALICE)[0] == 250  # not full yet...
+        s.rcpt(BOB)
+        # ...but this one would overflow it: nothing is delivered, to anybody,
+        # and the sender keeps the message.
+        too_big = b"Subject: too big\r\n\r\n" + (b"z" * 98 + b"\r\n") * 30
+        assert s.data(too_big) == (452, b"4.2.2 Mailbox full")
+    assert [b"Subject: fits" in p.read_bytes() for p in server.messages(ALICE)] == [True]
+    assert server.messages(BOB) == []
+    server.check_log()
