@@ -32,6 +32,7 @@ class MailboxSection:
     workers: int = 1  # serving processes; 0: one per core
     resolver: tuple[str, int] | None = None  # the DNS server for every lookup; None: resolv.conf
     quota: int = 0  # bytes a mailbox may hold; 0: no limit
+    plugins: Path | None = None  # a folder of site filters (*.py); None: none
 
 
 @attrs.frozen
@@ -103,6 +104,12 @@ class InboundSection:
 
 
 @attrs.frozen
+class FiltersSection:
+    timeout: int = 30  # seconds one filter may take with one message
+    clamav: str = ""  # host:port of clamd; empty: no virus scan
+
+
+@attrs.frozen
 class MetricsSection:
     listen: tuple[str, ...] = ()  # where GET /metrics is served; empty: nowhere
 
@@ -120,6 +127,7 @@ class Config:
     metrics: MetricsSection = MetricsSection()
     dkim: DKIMSection = DKIMSection()
     inbound: InboundSection = InboundSection()
+    filters: FiltersSection = FiltersSection()
 
     def canonical_domain(self, domain: str) -> str | None:
         """The local domain `domain` names (itself or via an alias), else None."""
@@ -333,6 +341,7 @@ SPEC: _Spec = {
         "workers": ("1", _workers),
         "resolver": ("", _nameserver),
         "quota": ("0", _bytes),
+        "plugins": ("", _optional_path),
     },
     "smtp": {
         "listen": ("tcp:2525:interface=127.0.0.1", _endpoints),
@@ -390,6 +399,10 @@ SPEC: _Spec = {
         "spf_reject": ("no", _bool),
         "dnsbl": ("", _domains),
     },
+    "filters": {
+        "timeout": ("30", _count(1)),
+        "clamav": ("", _smarthost),
+    },
 }
 
 _SECTIONS = {
@@ -403,6 +416,7 @@ _SECTIONS = {
     "metrics": MetricsSection,
     "dkim": DKIMSection,
     "inbound": InboundSection,
+    "filters": FiltersSection,
 }
 
 
@@ -472,7 +486,11 @@ def _resolved(config: Config) -> Config:
     return attrs.evolve(
         config,
         mailbox=attrs.evolve(
-            m, accounts=home / m.accounts, aliases=home / m.aliases, mail_dir=home / m.mail_dir
+            m,
+            accounts=home / m.accounts,
+            aliases=home / m.aliases,
+            mail_dir=home / m.mail_dir,
+            plugins=under(m.plugins),
         ),
         tls=attrs.evolve(t, certificate=under(t.certificate), private_key=under(t.private_key)),
         dkim=attrs.evolve(config.dkim, keys=home / config.dkim.keys),
@@ -489,6 +507,7 @@ def relative_paths(config: Config) -> list[tuple[str, Path]]:
         ("[tls] certificate", t.certificate),
         ("[tls] private_key", t.private_key),
         ("[dkim] keys", config.dkim.keys),
+        ("[mailbox] plugins", m.plugins),
     ]
     return [(key, path) for key, path in found if path is not None and not path.is_absolute()]
 

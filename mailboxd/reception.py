@@ -24,6 +24,7 @@ from .accounts import Account
 from .addresses import Address
 from .clocks import Wall
 from .config import Config
+from .filtering import FAILED, Filters, Incoming, Verdict
 from .inbound import Checked, Checker, claims, from_domain
 from .lines import SMTPReply
 from .maildir import IncomingMessage, full_mailboxes
@@ -103,6 +104,7 @@ class Intake:
     delivered: Callable[[Delivery], object] | None = None  # told of each accepted message
     signer: Signer | None = None  # DKIM keys for relayed mail
     checker: Checker | None = None  # SPF, DKIM and DMARC of mail from the world
+    filters: Filters | None = None  # the site's and the shipped message filters
 
     def __repr__(self) -> str:
         return "<Intake>"
@@ -211,6 +213,35 @@ class Reception:
         the message is checked first (inbound.py), and may be refused."""
         if self.error is not None:
             return self._refused(self.error)
+        filters = self.intake.filters
+        if filters:
+            d = self.intake.workers.disk(self._incoming)
+            d.addCallback(filters.run)
+            return d.addCallback(self._filtered, may_sign, check)
+        return self._store(may_sign, check)
+
+    def _incoming(self) -> Incoming:
+        """What the filters see. Blocking (a big message is read from its file)."""
+        content = self.message.content(self.return_path_size).replace(b"\n", b"\r\n")
+        tx, trace = self.tx, self.trace
+        recipients = tuple(str(r) for r in tx.recipients)
+        return Incoming(
+            trace.ip, trace.helo, trace.account, trace.tls, tx.sender, recipients, content
+        )
+
+    def _filtered(
+        self, verdict: Verdict, may_sign: frozenset[str], check: bool
+    ) -> Deferred | SMTPReply:
+        if verdict.action != "accept":
+            return self._refused(verdict.reply or FAILED)
+        if not verdict.headers:
+            return self._store(may_sign, check)
+        lines = [f"{name}: {value}".encode("utf-8", "replace") for name, value in verdict.headers]
+        d = self.intake.workers.disk(self.message.insert_after_first_line, lines)
+        return d.addCallback(lambda _: self._store(may_sign, check))
+
+    def _store(self, may_sign: frozenset[str], check: bool) -> Deferred | SMTPReply:
+        """Check, sign, and put every copy on disk (see finish)."""
         intake, tx = self.intake, self.tx
         accounts = tuple(tx.accounts.values())
         mail_dir = intake.config.mailbox.mail_dir

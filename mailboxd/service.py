@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from . import clamav
 from .accounts import AccountStore
 from .auth import Authenticator
 from .clocks import Wall
@@ -25,6 +26,7 @@ from .config import Config
 from .connections import Board, ConnectionCount
 from .credcache import CredentialCache
 from .dnsbl import Blocklists
+from .filtering import Filters, load_plugins
 from .guard import Guard
 from .inbound import Checker, Policy
 from .instance import InstanceLock, InstanceRunning, lock_path
@@ -436,6 +438,10 @@ def _factories(
         parts.workers.reactor.callWhenRunning(
             parts.workers.checks.callInThread, signer.survey, local
         )
+    found = clamav.make_filters(config, parts.workers.reactor)
+    if config.mailbox.plugins is not None:
+        found += load_plugins(config.mailbox.plugins, config, parts.workers.reactor)
+    filters = Filters(found, clock, config.filters.timeout)
     blocklists = None
     if config.inbound.dnsbl:
         resolver_here = twisted_resolver(config.mailbox.resolver)
@@ -465,6 +471,7 @@ def _factories(
             checker=checker,
             relay_limits=parts.relay_limits,
             blocklists=blocklists,
+            filters=filters,
         )
 
     pop3 = POP3Factory(

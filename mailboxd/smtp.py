@@ -29,6 +29,7 @@ from .dnsbl import Blocklists, Listing
 from .dnsbl import refusal as dnsbl_refusal
 from .faults import Faults
 from .faults import apply as apply_fault
+from .filtering import Filters
 from .guard import refusal
 from .inbound import Checker
 from .limits import SETTING as LIMIT_SETTING
@@ -99,6 +100,7 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
     checker: Checker | None = None  # checks mail from the world on `listen`
     relay_limits: RelayLimits | None = None  # counts what each sender relays
     blocklists: Blocklists | None = None  # [inbound] dnsbl, for clients on `listen`
+    filters: Filters | None = None  # asked about each message before 250
 
     noisy = False  # the connection log lines say more
 
@@ -115,6 +117,7 @@ class SMTPFactory(ServerFactory["SMTPServer"]):
             self.delivered,
             self.signer,
             self.checker,
+            self.filters,
         )
 
     def buildProtocol(self, addr: Any) -> SMTPServer:

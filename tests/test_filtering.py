@@ -1,0 +1,107 @@
+"""Message filters as the runner sees them (mailboxd.filtering), on a Clock;
+ClamAV's answers (mailboxd.clamav)."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from mailboxd.clamav import ClamdError, verdict_of
+from mailboxd.filtering import (
+    FAILED,
+    Filters,
+    IMessageFilter,
+    Incoming,
+    Verdict,
+    accept,
+    reject,
+    tempfail,
+)
+
+MESSAGE = Incoming("192.0.2.1", "client.test", None, None, "a@far.test", ("b@x.test",), b"hi\r\n")
+
+
+@implementer(IMessageFilter)
+class Fixed:
+    def __init__(self, name, answer):
+        self.name, self.answer, self.asked = name, answer, 0
+
+    def check(self, incoming):
+        self.asked += 1
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def run(*filters, clock=None):
+    return Filters(list(filters), clock or Clock(), 5).run(MESSAGE)
+
+
+def test_every_filter_accepts_and_the_headers_add_up():
+    one, two = Fixed("one", accept(("X-One", "1"))), Fixed("two", accept(("X-Two", "2")))
+    assert run(one, two).result == accept(("X-One", "1"), ("X-Two", "2"))
+
+
+def test_the_first_that_does_not_accept_decides():
+    third = Fixed("third", accept())
+    found = run(Fixed("a", accept()), Fixed("b", reject(554, "5.7.1 no")), third).result
+    assert found == reject(554, "5.7.1 no") and third.asked == 0
+    assert run(Fixed("t", tempfail())).result == tempfail()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "yes",
+        None,
+        Verdict("maybe"),
+        reject(250, "2.0.0 fine"),
+        reject(451, "4.7.0 a reject that is temporary"),
+        Verdict("tempfail", (550, "5.0.0 a tempfail that is permanent")),
+        accept(("Bad Name", "x")),
+        accept(("X-Ok", "two\r\nlines")),
+        ValueError("broken"),
+    ],
+)
+def test_nonsense_or_a_failure_is_a_451(answer):
+    assert run(Fixed("odd", answer)).result == Verdict("tempfail", FAILED)
+
+
+def test_a_filter_that_hangs_is_a_451_at_the_timeout():
+    clock = Clock()
+
+    @implementer(IMessageFilter)
+    class Hangs:
+        name = "hangs"
+
+        def check(self, incoming):
+            return Deferred()
+
+    d = run(Hangs(), clock=clock)
+    clock.advance(4.9)
+    assert not d.called
+    clock.advance(0.2)
+    assert d.result == Verdict("tempfail", FAILED)
+
+
+@pytest.mark.parametrize(
+    "answer, verdict",
+    [
+        ("stream: OK", accept()),
+        (
+            "stream: Eicar-Test-Signature FOUND",
+            reject(554, "5.7.1 Virus found: Eicar-Test-Signature"),
+        ),
+        ("stream: Bad\r\nName FOUND", reject(554, "5.7.1 Virus found: Bad??Name")),
+    ],
+)
+def test_clamd_answers(answer, verdict):
+    assert verdict_of(answer) == verdict
+
+
+@pytest.mark.parametrize("answer", ["", "INSTREAM size limit exceeded. ERROR", "stream: ERROR"])
+def test_clamd_errors_are_errors(answer):
+    with pytest.raises(ClamdError):
+        verdict_of(answer)

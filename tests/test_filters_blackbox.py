@@ -1,0 +1,163 @@
+"""Message filters (issue 15, item 5) on the real server: site plugins from
+the plugins folder (accept with headers, reject, hang, nonsense, a file that
+cannot be loaded), and the shipped ClamAV filter against a real clamd from
+Debian's packages, with a signature database made here for the EICAR file
+(the official databases cannot be downloaded on these machines)."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import subprocess
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from conftest import ALICE, free_port, need
+from test_blackbox import wait_for
+
+pytestmark = pytest.mark.blackbox
+
+# The EICAR test file (eicar.org): every virus scanner finds it, it harms nothing.
+EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+
+PLUGIN = """
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from mailboxd.filtering import IMessageFilter, accept, reject
+
+
+@implementer(IMessageFilter)
+class Site:
+    name = "site"
+
+    def check(self, incoming):
+        text = incoming.data
+        if b"Subject: spam" in text:
+            return reject(550, "5.7.1 Our site does not take spam")
+        if b"Subject: slow" in text:
+            return Deferred()  # never answers
+        if b"Subject: nonsense" in text:
+            return "yes, fine"
+        return accept(("X-Site-Checked", f"{incoming.ip} to {len(incoming.recipients)}"))
+
+
+site = Site()
+"""
+
+
+def send(server, subject: str, body: bytes = b"hello\r\n") -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as s:
+        s.ehlo("client.far.test")
+        s.mail("a@far.test")
+        assert s.rcpt(ALICE)[0] == 250
+        return s.data(f"Subject: {subject}\r\n\r\n".encode() + body)
+
+
+def test_site_plugins_decide_and_a_broken_one_only_delays(make_server):
+    server = make_server("[filters]\ntimeout = 2\n")
+    plugins = server.home / "plugins"
+    plugins.mkdir()
+    (plugins / "site.py").write_text(PLUGIN)
+    (plugins / "README").write_text("not a plugin: only *.py files are")
+    text = server.config.read_text().replace("[mailbox]\n", f"[mailbox]\nplugins = {plugins}\n", 1)
+    server.config.write_text(text)
+    plugins.chmod(0o555)  # the server only reads it
+    try:
+        server.add_test_accounts().start()
+        assert send(server, "fine")[0] == 250
+        [kept] = server.messages(ALICE)
+        assert b"X-Site-Checked: 127.0.0.1 to 1\n" in kept.read_bytes().split(b"\n\n")[0]
+        assert send(server, "spam") == (550, b"5.7.1 Our site does not take spam")
+        began = time.monotonic()
+        assert send(server, "slow") == (451, b"4.7.0 Message could not be checked, try again later")
+        assert 1.5 < time.monotonic() - began < 10
+        assert send(server, "nonsense")[0] == 451
+        assert len(server.messages(ALICE)) == 1
+        assert not (plugins / "__pycache__").exists()
+        server.stop()
+    finally:
+        plugins.chmod(0o755)
+    (plugins / "broken.py").write_text("import no_such_module_here\n")
+    server.start()
+    assert send(server, "fine") == (451, b"4.7.0 Message could not be checked, try again later")
+    log = server.log()
+    assert "plugin " + str(plugins / "broken.py") + " cannot be loaded: ModuleNotFoundError" in log
+    assert "filter site answered nonsense" in log
+    assert "filter site failed: TimeoutError" in log
+    server.check_log()  # one line each, no traceback
+
+
+class Clamd:
+    """clamd from Debian's clamav-daemon, on a free loopback port, with a
+    database that knows the EICAR file only."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home / "clamd"
+        (self.home / "db").mkdir(parents=True)
+        self.port = free_port()
+        (self.home / "eicar.com").write_bytes(EICAR)
+        signature = subprocess.run(
+            [need("sigtool"), "--md5", "eicar.com"], cwd=self.home, capture_output=True, check=True
+        ).stdout
+        (self.home / "db" / "eicar.hdb").write_bytes(signature)
+        (self.home / "clamd.conf").write_text(
+            f"DatabaseDirectory {self.home / 'db'}\nTCPSocket {self.port}\nTCPAddr 127.0.0.1\n"
+            f"Foreground yes\nLogFile {self.home / 'clamd.log'}\n"
+        )
+        self.log = (self.home / "out.log").open("wb")
+        self.proc = subprocess.Popen(
+            [need("clamd"), "-c", str(self.home / "clamd.conf")],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        if not wait_for(self.answers, timeout=60):
+            self.stop()
+            raise RuntimeError((self.home / "out.log").read_text(errors="replace"))
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                s.sendall(b"zPING\0")
+                return s.recv(10).startswith(b"PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+        self.log.close()
+
+
+@pytest.mark.daemons
+def test_clamav_refuses_the_eicar_file_and_lets_clean_mail_in(make_server, tmp_path):
+    clamd = Clamd(tmp_path)
+    try:
+        server = make_server(f"[filters]\nclamav = 127.0.0.1:{clamd.port}\n")
+        server.add_test_accounts().start()
+        message = EmailMessage()
+        message["From"], message["To"], message["Subject"] = "a@far.test", ALICE, "attached"
+        message.set_content("See the attachment.\n")
+        message.add_attachment(
+            EICAR, maintype="application", subtype="octet-stream", filename="x.com"
+        )
+        with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as s:
+            with pytest.raises(smtplib.SMTPDataError) as e:
+                s.sendmail("a@far.test", [ALICE], message.as_bytes().replace(b"\n", b"\r\n"))
+            assert (e.value.smtp_code, e.value.smtp_error) == (
+                554,
+                b"5.7.1 Virus found: eicar.com.UNOFFICIAL",
+            )
+            s.sendmail("a@far.test", [ALICE], b"Subject: clean\r\n\r\nnothing here\r\n")
+        [kept] = server.messages(ALICE)
+        assert b"nothing here" in kept.read_bytes()
+    finally:
+        clamd.stop()
+    # clamd gone: a message cannot be checked, so it waits (451), never unchecked.
+    assert send(server, "while clamd is away") == (
+        451,
+        b"4.7.0 Message could not be checked, try again later",
+    )
+    assert "filter clamav failed" in server.log()
