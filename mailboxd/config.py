@@ -107,6 +107,7 @@ class InboundSection:
 class FiltersSection:
     timeout: int = 30  # seconds one filter may take with one message
     clamav: str = ""  # host:port of clamd; empty: no virus scan
+    rspamd: str = ""  # the URL of rspamd's normal worker; empty: no spam check
 
 
 @attrs.frozen
@@ -314,6 +315,13 @@ def _bytes(text: str) -> int:
     return int(digits) * factor
 
 
+def _http_url(text: str) -> str:
+    url = text.strip()
+    if url and not re.fullmatch(r"https?://[^\s/]+(:\d{1,5})?/?", url):
+        raise _Invalid(f"an http:// URL such as http://127.0.0.1:11333, or nothing; not {url!r}")
+    return url
+
+
 def _selector(text: str) -> str:
     word = text.strip().lower()
     if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", word):
@@ -402,6 +410,7 @@ SPEC: _Spec = {
     "filters": {
         "timeout": ("30", _count(1)),
         "clamav": ("", _smarthost),
+        "rspamd": ("", _http_url),
     },
 }
 

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import clamav
+from . import clamav, rspamd
 from .accounts import AccountStore
 from .auth import Authenticator
 from .clocks import Wall
@@ -438,7 +438,10 @@ def _factories(
         parts.workers.reactor.callWhenRunning(
             parts.workers.checks.callInThread, signer.survey, local
         )
-    found = clamav.make_filters(config, parts.workers.reactor)
+    found: list[Any] = [
+        *clamav.make_filters(config, parts.workers.reactor),
+        *rspamd.make_filters(config, parts.workers.reactor),
+    ]
     if config.mailbox.plugins is not None:
         found += load_plugins(config.mailbox.plugins, config, parts.workers.reactor)
     filters = Filters(found, clock, config.filters.timeout)

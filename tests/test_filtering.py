@@ -19,6 +19,8 @@ from mailboxd.filtering import (
     reject,
     tempfail,
 )
+from mailboxd.rspamd import RspamdError
+from mailboxd.rspamd import verdict_of as rspamd_verdict
 
 MESSAGE = Incoming("192.0.2.1", "client.test", None, None, "a@far.test", ("b@x.test",), b"hi\r\n")
 
@@ -105,3 +107,36 @@ def test_clamd_answers(answer, verdict):
 def test_clamd_errors_are_errors(answer):
     with pytest.raises(ClamdError):
         verdict_of(answer)
+
+
+@pytest.mark.parametrize(
+    "answer, verdict",
+    [
+        (
+            {"action": "reject", "score": 16.0, "required_score": 15.0},
+            reject(554, "5.7.1 Message refused as spam"),
+        ),
+        ({"action": "soft reject", "score": 8.0}, tempfail("4.7.1 Try again later")),
+        ({"action": "greylist", "score": 4.0}, tempfail("4.7.1 Try again later")),
+        (
+            {"action": "add header", "score": 9.0, "required_score": 15.0},
+            accept(
+                ("X-Spam", "Yes"), ("X-Spam-Score", "9.00 / 15.00"), ("X-Spam-Action", "add header")
+            ),
+        ),
+        (
+            {"action": "no action", "score": -1.5, "required_score": 15.0},
+            accept(
+                ("X-Spam", "No"), ("X-Spam-Score", "-1.50 / 15.00"), ("X-Spam-Action", "no action")
+            ),
+        ),
+    ],
+)
+def test_rspamd_actions(answer, verdict):
+    assert rspamd_verdict(answer) == verdict
+
+
+@pytest.mark.parametrize("answer", [{}, {"action": "reject"}, {"score": 3}])
+def test_an_rspamd_answer_without_action_and_score_is_an_error(answer):
+    with pytest.raises(RspamdError):
+        rspamd_verdict(answer)

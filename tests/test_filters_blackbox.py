@@ -10,12 +10,14 @@ import smtplib
 import socket
 import subprocess
 import time
+import urllib.request
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 from conftest import ALICE, free_port, need
 from test_blackbox import wait_for
+from zone_server import A, ZoneServer
 
 pytestmark = pytest.mark.blackbox
 
@@ -161,3 +163,99 @@ def test_clamav_refuses_the_eicar_file_and_lets_clean_mail_in(make_server, tmp_p
         b"4.7.0 Message could not be checked, try again later",
     )
     assert "filter clamav failed" in server.log()
+
+
+GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+# One of rspamd's test patterns (with enable_test_patterns): action "add header".
+ADD_HEADER = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-ADD-HEADER*C.34X"
+
+
+class Rspamd:
+    """rspamd from Debian's package, with Debian's configuration and local
+    overrides: its normal worker on a free loopback port, the others off or
+    on free ports, test patterns on, and its DNS lookups sent to a DNS
+    server on loopback (which knows no name, at once)."""
+
+    def __init__(self, home: Path, dns: ZoneServer) -> None:
+        self.home = home / "rspamd"
+        local = self.home / "local"
+        for sub in ("local/override.d", "local/local.d", "db", "run", "log"):
+            (self.home / sub).mkdir(parents=True)
+        self.port = free_port()
+        overrides = {
+            "worker-normal.inc": f'bind_socket = "127.0.0.1:{self.port}";\n',
+            "worker-controller.inc": f'bind_socket = "127.0.0.1:{free_port()}";\n',
+            "worker-proxy.inc": "enabled = false;\n",
+            "worker-fuzzy.inc": "enabled = false;\n",
+            "logging.inc": f'type = "file";\nfilename = "{self.home}/log/rspamd.log";\nlevel = "warning";\n',
+        }
+        for name, text in overrides.items():
+            (local / "override.d" / name).write_text(text)
+        (local / "local.d" / "options.inc").write_text(
+            "enable_test_patterns = true;\n"
+            f'dns {{ nameserver = ["127.0.0.1:{dns.port}"]; timeout = 0.5s; retransmits = 1; }}\n'
+        )
+        variables = [
+            f"--var={k}={self.home / v}"
+            for k, v in (
+                ("LOCAL_CONFDIR", "local"),
+                ("DBDIR", "db"),
+                ("RUNDIR", "run"),
+                ("LOGDIR", "log"),
+            )
+        ]
+        self.log = (self.home / "out.log").open("wb")
+        self.proc = subprocess.Popen(
+            [
+                need("rspamd"),
+                "-f",
+                "-u",
+                "root",
+                "-g",
+                "root",
+                "-i",
+                "-c",
+                "/etc/rspamd/rspamd.conf",
+                *variables,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        if not wait_for(self.answers, timeout=90):
+            self.stop()
+            raise RuntimeError((self.home / "out.log").read_text(errors="replace"))
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ping", timeout=2) as r:
+                return r.read().startswith(b"pong")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.mark.daemons
+def test_rspamd_rejects_gtube_and_marks_what_it_would_add_a_header_to(make_server, tmp_path):
+    dns = ZoneServer(tmp_path).add("invalid", A("nothing.invalid", "192.0.2.1")).start()
+    spamd = Rspamd(tmp_path, dns)
+    try:
+        server = make_server(f"[filters]\nrspamd = http://127.0.0.1:{spamd.port}\n")
+        server.add_test_accounts().start()
+        assert send(server, "gtube", GTUBE + b"\r\n") == (554, b"5.7.1 Message refused as spam")
+        assert send(server, "marked", ADD_HEADER + b"\r\n")[0] == 250
+        [kept] = server.messages(ALICE)
+        head = kept.read_bytes().split(b"\n\n")[0]
+        assert b"X-Spam: Yes\n" in head and b"X-Spam-Action: add header\n" in head, head
+        assert b"X-Spam-Score: " in head
+    finally:
+        spamd.stop()
+        dns.stop()
+    server.check_log()
