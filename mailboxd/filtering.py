@@ -182,3 +182,59 @@ def _load(path: Path, config: Any, reactor: Any) -> list[Any]:
         "plugin {plugin} loaded: {filters}", plugin=str(path), filters=[_name(f) for f in filters]
     )
     return filters
+
+
+def folder_stamp(folder: Path) -> tuple:
+    """What changes when a plugin file is added, removed or edited. Blocking."""
+    found = []
+    for path in sorted(folder.glob("*.py")):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        found.append((path.name, st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(found)
+
+
+@attrs.define(eq=False)
+class PluginFolder:
+    """Loads the plugins folder again when its files change (looked at every
+    `interval` seconds, in the storage pool), as the accounts file is."""
+
+    folder: Path
+    filters: Filters
+    shipped: list[Any]  # the filters that come with the package, configured
+    config: Any
+    reactor: Any
+    disk: Callable[..., Deferred]
+    interval: float = 5.0
+    _stamp: tuple = ()
+    _loop: Any = None
+
+    def start(self) -> None:
+        from twisted.internet.task import LoopingCall
+
+        self._stamp = folder_stamp(self.folder)  # as loaded at start
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = self.reactor
+        self._loop.start(self.interval, now=False)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def check(self) -> Deferred:
+        d = self.disk(folder_stamp, self.folder)
+        d.addCallback(self._looked)
+        d.addErrback(lambda f: log.error("plugins folder: {why}", why=f.getErrorMessage()))
+        return d
+
+    def _looked(self, stamp: tuple) -> None:
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        log.info("plugins folder {folder} changed: loading it again", folder=str(self.folder))
+        self.filters.filters = [
+            *self.shipped,
+            *load_plugins(self.folder, self.config, self.reactor),
+        ]

@@ -26,7 +26,7 @@ from .config import Config
 from .connections import Board, ConnectionCount
 from .credcache import CredentialCache
 from .dnsbl import Blocklists
-from .filtering import Filters, load_plugins
+from .filtering import Filters, PluginFolder, load_plugins
 from .guard import Guard
 from .inbound import Checker, Policy
 from .instance import InstanceLock, InstanceRunning, lock_path
@@ -438,13 +438,18 @@ def _factories(
         parts.workers.reactor.callWhenRunning(
             parts.workers.checks.callInThread, signer.survey, local
         )
-    found: list[Any] = [
-        *clamav.make_filters(config, parts.workers.reactor),
-        *rspamd.make_filters(config, parts.workers.reactor),
+    reactor = parts.workers.reactor
+    shipped: list[Any] = [
+        *clamav.make_filters(config, reactor),
+        *rspamd.make_filters(config, reactor),
     ]
-    if config.mailbox.plugins is not None:
-        found += load_plugins(config.mailbox.plugins, config, parts.workers.reactor)
-    filters = Filters(found, clock, config.filters.timeout)
+    filters = Filters(list(shipped), clock, config.filters.timeout)
+    folder = config.mailbox.plugins
+    if folder is not None:
+        filters.filters += load_plugins(folder, config, reactor)
+        plugins = PluginFolder(folder, filters, shipped, config, reactor, parts.workers.disk)
+        reactor.callWhenRunning(plugins.start)
+        reactor.addSystemEventTrigger("before", "shutdown", plugins.stop)
     blocklists = None
     if config.inbound.dnsbl:
         resolver_here = twisted_resolver(config.mailbox.resolver)

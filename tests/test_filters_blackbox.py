@@ -89,6 +89,10 @@ def test_site_plugins_decide_and_a_broken_one_only_delays(make_server):
     assert "plugin " + str(plugins / "broken.py") + " cannot be loaded: ModuleNotFoundError" in log
     assert "filter site answered nonsense" in log
     assert "filter site failed: TimeoutError" in log
+    # Mended, it is loaded again while the server runs, and mail flows.
+    (plugins / "broken.py").write_text("X = 1  # nothing to see here\n")
+    assert wait_for(lambda: "changed: loading it again" in server.log(), timeout=20)
+    assert send(server, "fine again")[0] == 250
     server.check_log()  # one line each, no traceback
 
 
