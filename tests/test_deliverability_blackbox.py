@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import smtplib
-import socket
 import time
 
 import dkim
@@ -14,7 +13,7 @@ import pytest
 from conftest import ALICE, ALICE_PW, ctl
 from test_blackbox import wait_for
 from test_outbound_blackbox import Capture
-from zone_server import MX, TXT, A, ZoneServer
+from zone_server import MX, TXT, A, ZoneServer, silent_dns
 
 from mailboxd.resolver import txt
 from mailboxd.signing import dns_record, new_key
@@ -264,20 +263,15 @@ def test_dmarc_reject_refuses_and_forged_results_are_removed(checking):
 
 
 def test_a_dns_timeout_is_temperror_never_a_refusal(make_server):
-    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    silent.bind(("127.0.0.1", 0))  # a DNS server that never answers
-    try:
+    with silent_dns() as nobody:
         server = make_server(
-            "[mailbox]\ntrusted_networks =\n"
-            f"resolver = 127.0.0.1:{silent.getsockname()[1]}\n[inbound]\nchecks = yes\n"
+            f"[mailbox]\ntrusted_networks =\nresolver = {nobody}\n[inbound]\nchecks = yes\n"
         )
         server.add_test_accounts().start()
         began = time.monotonic()
         assert send(server, "a@reject.test", message("a@reject.test", "timeout"))[0] == 250
         took = time.monotonic() - began
         field = results(server, "timeout")
-    finally:
-        silent.close()
     assert "spf=temperror smtp.mailfrom=reject.test" in field, field
     assert "dmarc=temperror" in field, field
     assert took < 10, took

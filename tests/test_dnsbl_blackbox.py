@@ -6,12 +6,11 @@ zone does not list, and a blocklist that does not answer, let mail in."""
 from __future__ import annotations
 
 import smtplib
-import socket
 import time
 
 import pytest
 from conftest import ALICE, ALICE_PW
-from zone_server import A, ZoneServer
+from zone_server import A, ZoneServer, silent_dns
 
 from mailboxd.dnsbl import query_name
 
@@ -58,16 +57,11 @@ def test_a_listed_client_is_refused_unless_it_logs_in(make_server, blocklist):
 
 
 def test_a_blocklist_that_does_not_answer_lets_mail_in(make_server):
-    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    silent.bind(("127.0.0.1", 0))
-    try:
+    with silent_dns() as nobody:
         server = make_server(
-            "[mailbox]\ntrusted_networks =\n"
-            f"resolver = 127.0.0.1:{silent.getsockname()[1]}\n[inbound]\ndnsbl = bl.test\n"
+            f"[mailbox]\ntrusted_networks =\nresolver = {nobody}\n[inbound]\ndnsbl = bl.test\n"
         )
         server.add_test_accounts().start()
         began = time.monotonic()
         assert send_from(server, LISTED)[0] == 250
         assert time.monotonic() - began < 10
-    finally:
-        silent.close()

@@ -8,9 +8,12 @@ from twisted.names) serving zones the test writes, as a Python zone file.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import dns.resolver
@@ -90,3 +93,14 @@ class ZoneServer:
         self.proc = None
         if hasattr(self, "log"):
             self.log.close()
+
+
+@contextlib.contextmanager
+def silent_dns() -> Iterator[str]:
+    """host:port of a DNS server that never answers (a UDP socket nobody reads)."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    try:
+        yield f"127.0.0.1:{silent.getsockname()[1]}"
+    finally:
+        silent.close()
