@@ -55,7 +55,7 @@ def usage(maildir: Path) -> int:
     for sub in ("new", "cur"):
         try:
             entries = os.scandir(maildir / sub)
-        except FileNotFoundError:
+        except OSError:  # none yet, or unreadable: nothing there to count
             continue
         with entries:
             for entry in entries:

@@ -217,7 +217,7 @@ class Reception:
         if filters:
             d = self.intake.workers.disk(self._incoming)
             d.addCallback(filters.run)
-            return d.addCallback(self._filtered, may_sign, check)
+            return d.addCallback(self._filtered, may_sign, check).addErrback(self._failed)
         return self._store(may_sign, check)
 
     def _incoming(self) -> Incoming:
@@ -274,7 +274,7 @@ class Reception:
         signer, checker = intake.signer, intake.checker
         if check and checker is not None:
             d = intake.workers.check(self._check, checker)
-            return d.addCallback(self._checked, commit, accounts, entry)
+            return d.addCallback(self._checked, commit, accounts, entry).addErrback(self._failed)
         if tx.relay and may_sign and signer is not None:
             d = intake.workers.check(self._sign, signer, may_sign).addCallback(commit)
         else:
@@ -379,6 +379,9 @@ class Reception:
         return (250, f"2.0.0 Ok: queued as {self.id}")
 
     def _failed(self, f: Any) -> SMTPReply:
+        # Whichever step failed (filters, checks, signing, the commit), the
+        # spool file goes: the client keeps the message and tries again.
+        self.message.discard()
         log.error(
             "delivery of {queue_id} failed, not acknowledged: {error}",
             queue_id=self.id,

@@ -474,3 +474,41 @@ def test_folded_received_fields_count_once(s):
     assert s.cmd("DATA").startswith("354 ")
     folded = "Received: from hop.far.test\r\n\tby mx.far.test; Tue, 1 Dec 2026\r\n" * 50
     assert s.cmd(folded + "Subject: x\r\n\r\n" + "Received: body\r\n" * 5 + ".").startswith("250 ")
+
+
+def test_a_failure_before_the_commit_is_a_451_and_leaves_no_spool_file(unit, monkeypatch):
+    """Reading the message for the filters fails (a disk error): the client
+    is told to try again, and the spool holds nothing of it."""
+    from twisted.internet.task import Clock
+
+    from mailboxd.filtering import Filters
+    from mailboxd.reception import Reception
+
+    s = Session(unit)
+    accepting = _Accepting()
+    s.proto.factory.filters = Filters([accepting], Clock(), 5)
+    monkeypatch.setattr("mailboxd.maildir.SPOOL_MEMORY", 100)  # a spool file at once
+
+    def unreadable(self):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(Reception, "_incoming", unreadable)
+    s.envelope()
+    assert s.cmd("DATA").startswith("354 ")
+    assert s.cmd("Subject: x\r\n\r\n" + "y" * 300 + "\r\n.") == (
+        "451 4.3.0 Error: could not store the message, try again later"
+    )
+    assert not list((unit.mail_dir / ".incoming").iterdir())
+    assert s.delivered() == []
+    assert accepting.asked == 0  # there was nothing to check it with
+
+
+class _Accepting:
+    name = "accepting"
+    asked = 0
+
+    def check(self, incoming):
+        from mailboxd.filtering import accept
+
+        self.asked += 1
+        return accept()
