@@ -106,7 +106,7 @@ def _home(config: Config) -> Iterator[str]:
 
 def _dkim_keys(config: Config, user: RunAs) -> Iterator[str]:
     """Each local domain's DKIM key, where there is one: readable, and a key."""
-    for domain in _local_domains(config):
+    for domain in config.local_domains():
         path = signing.key_path(config.dkim.keys, domain, config.dkim.selector)
         if not path.exists():
             continue
@@ -117,11 +117,6 @@ def _dkim_keys(config: Config, user: RunAs) -> Iterator[str]:
                 signing.public_key(path.read_bytes())
             except (OSError, signing.KeyProblem) as e:
                 yield f"{path}: [dkim] keys: {getattr(e, 'strerror', None) or e}"
-
-
-def _local_domains(config: Config) -> list[str]:
-    m = config.mailbox
-    return [*m.domains, *(alias for alias, _ in m.domain_aliases)]
 
 
 def _readable(user: RunAs, path: Path, key: str, required: bool) -> Iterator[str]:
@@ -220,10 +215,10 @@ def summary(config: Config, user: RunAs, now: datetime.datetime, accounts: Direc
     lines.append(f"relay: {'smarthost ' + relay.smarthost if relay.smarthost else 'direct to MX'}")
     signed = [
         d
-        for d in _local_domains(config)
+        for d in config.local_domains()
         if signing.key_path(config.dkim.keys, d, config.dkim.selector).exists()
     ]
-    unsigned = [d for d in _local_domains(config) if d not in signed]
+    unsigned = [d for d in config.local_domains() if d not in signed]
     lines.append(
         f"dkim: keys for {' '.join(signed) or 'no domain'}"
         + (f"; {' '.join(unsigned)} send unsigned" if unsigned else "")

@@ -130,6 +130,11 @@ class Config:
     inbound: InboundSection = InboundSection()
     filters: FiltersSection = FiltersSection()
 
+    def local_domains(self) -> list[str]:
+        """The local domains, then their aliases."""
+        m = self.mailbox
+        return [*m.domains, *(alias for alias, _ in m.domain_aliases)]
+
     def canonical_domain(self, domain: str) -> str | None:
         """The local domain `domain` names (itself or via an alias), else None."""
         domain = domain.lower().rstrip(".")

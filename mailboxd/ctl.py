@@ -64,9 +64,7 @@ def user(config: Config, args: argparse.Namespace) -> None:
     path = config.mailbox.accounts
     if args.action == "list":
         m = config.mailbox
-        directory, _ = accounts.load_directory(
-            m.accounts, m.aliases, m.domains, dict(m.domain_aliases)
-        )
+        directory, _ = check.directory(config)
         for listed in accounts.listed(path):
             local, _, domain = listed.rpartition("@")
             used = usage(maildir_path(m.mail_dir, accounts.Account(listed, domain, local)))
@@ -159,10 +157,7 @@ def popauth(config: Config, args: argparse.Namespace) -> None:
 def limits_command(config: Config, args: argparse.Namespace) -> None:
     store, now = _state(config), time.time()
     if args.action == "list":
-        m = config.mailbox
-        directory, _ = accounts.load_directory(
-            m.accounts, m.aliases, m.domains, dict(m.domain_aliases)
-        )
+        directory, _ = check.directory(config)
         default = config.limits.relay_recipients_per_hour
         for sender, count in store.relay_counts(now):
             limit = directory.setting(sender, LIMIT_SETTING, default) if "@" in sender else default
@@ -231,9 +226,7 @@ def tls_command(config: Config, args: argparse.Namespace) -> None:
 def dkim_command(config: Config, args: argparse.Namespace) -> None:
     domain = args.domain.lower().rstrip(".")
     if config.canonical_domain(domain) is None:
-        local = " ".join(
-            config.mailbox.domains + tuple(a for a, _ in config.mailbox.domain_aliases)
-        )
+        local = " ".join(config.local_domains())
         raise SystemExit(f"mailboxctl: {domain} is not a local domain ({local})")
     selector = config.dkim.selector
     if args.selector is not None:

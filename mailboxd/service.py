@@ -433,10 +433,8 @@ def _factories(
     said at start (once, not by every worker)."""
     signer = Signer(config.dkim.keys, config.dkim.selector)
     if survey:
-        m = config.mailbox
-        local = [*m.domains, *(alias for alias, _ in m.domain_aliases)]
         parts.workers.reactor.callWhenRunning(
-            parts.workers.checks.callInThread, signer.survey, local
+            parts.workers.checks.callInThread, signer.survey, config.local_domains()
         )
     reactor = parts.workers.reactor
     shipped: list[Any] = [
