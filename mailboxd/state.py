@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS relayed (
     sender TEXT NOT NULL, minute INTEGER NOT NULL, count INTEGER NOT NULL,
     PRIMARY KEY (sender, minute));
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY, owner TEXT NOT NULL, until REAL NOT NULL);
 """
 # What each table must have; a file with other tables of these names is not ours.
 COLUMNS = {
@@ -46,6 +48,7 @@ COLUMNS = {
     "blocks": "ip, since, until",
     "events": "id, at, what",
     "relayed": "sender, minute, count",
+    "leases": "name, owner, until",
 }
 RELAY_WINDOW = 3600  # seconds: relay limits count the last hour...
 RELAY_BUCKET = 60  # ...in buckets of a minute, so a sender costs at most 60 rows
@@ -94,6 +97,15 @@ class FailureVerdict:
 
 
 @attrs.frozen
+class Lease:
+    """`name` is held by `owner` until `until` (wall time) unless renewed."""
+
+    name: str
+    owner: str
+    until: float
+
+
+@attrs.frozen
 class RelayCount:
     allowed: bool  # counted: under the limit
     count: int  # recipients relayed in the last hour, this one included if allowed
@@ -116,6 +128,12 @@ class StateStore(Protocol):
     def reset_relay(self, sender: str) -> bool: ...
     def note(self, at: float, what: str) -> None: ...
     def events_after(self, last: int) -> list[tuple[int, float, str]]: ...
+    def take_lease(self, name: str, owner: str, now: float, seconds: float) -> str | None: ...
+    def renew_leases(
+        self, names: list[str], owner: str, now: float, seconds: float
+    ) -> list[str]: ...
+    def release_lease(self, name: str, owner: str) -> bool: ...
+    def leases(self, prefix: str, now: float) -> list[Lease]: ...
 
 
 class SQLiteStateStore:
@@ -293,6 +311,7 @@ class SQLiteStateStore:
         self._run("DELETE FROM events WHERE at <= ?", (now - 7 * 86400,))
         old = int((now - RELAY_WINDOW) // RELAY_BUCKET)
         self._run("DELETE FROM relayed WHERE minute <= ?", (old,))
+        self._run("DELETE FROM leases WHERE until <= ?", (now,))
         return ended
 
     def count_relay(self, sender: str, now: float, limit: int) -> RelayCount:
@@ -338,6 +357,63 @@ class SQLiteStateStore:
 
     def events_after(self, last: int) -> list[tuple[int, float, str]]:
         return list(self._run("SELECT id, at, what FROM events WHERE id > ? ORDER BY id", (last,)))
+
+    # Leases: what one front end holds for a while and no other may take
+    # meanwhile (a node's name, a mailbox's POP3 session, a queue entry). A
+    # holder that dies stops renewing, and the lease ends by itself.
+
+    def take_lease(self, name: str, owner: str, now: float, seconds: float) -> str | None:
+        """Take `name` for `owner` until now + seconds (or extend it, if
+        `owner` holds it): None, or the owner that holds it now."""
+
+        def take(db: sqlite3.Connection) -> str | None:
+            row = db.execute(
+                "SELECT owner FROM leases WHERE name = ? AND until > ?", (name, now)
+            ).fetchone()
+            if row is not None and row[0] != owner:
+                return str(row[0])
+            db.execute(
+                "INSERT OR REPLACE INTO leases (name, owner, until) VALUES (?, ?, ?)",
+                (name, owner, now + seconds),
+            )
+            return None
+
+        return self._transaction(take)
+
+    def renew_leases(self, names: list[str], owner: str, now: float, seconds: float) -> list[str]:
+        """Extend every lease of `names` that `owner` holds, or that has
+        ended (taking it again); return the names another owner holds now."""
+
+        def renew(db: sqlite3.Connection) -> list[str]:
+            lost = []
+            for name in names:
+                row = db.execute(
+                    "SELECT owner FROM leases WHERE name = ? AND until > ?", (name, now)
+                ).fetchone()
+                if row is not None and row[0] != owner:
+                    lost.append(name)
+                    continue
+                db.execute(
+                    "INSERT OR REPLACE INTO leases (name, owner, until) VALUES (?, ?, ?)",
+                    (name, owner, now + seconds),
+                )
+            return lost
+
+        return self._transaction(renew) if names else []
+
+    def release_lease(self, name: str, owner: str) -> bool:
+        """End `owner`'s lease on `name` now; False if it did not hold it."""
+        found = "DELETE FROM leases WHERE name = ? AND owner = ?"
+        return self._run(found, (name, owner)).rowcount > 0
+
+    def leases(self, prefix: str, now: float) -> list[Lease]:
+        """The leases held now whose names start with `prefix`."""
+        rows = self._run(
+            "SELECT name, owner, until FROM leases WHERE until > ? AND substr(name, 1, ?) = ? "
+            "ORDER BY name",
+            (now, len(prefix), prefix),
+        )
+        return [Lease(*r) for r in rows]
 
     def close(self) -> None:
         with self._lock:
