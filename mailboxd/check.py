@@ -14,6 +14,7 @@ import pwd
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
@@ -229,7 +230,7 @@ def summary(config: Config, user: RunAs, now: datetime.datetime, accounts: Direc
 def show(config: Config) -> str:
     """The effective config: every key of every section, defaults filled in,
     as the server reads it (relative paths resolved against [mailbox] home).
-    The smarthost password is not shown."""
+    The smarthost password, and Redis's, are not shown."""
     out = [f"# {config.path}, with every default filled in"]
     for name, keys in SPEC.items():
         out.append(f"\n[{name}]")
@@ -243,6 +244,16 @@ def show(config: Config) -> str:
     return "\n".join(out) + "\n"
 
 
+def without_password(url: str) -> str:
+    """A URL as it may be shown or logged: its password replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
+
+
 def _shown(key: str, value: Any) -> str:
     if value is None:
         return ""
@@ -250,6 +261,8 @@ def _shown(key: str, value: Any) -> str:
         return "yes" if value else "no"
     if key == "workers" and value == 0:
         return "auto"
+    if key == "redis_url":
+        return without_password(value)
     if key == "resolver":
         host, port = value
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import configparser
 import ipaddress
 import re
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -116,6 +118,23 @@ class MetricsSection:
 
 
 @attrs.frozen
+class StateSection:
+    backend: str = "sqlite"  # where the shared runtime state lives: sqlite or redis
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    node: str = attrs.field(factory=lambda: default_node())  # this front end's name
+    lease: int = 30  # seconds a front end's leases last unrenewed (see node.py)
+
+
+def default_node() -> str:
+    """The host name's first label, as a node name (see _node)."""
+    name = socket.gethostname().split(".")[0]
+    return name if _NODE.fullmatch(name) else "mailbox"
+
+
+_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+
+
+@attrs.frozen
 class Config:
     path: Path
     mailbox: MailboxSection
@@ -129,6 +148,7 @@ class Config:
     dkim: DKIMSection = DKIMSection()
     inbound: InboundSection = InboundSection()
     filters: FiltersSection = FiltersSection()
+    state: StateSection = attrs.field(factory=StateSection)
 
     def local_domains(self) -> list[str]:
         """The local domains, then their aliases."""
@@ -334,6 +354,22 @@ def _selector(text: str) -> str:
     return word
 
 
+def _node(text: str) -> str:
+    text = text.strip()
+    if not text:
+        return default_node()
+    if not _NODE.fullmatch(text):
+        raise _Invalid("a name of letters, digits, '-' and '_' (at most 63), such as mx1")
+    return text
+
+
+def _redis_url(text: str) -> str:
+    text = text.strip()
+    if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
+        raise _Invalid("a URL such as redis://127.0.0.1:6379/0 (rediss:// for TLS, unix:///path)")
+    return text
+
+
 def _optional_path(text: str) -> Path | None:
     return Path(text.strip()) if text.strip() else None
 
@@ -412,6 +448,12 @@ SPEC: _Spec = {
         "spf_reject": ("no", _bool),
         "dnsbl": ("", _domains),
     },
+    "state": {
+        "backend": ("sqlite", _choice("sqlite", "redis")),
+        "redis_url": ("redis://127.0.0.1:6379/0", _redis_url),
+        "node": ("", _node),
+        "lease": ("30", _count(3, 3600)),
+    },
     "filters": {
         "timeout": ("30", _count(1)),
         "clamav": ("", _smarthost),
@@ -431,6 +473,7 @@ _SECTIONS = {
     "dkim": DKIMSection,
     "inbound": InboundSection,
     "filters": FiltersSection,
+    "state": StateSection,
 }
 
 

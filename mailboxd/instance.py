@@ -85,5 +85,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def lock_path(mail_dir: Path) -> Path:
-    return mail_dir / ".state" / "instance.lock"
+def lock_path(mail_dir: Path, node: str) -> Path:
+    """One lock a front end: front ends that share the mail directory each
+    have their own name (`[state] node`)."""
+    return mail_dir / ".state" / f"node-{node}.lock"

@@ -322,14 +322,27 @@ def _copy_durably(source: Path, target: Path) -> None:
         os.fsync(dst.fileno())
 
 
-def clean_spool(spool_dir: Path) -> int:
+def spool_files(spool_dir: Path, node: str) -> list[Path]:
+    """The spool files of the front end named `node` (the last part of a
+    unique_name), and those of a version that named them by host name (with
+    a dot: a node's name has none)."""
+    if not spool_dir.is_dir():
+        return []
+    found = []
+    for entry in spool_dir.iterdir():
+        tag = entry.name.split(".", 2)[-1]
+        if tag == node or "." in tag:
+            found.append(entry)
+    return found
+
+
+def clean_spool(files: list[Path]) -> int:
     """Remove spool files left by a crash: none of them was acknowledged."""
     removed = 0
-    if spool_dir.is_dir():
-        for entry in spool_dir.iterdir():
-            with contextlib.suppress(OSError):
-                entry.unlink()
-                removed += 1
+    for entry in files:
+        with contextlib.suppress(OSError):
+            entry.unlink()
+            removed += 1
     return removed
 
 

@@ -45,6 +45,7 @@ from .config import Config
 from .lines import DirectWrites
 from .maildir import IncomingMessage
 from .metrics import Metrics
+from .node import Claims
 from .printable import shown
 from .queue import Entry, Recipient
 from .resolver import twisted_resolver
@@ -495,6 +496,9 @@ class Outbound:
     delivered: Callable[[Delivery], object] | None = None  # told of local bounces (testing)
     wall: Wall = time.time
     metrics: Metrics = attrs.field(factory=Metrics)  # the process's
+    # Leases on the entries this front end delivers, when front ends share
+    # the queue directory (see node.py); None: every entry is ours.
+    claims: Claims | None = None
     entries: dict[str, Entry] = attrs.field(factory=dict)
     # Per entry, wall time minus monotonic time when it was first looked at:
     # see `_now`.
@@ -518,6 +522,9 @@ class Outbound:
     _rescan: bool = True
     _ticks: int = 0
     rescan_every: int = 5  # ticks: notices `mailboxctl queue delete` and stray files
+    _claiming: bool = False
+    _claim_again: bool = False
+    _foreign: set[str] = attrs.field(factory=set)  # entries another front end holds
 
     # --- running ------------------------------------------------------------
 
@@ -562,6 +569,7 @@ class Outbound:
         while the messages kept so take at most HELD_MAX bytes altogether."""
         if entry.id not in self.entries:
             self.entries[entry.id] = entry
+            self._claim()
             room = HELD_MAX - self._held_bytes
             if message is not None and len(message) <= min(ONE_WRITE, room):
                 self._held[entry.id] = message
@@ -574,6 +582,8 @@ class Outbound:
         self._ticks += 1
         if self._ticks % self.rescan_every == 0:
             self._rescan = True
+        if self.claims is not None and self._ticks % self._renew_every == 0:
+            self._claim()
         flush = self.directory / queue.FLUSH
         if flush.exists():
             flush.unlink(missing_ok=True)
@@ -636,7 +646,52 @@ class Outbound:
             if entry_id not in self.entries:
                 self._take_held(entry_id)
         self._handed_over.intersection_update(self.entries)
+        if self.claims is not None and not set(self.entries) - self._foreign <= self.claims.held:
+            self._claim()
         self._dispatch()
+
+    @property
+    def _renew_every(self) -> int:
+        """Ticks between renewals of the claims: a third of a lease."""
+        assert self.claims is not None
+        return max(1, int(self.claims.seconds / 3 / self.interval))
+
+    def _claim(self) -> None:
+        """Renew the claims on every entry known, and take those no other
+        front end holds; soon, with whatever else comes meanwhile."""
+        if self.claims is None:
+            return
+        if self._claiming:
+            self._claim_again = True
+            return
+        self._claiming = True
+        self.clock.callLater(0, self._claim_now)
+
+    def _claim_now(self) -> None:
+        assert self.claims is not None
+        self._claim_again = False
+
+        def claimed(won: set[str]) -> None:
+            assert self.claims is not None
+            # What another front end held may have changed on disk: read it again.
+            again = won & self._foreign
+            for entry_id in again:
+                if entry_id not in self._busy:
+                    self.entries.pop(entry_id, None)
+                    self._anchors.pop(entry_id, None)
+            if again:
+                self._rescan = True
+            self._foreign = set(self.entries) - self.claims.held
+            self._claiming = False
+            if self._claim_again:
+                self._claim()
+            self._dispatch()
+
+        def failed(f: Failure) -> None:
+            self._claiming = False
+            _log_failure(f, "claims")
+
+        self.claims.renew(list(self.entries)).addCallback(claimed).addErrback(failed)
 
     def _scan_failed(self, f: Any) -> None:
         self._scanning = False
@@ -653,6 +708,8 @@ class Outbound:
                 return  # every slot is taken: a finished delivery calls again
             if entry_id in self._busy:
                 continue
+            if self.claims is not None and entry_id not in self.claims.held:
+                continue  # not yet claimed, or another front end's
             if entry.done:  # all answered, but not yet finished (a crash, a failed bounce)
                 if self._finish_after.get(entry_id, 0) > now:
                     continue
@@ -807,7 +864,7 @@ class Outbound:
             self.entries.pop(entry.id, None)
             return False
         try:
-            await self._thread(queue.save, self.directory, entry)
+            await self._thread(queue.save, self.directory, entry, self.config.state.node)
         except OSError as e:
             # The entry on disk keeps its last state: a later attempt (or, after
             # a restart, a retry of what was just done) records it.
@@ -1077,8 +1134,11 @@ class Outbound:
         elif address is not None and not directory.is_local_domain(address.domain):
             now = self.wall()
             bounce = Entry(bounce_id, "", 0, now, [Recipient(to, next_attempt=now)], client="")
-            await self._thread(queue.enqueue_bytes, self.directory, dsn, bounce)
+            await self._thread(
+                queue.enqueue_bytes, self.directory, dsn, bounce, self.config.state.node
+            )
             self.entries[bounce_id] = bounce
+            self._claim()
             log.info(
                 "queue {queue_id}: bounce {bounce} queued for {to}",
                 queue_id=entry.id,
@@ -1122,7 +1182,7 @@ class Outbound:
 
     def _deliver_locally(self, data: bytes, accounts: tuple[Account, ...]) -> list[Path]:
         mail_dir = self.config.mailbox.mail_dir
-        message = IncomingMessage(mail_dir / ".incoming", self.config.mailbox.hostname)
+        message = IncomingMessage(mail_dir / ".incoming", self.config.state.node)
         try:
             message.write_line(b"Return-Path: <>")
             for line in data.split(b"\n")[:-1]:

@@ -25,6 +25,8 @@ from .lines import LineProtocol, POP3Reply
 from .listing import ListedMessage, Listings, open_message, read_small
 from .maildir import Mailbox, MailboxLocked, maildir_path
 from .metrics import Metrics
+from .node import POP3 as POP3_LEASE
+from .node import Leases
 from .popauth import PopAuthRegistry
 from .sasl import Aborted, Challenge, Credentials, Exchange, Forbidden, Malformed, Unsupported
 from .state import StateError
@@ -60,6 +62,9 @@ class POP3Factory(ServerFactory["POP3Server"]):
     connections: ConnectionCount | None = None  # shared by every listener
     listings: Listings = attrs.field(factory=Listings)  # Maildirs listed at recent logins
     metrics: Metrics = attrs.field(factory=Metrics)  # one for the process, shared
+    # With front ends on several machines, a mailbox open here is a lease in
+    # the state store too: a lock file is not reliable on a network file system.
+    leases: Leases | None = None
 
     noisy = False  # the connection log lines say more
 
@@ -108,6 +113,7 @@ class POP3Server(LineProtocol):
         self.username: str | None = None
         self.account: Any = None
         self.mailbox: Mailbox | None = None
+        self.lease: str | None = None  # the mailbox's lease (see POP3Factory.leases)
         self.sasl = Exchange(("PLAIN",))
         self.setTimeout(self.factory.config.pop3.idle_timeout)
         self.errors = 0
@@ -171,6 +177,9 @@ class POP3Server(LineProtocol):
         if self.mailbox is not None:
             self.mailbox.close()  # nothing marked deleted is removed
             self.mailbox = None
+        if self.lease is not None and self.factory.leases is not None:
+            self.factory.leases.release(self.lease)
+            self.lease = None
         if self.account is not None:
             # One line a session, as Dovecot's logout line: a line for each
             # message would cost as much as sending it.
@@ -333,6 +342,13 @@ class POP3Server(LineProtocol):
             if f.check(MailboxLocked):
                 log.info("pop3 mailbox in use for {account}", account=account.address)
                 return "-ERR [IN-USE] Mailbox is locked by another session"
+            if f.check(StateError):
+                log.error(
+                    "pop3 cannot lease the mailbox of {account}: {error}",
+                    account=account.address,
+                    error=str(f.value),
+                )
+                return "-ERR [SYS/TEMP] mailbox unavailable, try again later"
             log.failure("pop3 cannot open mailbox for {account}", f, account=account.address)
             return "-ERR [SYS/TEMP] mailbox unavailable, try again later"
 
@@ -345,9 +361,26 @@ class POP3Server(LineProtocol):
                 error=str(f.value),
             )
 
+        def leased(holder: str | None) -> Deferred:
+            if holder is not None:
+                raise MailboxLocked(holder)
+            self.lease = lease
+            return self.thread(Mailbox.open, path, self.factory.listings)
+
+        def unleased(f: Any) -> Any:
+            if self.lease is not None and leases is not None:
+                leases.release(self.lease)
+                self.lease = None
+            return f
+
         d = self.factory.popauth.authorise(self.peer_ip, account.domain)
         d.addErrback(unrecorded)
-        d.addCallback(lambda _: self.thread(Mailbox.open, path, self.factory.listings))
+        leases, lease = self.factory.leases, POP3_LEASE + account.address
+        if leases is not None:
+            d.addCallback(lambda _: leases.take(lease)).addCallback(leased)
+            d.addErrback(unleased)
+        else:
+            d.addCallback(lambda _: self.thread(Mailbox.open, path, self.factory.listings))
         return d.addCallbacks(opened, not_opened)
 
     # --- TRANSACTION state ---------------------------------------------------

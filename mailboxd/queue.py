@@ -25,11 +25,16 @@ Layout, one message per id under ``<mail_dir>/.queue/``::
                     remote        the host that gave the last answer, or ""
     corrupt/    entries that could not be parsed, moved aside for the operator
     .flush      present when `mailboxctl queue flush` asks for an immediate retry
+    .<id>.<node>.json.tmp, .<id>.<node>.msg.tmp
+                a write in progress by the front end named <node>
 
 A runner drains it by reading each ``*.json``, sending ``<id>.msg[offset:]``
 to the recipients still pending or deferred, and removing both files (json
 first) once none is left. A ``.msg`` with no ``.json`` was never
-acknowledged: remove it.
+acknowledged: the front end that was writing it removes it when it starts
+again, knowing it for its own by its spool file or temp file (the same inode,
+see `remove_unacknowledged`), so that front ends sharing the directory never
+take an entry from one another between its message and its envelope.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -143,8 +149,12 @@ def queue_dir(mail_dir: Path) -> Path:
     return mail_dir / QUEUE_DIR
 
 
-def _write_json(directory: Path, entry: Entry) -> None:
-    tmp = directory / f".{entry.id}.json.tmp"
+def _tmp(directory: Path, entry_id: str, node: str, kind: str) -> Path:
+    return directory / (f".{entry_id}.{node}.{kind}.tmp" if node else f".{entry_id}.{kind}.tmp")
+
+
+def _write_json(directory: Path, entry: Entry, node: str = "") -> None:
+    tmp = _tmp(directory, entry.id, node, "json")
     try:
         try:
             fd = create_private(tmp)
@@ -165,38 +175,52 @@ def _write_json(directory: Path, entry: Entry) -> None:
     fsync_dir(directory)
 
 
-def enqueue(directory: Path, spool: Path, entry: Entry) -> None:
+def enqueue(directory: Path, spool: Path, entry: Entry, node: str = "") -> None:
     """Put the spooled message and its envelope in the queue, durably.
 
-    Blocking: call it in a thread pool. `spool` must already be fsynced.
+    Blocking: call it in a thread pool. `spool` must already be fsynced, and
+    stay until this has returned (it marks the .msg as this node's).
     """
     try:
         link_or_copy(spool, directory / f"{entry.id}.msg")
     except FileNotFoundError:  # the first entry, or the folder was removed
         private_dir(directory)
         link_or_copy(spool, directory / f"{entry.id}.msg")
-    _write_json(directory, entry)
+    _write_json(directory, entry, node)
 
 
-def enqueue_bytes(directory: Path, data: bytes, entry: Entry) -> None:
+def enqueue_bytes(directory: Path, data: bytes, entry: Entry, node: str = "") -> None:
     """Queue a message held in memory: one only relayed, or a bounce we made.
 
-    Written straight into the queue, with no spool file to link and remove.
-    A crash before the envelope leaves a .msg alone, which is never
-    acknowledged and goes at the next start. Blocking.
+    Written to a temp file of this node's, linked as the .msg, and the temp
+    file goes once the envelope is written: a crash before that leaves both,
+    and `remove_unacknowledged` knows the .msg for this node's. Blocking.
     """
-    message = directory / f"{entry.id}.msg"
+    tmp = _tmp(directory, entry.id, node, "msg")
     try:
-        fd = create_private(message)
+        fd = create_private(tmp)
     except FileNotFoundError:  # the first entry, or the folder was removed
         private_dir(directory)
-        fd = create_private(message)
+        fd = create_private(tmp)
+    except FileExistsError:  # left by a crash during an earlier try
+        os.unlink(tmp)
+        fd = create_private(tmp)
     try:
-        write_all(fd, data)
-        os.fsync(fd)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, directory / f"{entry.id}.msg")
+        _write_json(directory, entry, node)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if not exists(directory, entry.id):
+                os.unlink(directory / f"{entry.id}.msg")
+        raise
     finally:
-        os.close(fd)
-    _write_json(directory, entry)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 DELETED = "deleted"  # by mailboxctl queue delete: not a fault
@@ -220,9 +244,9 @@ def corruption(directory: Path, entry: Entry) -> str | None:
     return None
 
 
-def save(directory: Path, entry: Entry) -> None:
+def save(directory: Path, entry: Entry, node: str = "") -> None:
     """Record the recipients' new state. Blocking."""
-    _write_json(directory, entry)
+    _write_json(directory, entry, node)
 
 
 def remove(directory: Path, entry_id: str) -> bool:
@@ -276,14 +300,39 @@ def move_corrupt(directory: Path, path: Path) -> Path:
     return target
 
 
-def remove_unacknowledged(directory: Path) -> int:
-    """Remove what a crash left half-queued: a .msg without its .json, temp files."""
-    removed = 0
+def remove_unacknowledged(directory: Path, node: str = "", spool: Sequence[Path] = ()) -> int:
+    """Remove what a crash of `node` left half-queued: its temp files, and a
+    .msg without its .json that is one of them, or one of its `spool` files,
+    under another name (a hard link: the same inode). Other nodes' files,
+    and what cannot be known for this node's, stay."""
     if not directory.is_dir():
         return 0
-    for entry in directory.iterdir():
-        orphan = entry.suffix == ".msg" and not entry.with_suffix(".json").exists()
-        if orphan or entry.name.endswith(".json.tmp"):
-            entry.unlink(missing_ok=True)
-            removed += 1
+    ours = [e for e in directory.iterdir() if _is_tmp_of(e.name, node)]
+    inodes = set()
+    for path in [*ours, *spool]:
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            inodes.add((st.st_dev, st.st_ino))
+    removed = 0
+    for entry in directory.glob("*.msg"):
+        if entry.with_suffix(".json").exists():
+            continue
+        with contextlib.suppress(OSError):
+            st = entry.stat()
+            if (st.st_dev, st.st_ino) in inodes or (not node and not spool):
+                entry.unlink()
+                removed += 1
+    for entry in ours:
+        entry.unlink(missing_ok=True)
+        removed += 1
     return removed
+
+
+def _is_tmp_of(name: str, node: str) -> bool:
+    """Whether `name` is a temp file `node` writes (with "", any temp file)."""
+    if not name.startswith(".") or not name.endswith(".tmp"):
+        return False
+    parts = name[1:-4].split(".")  # id, [node,] kind
+    if not node:
+        return parts[-1] in ("json", "msg")
+    return len(parts) == 3 and parts[1] == node and parts[2] in ("json", "msg")

@@ -115,7 +115,7 @@ class Intake:
         message_id = f"{random.getrandbits(48):012X}"
         header = received_header(self.config.mailbox.hostname, trace, tx, message_id, self.wall())
         spool = self.config.mailbox.mail_dir / ".incoming"
-        message = IncomingMessage(spool, self.config.mailbox.hostname, spill_inline=False)
+        message = IncomingMessage(spool, self.config.state.node, spill_inline=False)
         message.write_line(f"Return-Path: <{tx.sender}>".encode())
         return_path_size = message.size
         for line in header.split("\n"):
@@ -259,10 +259,10 @@ class Reception:
             )
 
             def relay(path: Path) -> None:
-                enqueue(queue_dir(mail_dir), path, entry)
+                enqueue(queue_dir(mail_dir), path, entry, intake.config.state.node)
 
             def relay_held(data: bytes) -> None:
-                enqueue_bytes(queue_dir(mail_dir), data, entry)
+                enqueue_bytes(queue_dir(mail_dir), data, entry, intake.config.state.node)
 
         def commit(_: object = None) -> Deferred:
             if not tx.quotas:

@@ -31,8 +31,10 @@ from .guard import Guard
 from .inbound import Checker, Policy
 from .instance import InstanceLock, InstanceRunning, lock_path
 from .limits import RelayLimits
-from .maildir import clean_spool
+from .maildir import clean_spool, spool_files
 from .metrics import Exposition, Metrics, MetricsSite
+from .node import NODE as NODE_LEASE
+from .node import Claims, Leases, LeasesService, NameInUse, claim_name, process_owner
 from .outbound import Outbound
 from .policy import Listener
 from .pop3 import POP3Factory
@@ -44,7 +46,7 @@ from .realm import BcryptChecker, HashingQueue, MailboxRealm, make_portal
 from .resolver import thread_resolver, twisted_resolver, use_everywhere
 from .signing import Signer
 from .smtp import SMTPFactory
-from .state import SQLiteStateStore, StateError, state_path
+from .state import StateError, StateStore, open_store
 from .tls import (
     IMPLICIT_PREFIX,
     ServerTLS,
@@ -225,7 +227,7 @@ class Closing:
 class StateService(Service):
     """Logs what mailboxctl changed in the state store, and prunes what expired."""
 
-    store: SQLiteStateStore
+    store: StateStore
     clock: Any
     failure_window: int
     workers: Workers
@@ -282,11 +284,14 @@ def _prepare_mail_dir(config: Config) -> InstanceLock:
     dead process only if no other server has the mail directory.
     """
     mail_dir = config.mailbox.mail_dir
-    lock = InstanceLock(lock_path(mail_dir))
+    node = config.state.node
+    lock = InstanceLock(lock_path(mail_dir, node))
     try:
         private_dir(mail_dir)
         lock.acquire()
-        stale = clean_spool(mail_dir / ".incoming") + remove_unacknowledged(queue_dir(mail_dir))
+        # Only this node's: other front ends may share the directory.
+        spool = spool_files(mail_dir / ".incoming", node)
+        stale = remove_unacknowledged(queue_dir(mail_dir), node, spool) + clean_spool(spool)
     except InstanceRunning as e:
         raise SystemExit(
             f"mailbox: {config.path}: [mailbox] mail_dir = '{mail_dir}': {e}"
@@ -307,7 +312,7 @@ class Appliance:
 
     service: MultiService
     accounts: AccountStore
-    state: SQLiteStateStore
+    state: StateStore
     outbound: Outbound
     smtp: SMTPFactory
     submission: SMTPFactory
@@ -330,7 +335,7 @@ def build(config: Config, reactor: Any) -> MultiService:
 class _Parts:
     """What every serving process has, the primary and its children alike."""
 
-    state: SQLiteStateStore
+    state: StateStore
     workers: Workers
     accounts: AccountStore
     auth: Authenticator
@@ -339,18 +344,34 @@ class _Parts:
     connections: ConnectionCount
     metrics: Metrics
     relay_limits: RelayLimits
+    leases: Leases
 
     def directory(self) -> Any:
         return self.accounts.directory
 
 
-def _open_state(config: Config, lock: InstanceLock | None) -> SQLiteStateStore:
+def _open_state(config: Config, lock: InstanceLock | None) -> StateStore:
     try:
-        return SQLiteStateStore(state_path(config.mailbox.mail_dir))
+        return open_store(config)
     except StateError as e:
         if lock is not None:
             lock.release()
+        if config.state.backend == "redis":
+            raise SystemExit(
+                f"mailbox: {config.path}: [state] redis_url: cannot use the state store: {e}"
+            ) from None
         raise SystemExit(f"mailbox: {e}; move it aside to start afresh (blocks are lost)") from None
+
+
+def _claim_name(config: Config, state: StateStore, lock: InstanceLock, owner: str) -> None:
+    """Hold the node's name in the store while this front end runs."""
+    s = config.state
+    try:
+        claim_name(state, s.node, owner, time.time(), s.lease)
+    except (NameInUse, StateError) as e:
+        state.close()
+        lock.release()
+        raise SystemExit(f"mailbox: {config.path}: [state] node = {s.node!r}: {e}") from None
 
 
 def _serving_parts(
@@ -359,7 +380,7 @@ def _serving_parts(
     clock: Any,
     wall: Wall,
     top: MultiService,
-    state: SQLiteStateStore,
+    state: StateStore,
     lock: InstanceLock | None,
     metrics: Metrics,
     board: Board | None = None,
@@ -417,7 +438,13 @@ def _serving_parts(
         config.limits.connections_per_ip, m.trusted_networks, board, config.limits.ipv6_prefix
     )
     relay_limits = RelayLimits(state, workers.db, wall, clock)
-    return _Parts(state, workers, accounts, auth, popauth, tls, connections, metrics, relay_limits)
+    leases = Leases(
+        state, workers.db, wall, clock, process_owner(config.state.node), config.state.lease
+    )
+    LeasesService(leases).setServiceParent(top)
+    return _Parts(
+        state, workers, accounts, auth, popauth, tls, connections, metrics, relay_limits, leases
+    )
 
 
 def _factories(
@@ -489,6 +516,8 @@ def _factories(
         parts.tls,
         connections=parts.connections,
         metrics=parts.metrics,
+        # On one machine the lock file says it all; across machines, the store.
+        leases=parts.leases if config.state.backend == "redis" else None,
     )
     return smtp(Listener.MTA), smtp(Listener.SUBMISSION), pop3
 
@@ -516,9 +545,12 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
     lock = _prepare_mail_dir(config)
     Running(lock).setServiceParent(top)  # the first part: released last
     state = _open_state(config, lock)
+    owner = process_owner(config.state.node)
+    _claim_name(config, state, lock, owner)
     children = worker_count(m.workers) - 1
     board = Board.create(children + 1) if children > 0 else None
     parts = _serving_parts(config, reactor, clock, wall, top, state, lock, Metrics(), board)
+    parts.leases.held[NODE_LEASE + config.state.node] = 1  # taken above: renewed from now on
     StateService(
         state, clock, config.limits.auth_failure_window, parts.workers, wall
     ).setServiceParent(top)
@@ -538,6 +570,7 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
         resolver=None,
         wall=wall,
         metrics=parts.metrics,
+        claims=Claims(state, parts.workers.db, wall, config.state.node, config.state.lease),
     )
     Running(outbound).setServiceParent(top)
     mta, submission, pop3 = factories = _factories(
@@ -577,7 +610,7 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
 
 def _exposition(
     parts: _Parts,
-    state: SQLiteStateStore,
+    state: StateStore,
     wall: Wall,
     outbound: Outbound,
     supervisor: Supervisor | None,

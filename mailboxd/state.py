@@ -21,11 +21,14 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import attrs
 
 from .private import private_dir
+
+if TYPE_CHECKING:
+    from .config import Config
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS popauth (
@@ -134,6 +137,8 @@ class StateStore(Protocol):
     ) -> list[str]: ...
     def release_lease(self, name: str, owner: str) -> bool: ...
     def leases(self, prefix: str, now: float) -> list[Lease]: ...
+    def forget(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class SQLiteStateStore:
@@ -358,6 +363,11 @@ class SQLiteStateStore:
     def events_after(self, last: int) -> list[tuple[int, float, str]]:
         return list(self._run("SELECT id, at, what FROM events WHERE id > ? ORDER BY id", (last,)))
 
+    def forget(self) -> None:
+        """Drop everything but the leases: a fresh start (mailboxd.testing)."""
+        for table in ("popauth", "failures", "blocks", "events", "relayed"):
+            self._run(f"DELETE FROM {table}")  # noqa: S608 - our table names
+
     # Leases: what one front end holds for a while and no other may take
     # meanwhile (a node's name, a mailbox's POP3 session, a queue entry). A
     # holder that dies stops renewing, and the lease ends by itself.
@@ -420,6 +430,22 @@ class SQLiteStateStore:
             connections, self._all = self._all, []
         for db in connections:
             db.close()
+
+
+def open_store(config: Config, timeout: float = 0.5) -> StateStore:
+    """The store `[state] backend` names; StateError if it cannot be used.
+    `timeout` bounds a wait for another SQLite writer."""
+    if config.state.backend == "redis":
+        from .redisstate import RedisStateStore  # type: ignore[import-untyped]
+
+        store = RedisStateStore(config.state.redis_url)
+        try:
+            store.ping()
+        except StateError:
+            store.close()
+            raise
+        return store
+    return SQLiteStateStore(state_path(config.mailbox.mail_dir), timeout)
 
 
 def state_path(mail_dir: Path) -> Path:

@@ -582,7 +582,9 @@ class MailServer(ServerAPI):
         self._running_or_raise()
         target = self._local(address)
         account = accounts_file.Account(target.key, target.domain, target.local)
-        incoming = IncomingMessage(self.config.mailbox.mail_dir / ".incoming", "testing")
+        incoming = IncomingMessage(
+            self.config.mailbox.mail_dir / ".incoming", self.config.state.node
+        )
         incoming.write_line(f"Return-Path: <{sender}>".encode())
         text = raw.replace(b"\r\n", b"\n")
         if text.endswith(b"\n"):  # the last line's end, not an empty line after it
@@ -652,9 +654,7 @@ class MailServer(ServerAPI):
         self.faults.clear()
 
         def in_reactor() -> None:
-            state = self._live().state
-            for table in ("popauth", "failures", "blocks", "events"):
-                state.db.execute(f"DELETE FROM {table}")  # noqa: S608 - our table names
+            self._live().state.forget()
             self._live().outbound.entries.clear()
             self.clock.rewind()
 
