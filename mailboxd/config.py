@@ -35,6 +35,8 @@ class MailboxSection:
     resolver: tuple[str, int] | None = None  # the DNS server for every lookup; None: resolv.conf
     quota: int = 0  # bytes a mailbox may hold; 0: no limit
     plugins: Path | None = None  # a folder of site filters (*.py); None: none
+    # Who may open a haproxy: listener's connections with a PROXY header; empty: anyone.
+    proxy_networks: tuple[IPNetwork, ...] = ()
 
 
 @attrs.frozen
@@ -246,9 +248,21 @@ def _endpoints(text: str) -> tuple[str, ...]:
     from .tls import PLUGIN_PREFIX, ImplicitTLSEndpoint, endpoint_string
 
     found = []
-    for word in text.split():
-        if word.partition(":")[0].lower() == PLUGIN_PREFIX:
-            raise _Invalid(f"tls:PORT[:interface=ADDRESS] for implicit TLS, not {word!r}")
+    for given in text.split():
+        # haproxy:ENDPOINT (mailboxd.proxy): the PROXY protocol, then ENDPOINT's.
+        word = _without_proxy(given)
+        kind = word.partition(":")[0].lower()
+        if word != given and kind in ("haproxy", "ssl"):
+            raise _Invalid(
+                f"haproxy: before tcp:, tcp6:, tls: or another endpoint, not {given!r}"
+                + (
+                    " (the PROXY header comes before TLS: haproxy:tls:PORT is implicit TLS)"
+                    if kind == "ssl"
+                    else ""
+                )
+            )
+        if kind == PLUGIN_PREFIX:
+            raise _Invalid(f"tls:PORT[:interface=ADDRESS] for implicit TLS, not {given!r}")
         # tls:PORT:... is ours (a parser plugin: see mailboxd.tls), parsed here
         # without its certificate, which the service adds from [tls].
         try:
@@ -256,24 +270,32 @@ def _endpoints(text: str) -> tuple[str, ...]:
         except Exception as e:  # parsers raise ValueError, KeyError, TypeError...
             raise _Invalid(
                 f"Twisted server endpoint strings such as tcp:2525:interface=127.0.0.1; "
-                f"{word!r} is not one ({e.__class__.__name__}: {e})"
+                f"{given!r} is not one ({e.__class__.__name__}: {e})"
             ) from None
         if isinstance(endpoint, ImplicitTLSEndpoint) and endpoint.certificate is not None:
             raise _Invalid(
-                f"tls:PORT[:interface=ADDRESS] without certKey= or privateKey=, not {word!r}: "
+                f"tls:PORT[:interface=ADDRESS] without certKey= or privateKey=, not {given!r}: "
                 f"a tls: listener uses the [tls] certificate"
             )
         port = _endpoint_port(word)
         if port is not None and not 0 <= port <= 65535:
-            raise _Invalid(f"a port from 0 to 65535 in {word!r}, not {port}")
-        found.append(word)
+            raise _Invalid(f"a port from 0 to 65535 in {given!r}, not {port}")
+        found.append(given)
     return tuple(found)
 
 
+def _without_proxy(description: str) -> str:
+    """The endpoint string under a ``haproxy:`` prefix (see mailboxd.proxy)."""
+    from .proxy import inner
+
+    return inner(description)
+
+
 def _endpoint_port(description: str) -> int | None:
-    """The port of a tcp:, tcp6: or ssl: endpoint string (checked by the parser
-    only when it binds, as an OverflowError); None for other kinds."""
-    kind, _, rest = description.partition(":")
+    """The port of a tcp:, tcp6: or ssl: endpoint string, with or without
+    haproxy: (checked by the parser only when it binds, as an
+    OverflowError); None for other kinds."""
+    kind, _, rest = _without_proxy(description).partition(":")
     if kind not in ("tcp", "tcp6", "ssl"):
         return None
     words = rest.split(":")
@@ -391,6 +413,7 @@ SPEC: _Spec = {
         "resolver": ("", _nameserver),
         "quota": ("0", _bytes),
         "plugins": ("", _optional_path),
+        "proxy_networks": ("", _networks),
     },
     "smtp": {
         "listen": ("tcp:2525:interface=127.0.0.1", _endpoints),
@@ -630,7 +653,7 @@ def _check(config: Config) -> None:
             ("metrics", config.metrics.listen),
         )
         for e in endpoints
-        if e.startswith("tls:")
+        if _without_proxy(e).startswith("tls:")
     ]
     if implicit and t.certificate is None:
         section, e = implicit[0]

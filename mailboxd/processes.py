@@ -74,6 +74,7 @@ from . import metrics
 from .clocks import cancelling
 from .logs import plain, render
 from .metrics import Key, Totals
+from .proxy import inner, is_proxied
 
 log = Logger(namespace="mailboxd.processes")  # also when run as __main__
 
@@ -97,8 +98,17 @@ def worker_count(setting: int) -> int:
 
 
 def shared(description: str) -> bool:
-    """Whether child processes serve this listener too."""
-    return description.partition(":")[0] in _SHARED_KINDS
+    """Whether child processes serve this listener too (haproxy: or not)."""
+    return inner(description).partition(":")[0] in _SHARED_KINDS
+
+
+def listener_kind(description: str) -> str:
+    """What a child adds to a shared socket, for --listener: "plain", or
+    "tls", "proxy" or "proxy+tls" (the PROXY header first, then TLS)."""
+    kinds = ["proxy"] if is_proxied(description) else []
+    if inner(description).startswith("tls:"):
+        kinds.append("tls")
+    return "+".join(kinds) or "plain"
 
 
 class _Records(protocol.Protocol):
@@ -210,8 +220,7 @@ class Supervisor(Service):
         shared_listeners = [x for x in self.listeners() if shared(x[1])]
         for i, (name, description, fd) in enumerate(shared_listeners):
             fds[_FIRST_LISTENER_FD + i] = fd
-            tls = "tls" if description.startswith("tls:") else "plain"
-            args += ["--listener", f"{name}={_FIRST_LISTENER_FD + i}={tls}"]
+            args += ["--listener", f"{name}={_FIRST_LISTENER_FD + i}={listener_kind(description)}"]
         try:
             transport = self.reactor.spawnProcess(
                 child, sys.executable, args, env=os.environ, childFDs=fds
@@ -491,8 +500,9 @@ def child_main(argv: list[str] | None = None) -> None:
 
     listeners = {}
     for item in args.listener:
-        name, fd, tls = item.split("=")
-        listeners[name] = (int(fd), tls == "tls")
+        name, fd, kind = item.split("=")
+        kinds = kind.split("+")
+        listeners[name] = (int(fd), "tls" in kinds, "proxy" in kinds)
     counted = metrics.Metrics()
     if config.metrics.listen:
         sent: list[Totals] = [{}]

@@ -22,7 +22,7 @@ from . import clamav, rspamd
 from .accounts import AccountStore
 from .auth import Authenticator
 from .clocks import Wall
-from .config import Config
+from .config import Config, IPNetwork
 from .connections import Board, ConnectionCount
 from .credcache import CredentialCache
 from .dnsbl import Blocklists
@@ -41,6 +41,7 @@ from .pop3 import POP3Factory
 from .popauth import PopAuthRegistry
 from .private import private_dir
 from .processes import Supervisor, adopt, worker_count
+from .proxy import inner, is_proxied, proxied
 from .queue import queue_dir, remove_unacknowledged
 from .realm import BcryptChecker, HashingQueue, MailboxRealm, make_portal
 from .resolver import thread_resolver, twisted_resolver, use_everywhere
@@ -74,6 +75,29 @@ def with_backlog(description: str) -> str:
     if kind not in _TAKES_BACKLOG or any(w.startswith("backlog=") for w in rest.split(":")):
         return description
     return f"{description}:backlog={DEFAULT_BACKLOG}"
+
+
+def listening_factory(
+    description: str,
+    factory: Any,
+    tls: ServerTLS | None,
+    proxy_networks: tuple[IPNetwork, ...],
+    clock: Any,
+) -> tuple[str, Any]:
+    """What to listen on for a listener, and with which factory: the
+    listener itself, but for ``haproxy:`` (mailboxd.proxy) the endpoint
+    under it, with the PROXY protocol around the factory. On the wire the
+    header comes first, before TLS: ``haproxy:tls:465`` listens on plain TCP
+    with the PROXY wrapper outside the implicit-TLS one."""
+    if not is_proxied(description):
+        return description, factory
+    listen = inner(description)
+    if listen.startswith(IMPLICIT_PREFIX):
+        if tls is None:
+            raise SystemExit(f"mailbox: {description} needs [tls] certificate and private_key")
+        factory = wrap_implicit(tls, factory)
+        listen = "tcp:" + listen[len(IMPLICIT_PREFIX) :]  # the same words as tcp:'s
+    return listen, proxied(factory, proxy_networks, clock)
 
 
 @implementer(IStreamServerEndpoint)
@@ -110,9 +134,14 @@ class ListenerService(Service):
         factory: Factory[Any],
         name: str,
         tls: ServerTLS | None = None,
+        proxy_networks: tuple[IPNetwork, ...] = (),
+        clock: Any = None,
     ) -> None:
-        full = endpoint_string(with_backlog(description))
-        if description.startswith(IMPLICIT_PREFIX) and tls is not None:
+        listen, factory = listening_factory(
+            description, factory, tls, proxy_networks, clock or reactor
+        )
+        full = endpoint_string(with_backlog(listen))
+        if listen.startswith(IMPLICIT_PREFIX) and tls is not None:
             # Our implicit-TLS parser (mailboxd.tls) takes the [tls] certificate
             # as Twisted's ssl: does, and loads it when it listens.
             full = with_certificate(full, tls.certificate, tls.private_key)
@@ -580,7 +609,7 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
     supervisor = None
     turns = Turns(board, clock) if board is not None else None
     for name, desc, factory in _listeners(config, factories):
-        listener = ListenerService(reactor, desc, factory, name, parts.tls)
+        listener = ListenerService(reactor, desc, factory, name, parts.tls, m.proxy_networks, clock)
         listener.turns = turns
         listener.setServiceParent(top)
         listeners.append(listener)
@@ -604,7 +633,9 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
     if config.metrics.listen:
         site = MetricsSite(_exposition(parts, state, wall, outbound, supervisor))
         for i, desc in enumerate(config.metrics.listen):
-            ListenerService(reactor, desc, site, f"metrics-{i}", parts.tls).setServiceParent(top)
+            ListenerService(
+                reactor, desc, site, f"metrics-{i}", parts.tls, m.proxy_networks, clock
+            ).setServiceParent(top)
     return Appliance(top, parts.accounts, state, outbound, mta, submission, pop3, listeners)
 
 
@@ -654,13 +685,14 @@ class AdoptedListener(Service):
 def assemble_child(
     config: Config,
     reactor: Any,
-    fds: dict[str, tuple[int, bool]],
+    fds: dict[str, tuple[int, bool, bool]],
     queued: Any,
     metrics: Metrics,
     board: Board | None = None,
 ) -> MultiService:
     """A child process's part (see processes.py): it serves the listeners in
-    `fds` (name -> the listening socket, and whether to add TLS), counts its
+    `fds` (name -> the listening socket, whether to add TLS, and whether
+    the PROXY protocol comes first), counts its
     connections on `board` and what it does in `metrics`, and hands what it
     queues to `queued`."""
     top = MultiService()
@@ -672,10 +704,12 @@ def assemble_child(
     # (it may have been edited since) only names the protocol.
     for name, _desc, factory in _listeners(config, factories):
         if name in fds:
-            fd, tls = fds[name]
+            fd, tls, proxy = fds[name]
             if tls:
                 if parts.tls is None:
                     raise SystemExit(f"mailbox: {name} needs [tls], which is not set now")
                 factory = wrap_implicit(parts.tls, factory)
+            if proxy:  # before TLS on the wire: outside it
+                factory = proxied(factory, config.mailbox.proxy_networks, reactor)
             AdoptedListener(reactor, fd, factory, turns).setServiceParent(top)
     return top

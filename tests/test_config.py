@@ -417,3 +417,51 @@ def test_a_resolver_that_is_not_an_address_is_one_line(text):
     with pytest.raises(config.ConfigError) as e:
         config.parse(f"[mailbox]\nresolver = {text}\n", Path("x.ini"))
     assert str(e.value).startswith("x.ini: line 2: [mailbox] resolver = "), str(e.value)
+
+
+# --- haproxy: listeners and proxy_networks -------------------------------------
+
+
+def test_haproxy_listeners_and_proxy_networks():
+    c = config.parse(
+        "[mailbox]\nproxy_networks = 10.0.0.0/24 2001:db8::/64\n"
+        "[smtp]\nlisten = haproxy:tcp:25:interface=127.0.0.1 haproxy:tls:465\n"
+        "submission = HAPROXY:tcp6:587\n"
+        "[tls]\ncertificate = /etc/ssl/cert.pem\nprivate_key = /etc/ssl/key.pem\n",
+        Path("x.ini"),
+    )
+    assert c.smtp.listen == ("haproxy:tcp:25:interface=127.0.0.1", "haproxy:tls:465")
+    assert c.mailbox.proxy_networks == (
+        ipaddress.ip_network("10.0.0.0/24"),
+        ipaddress.ip_network("2001:db8::/64"),
+    )
+    assert config.parse("", Path("x.ini")).mailbox.proxy_networks == ()
+
+
+@pytest.mark.parametrize(
+    "listen,expected",
+    [
+        ("haproxy:tcp:99999", "a port from 0 to 65535 in 'haproxy:tcp:99999'"),
+        ("haproxy:tcp:x:nonsense=1", "'haproxy:tcp:x:nonsense=1' is not one"),
+        ("haproxy:", "'haproxy:' is not one"),
+        ("haproxy:haproxy:tcp:25", "haproxy: before tcp:, tcp6:, tls: or another endpoint"),
+        ("haproxy:ssl:465", "the PROXY header comes before TLS: haproxy:tls:PORT"),
+        ("haproxy:tls:465:certKey=/x.pem", "without certKey= or privateKey="),
+    ],
+)
+def test_bad_haproxy_listeners_are_one_line(listen, expected):
+    with pytest.raises(ConfigError) as e:
+        config.parse(f"[smtp]\nlisten = {listen}\n", Path("x.ini"))
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_haproxy_tls_listener_needs_the_certificate():
+    with pytest.raises(ConfigError) as e:
+        config.parse("[pop3]\nlisten = haproxy:tls:995\n", Path("x.ini"))
+    assert "'haproxy:tls:995' needs [tls] certificate and private_key" in str(e.value)
+
+
+def test_bad_proxy_networks():
+    with pytest.raises(ConfigError) as e:
+        config.parse("[mailbox]\nproxy_networks = balancer\n", Path("x.ini"))
+    assert "[mailbox] proxy_networks = 'balancer': expected CIDR networks" in str(e.value)

@@ -190,3 +190,45 @@ def test_a_listener_keeps_the_deferred_of_its_port_and_stops_it():
     service.port.stopListening = lambda: stopping.append("close")
     stopped = service.stopService()
     assert stopped.called and stopping == ["close"] and not service.running
+
+
+def test_haproxy_listeners_are_shared_and_say_what_a_child_adds():
+    from mailboxd.processes import listener_kind, shared
+
+    assert shared("haproxy:tcp:25") and shared("haproxy:tls:465")
+    assert not shared("haproxy:unix:/run/x.sock")
+    assert listener_kind("tcp:25") == "plain"
+    assert listener_kind("tls:465") == "tls"
+    assert listener_kind("haproxy:tcp:25") == "proxy"
+    assert listener_kind("haproxy:tls:465") == "proxy+tls"
+
+
+def test_a_haproxy_listener_listens_on_tcp_with_the_proxy_wrapper_outside_tls(tmp_path):
+    from twisted.internet.protocol import ServerFactory
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import MemoryReactor
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from mailboxd.proxy import ProxyFactory
+    from mailboxd.service import ListenerService
+    from mailboxd.tls import ServerTLS, make_self_signed
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    make_self_signed("mail.example.test", cert, key)
+    tls = ServerTLS(cert, key, Clock())
+    reactor = MemoryReactor()
+    inner = ServerFactory()
+    service = ListenerService(reactor, "haproxy:tls:2465:interface=127.0.0.1", inner, "s", tls)
+    service.startService()
+    [(port, factory, backlog, interface)] = reactor.tcpServers
+    assert (port, backlog, interface) == (2465, 1024, "127.0.0.1")
+    assert isinstance(factory, ProxyFactory)  # outermost: the header comes first
+    gates = factory.wrappedFactory.wrappedFactory  # Twisted's wrapper's
+    assert isinstance(gates.wrapped_factory, TLSMemoryBIOFactory)
+    assert gates.wrapped_factory.wrappedFactory is inner
+
+    reactor = MemoryReactor()
+    ListenerService(reactor, "haproxy:tcp:2525", inner, "s").startService()
+    [(port, factory, backlog, _)] = reactor.tcpServers
+    assert (port, backlog) == (2525, 1024)
+    assert factory.wrappedFactory.wrappedFactory.wrapped_factory is inner
