@@ -20,7 +20,7 @@ from .config import SPEC, Config, ConfigError, load, relative_paths
 from .limits import SETTING as LIMIT_SETTING
 from .maildir import QUOTA_SETTING, maildir_path, usage
 from .private import private_dir
-from .state import SQLiteStateStore, StateError, client_key, normalise_ip, state_path
+from .state import StateError, StateStore, client_key, normalise_ip, open_store
 from .tls import make_self_signed
 
 
@@ -94,9 +94,9 @@ def user(config: Config, args: argparse.Namespace) -> None:
     print(f"{'added' if args.action == 'add' else 'changed password of'} {address.key}")
 
 
-def _state(config: Config) -> SQLiteStateStore:
+def _state(config: Config) -> StateStore:
     try:
-        return SQLiteStateStore(state_path(config.mailbox.mail_dir), timeout=5.0)
+        return open_store(config, timeout=5.0)
     except StateError as e:
         raise SystemExit(f"mailboxctl: {e}") from None
 

@@ -185,10 +185,19 @@ class SMTPServer(LineProtocol):
         self.reply((220, f"{self.hostname} ESMTP Mailbox"))
 
     def unsure(self, f: Any) -> None:
+        # The store cannot say whether the client is blocked: it is greeted,
+        # since mail for local mailboxes needs no store; what does need it
+        # (AUTH, POP-before-SMTP, relay limits) gets its temporary error then.
         f.trap(StateError)
         log.error("{error}", error=str(f.value))
-        if not self._closed:
-            self.close((421, f"4.3.0 {self.hostname} Error: service unavailable, try again later"))
+        self.greet(False)
+
+    def _failed(self, error: BaseException, failure: Any = None) -> None:
+        if isinstance(error, StateError) and not self._closed and self.reception is None:
+            log.error("{error}", error=str(error))
+            self.answer((451, "4.3.0 Temporary failure of the state store, try again later"))
+            return
+        super()._failed(error, failure)
 
     def client(self, needs_pop: Callable[[Client], bool]) -> Deferred:
         """Fires with what the policy needs to know about this client, asked now;

@@ -515,11 +515,18 @@ def test_state_service_logs_operator_changes_and_expired_blocks(unit):
     service._loop.stop()
 
 
-def test_a_broken_state_store_gets_a_temporary_refusal(unit):
+def test_a_broken_state_store_refuses_for_a_while_only_what_needs_it(unit):
     unit.state.db.close()
-    assert SMTP(unit).greeting == [
-        "421 4.3.0 mail.example.test Error: service unavailable, try again later"
-    ]
+    s = SMTP(unit, ip="192.0.2.55")  # not trusted: relay would need POP-before-SMTP
+    assert s.greeting == ["220 mail.example.test ESMTP Mailbox"]  # local mail needs no store
+    assert s.cmd("MAIL FROM:<someone@far.test>") == "250 2.1.0 Ok"
+    assert s.cmd("RCPT TO:<alice@example.test>") == "250 2.1.5 Ok"
+    assert s.cmd("RCPT TO:<someone@far.test>") == (
+        "451 4.3.0 Temporary failure of the state store, try again later"
+    )
+    s.cmd("DATA")
+    assert s.send("Subject: x\r\n\r\nhi\r\n.\r\n")[0].startswith("250 ")
+    assert len(s.delivered("alice@example.test")) == 1
     assert POP(unit).greeting == ["-ERR [SYS/TEMP] service unavailable, try again later"]
 
 
