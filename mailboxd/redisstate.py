@@ -288,6 +288,16 @@ def redacted(url: str) -> str:
     return f"{parts.scheme}://{user}{host}{port}{parts.path}"
 
 
+def _check(url: str) -> None:
+    """ValueError for what redis-py would take silently in a wrong sense: a
+    database that is not a number (it would use database 0)."""
+    parts = urlsplit(url)
+    if parts.scheme in ("redis", "rediss") and parts.path.strip("/"):
+        database = parts.path.strip("/")
+        if not database.isdigit():
+            raise ValueError(f"the database {database!r} is not a number")
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text or type(e).__name__
@@ -309,6 +319,7 @@ class RedisStateStore:
         self._lock = threading.Lock()
         self._unreachable: str | None = None
         try:
+            _check(url)
             # Any: redis-py types its replies as every form any option gives
             # (bytes or str, RESP2 or RESP3); with decode_responses they are str.
             self._redis: Any = redis.Redis.from_url(
