@@ -387,3 +387,14 @@ def unit(tmp_path: Path):
     u.auth = Authenticator(make_portal(MailboxRealm(directory), checker), u.guard)
     yield u
     u.state.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real redis-server for this test session (skipped without one, unless
+    CI=true); tests share it, each under its own key prefix."""
+    from redis_server import RedisServer
+
+    s = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield s
+    s.stop()
