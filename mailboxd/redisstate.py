@@ -590,6 +590,22 @@ class RedisStateStore:
             events.append((int(id_), float(at), what))
         return events
 
+    def forget(self) -> None:
+        """Drop everything but the leases (and the event counter, which the
+        server follows): a fresh start (mailboxd.testing)."""
+        kept = {self._key("leases"), self._key("event-id")}
+
+        def forget() -> None:
+            doomed = [
+                key
+                for key in self._redis.scan_iter(match=self.prefix + "*", count=1000)
+                if key not in kept and not key.startswith(self._key("lease", ""))
+            ]
+            for start in range(0, len(doomed), 500):
+                self._redis.delete(*doomed[start : start + 500])
+
+        self._do(forget)
+
     # --- leases --------------------------------------------------------------------
 
     def _take(self, names: list[str], owner: str, now: float, seconds: float) -> list[str]:

@@ -436,7 +436,7 @@ def open_store(config: Config, timeout: float = 0.5) -> StateStore:
     """The store `[state] backend` names; StateError if it cannot be used.
     `timeout` bounds a wait for another SQLite writer."""
     if config.state.backend == "redis":
-        from .redisstate import RedisStateStore  # type: ignore[import-untyped]
+        from .redisstate import RedisStateStore
 
         store = RedisStateStore(config.state.redis_url)
         try:

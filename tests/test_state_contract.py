@@ -318,3 +318,18 @@ def test_owners_taking_at_once_make_one_holder(stores):
         assert refused.count(None) == 1
         holder = instances[0].leases(name, T0)[0].owner
         assert sorted(r for r in refused if r is not None) == [holder] * 7
+
+
+def test_forget_drops_everything_but_the_leases(store):
+    store.add_popauth("192.0.2.1", T0, T0 + 60, "example.test")
+    store.record_failure("192.0.2.2", T0, FailureLimit(1, 3600, 60))
+    store.count_relay("a@example.test", T0, 10)
+    store.note(T0, "something")
+    store.take_lease("node:mx1", "A", T0, 30)
+    store.forget()
+    assert store.popauths(T0) == [] and store.blocks(T0) == []
+    assert store.failures("192.0.2.2", 0.0) == 0 and store.relay_counts(T0) == []
+    assert store.events_after(0) == []
+    assert [x.name for x in store.leases("", T0)] == ["node:mx1"]
+    store.note(T0, "after")  # the counter goes on: a server that follows it sees this
+    assert [what for _, _, what in store.events_after(0)] == ["after"]
