@@ -45,20 +45,33 @@ class NameInUse(Exception):
 
 
 def claim_name(store: StateStore, node: str, owner: str, now: float, lease: float) -> None:
-    """Take the node's name (blocking, at start). A holder on this host is a
-    dead process of ours: the caller holds the node's lock file, so no live
-    one can. A holder elsewhere is refused (NameInUse), as is a store that
-    cannot say (StateError)."""
+    """Take the node's name (blocking, at start). A holder on this host whose
+    process has ended (killed: it could not give the name back) is replaced
+    at once; a live one, or one on another host, is refused (NameInUse), as
+    is a store that cannot say (StateError)."""
     name = NODE + node
     holder = store.take_lease(name, owner, now, lease)
     if holder is None:
         return
-    if holder_host(holder) == socket.gethostname():
+    if holder_host(holder) == socket.gethostname() and not _alive(holder):
         store.release_lease(name, holder)
         holder = store.take_lease(name, owner, now, lease)
         if holder is None:
             return
     raise NameInUse(f"the node name {node!r} is in use by {holder}")
+
+
+def _alive(owner: str) -> bool:
+    pid = owner.rpartition("/")[2]
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @attrs.define(eq=False)
