@@ -48,6 +48,7 @@ bench: install
 	$(BIN)/python bench/smtp_throughput.py
 	$(BIN)/python bench/capacity.py
 	$(BIN)/python bench/connect_burst.py
+	$(BIN)/python bench/cluster.py
 	bench/peers.sh
 
 clean:
