@@ -116,9 +116,6 @@ class Leases:
         d = self.run(self.store.release_lease, name, self.owner)
         d.addErrback(lambda f: f.trap(StateError))  # it ends by itself
 
-    def holds(self, name: str) -> bool:
-        return name in self.held
-
     def renew(self) -> Deferred:
         names = sorted(self.held)
         if not names:
