@@ -205,7 +205,7 @@ def queue_command(config: Config, args: argparse.Namespace) -> None:
         (directory / queue.FLUSH).touch()
         print("the running server tries every queued recipient within a second or two")
         return
-    if not queue.remove(directory, args.id):
+    if not queue.remove(directory, args.id, config.state.node):
         raise SystemExit(f"mailboxctl: no queued message {args.id}")
     _state(config).note(now, f"deleted queued message {args.id}")
     print(f"deleted {args.id}")

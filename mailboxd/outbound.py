@@ -1074,7 +1074,8 @@ class Outbound:
                 else:
                     done.errback(result)
 
-        d = self._thread(queue.remove_all, self.directory, [entry_id for entry_id, _ in batch])
+        ids = [entry_id for entry_id, _ in batch]
+        d = self._thread(queue.remove_all, self.directory, ids, self.config.state.node)
         d.addBoth(tell)
 
     async def _bounce(self, entry: Entry, failed: list[Recipient]) -> None:

@@ -25,8 +25,8 @@ Layout, one message per id under ``<mail_dir>/.queue/``::
                     remote        the host that gave the last answer, or ""
     corrupt/    entries that could not be parsed, moved aside for the operator
     .flush      present when `mailboxctl queue flush` asks for an immediate retry
-    .<id>.<node>.json.tmp, .<id>.<node>.msg.tmp
-                a write in progress by the front end named <node>
+    .<id>.<node>.json.tmp, .<id>.<node>.msg.tmp, .<id>.<node>.gone.tmp
+                a write (or removal) in progress by the front end named <node>
 
 A runner drains it by reading each ``*.json``, sending ``<id>.msg[offset:]``
 to the recipients still pending or deferred, and removing both files (json
@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -249,23 +250,26 @@ def save(directory: Path, entry: Entry, node: str = "") -> None:
     _write_json(directory, entry, node)
 
 
-def remove(directory: Path, entry_id: str) -> bool:
-    """Drop an entry: the envelope first, so a crash leaves only an orphan .msg."""
-    return remove_all(directory, [entry_id])[0]
+def remove(directory: Path, entry_id: str, node: str = "") -> bool:
+    """Drop an entry: its envelope goes first (renamed to a temp file of
+    `node`'s), so a crash leaves an orphan .msg that `node` knows for its own."""
+    return remove_all(directory, [entry_id], node)[0]
 
 
-def remove_all(directory: Path, entry_ids: list[str]) -> list[bool]:
+def remove_all(directory: Path, entry_ids: list[str], node: str = "") -> list[bool]:
     """Drop several entries (see `remove`), made durable by one fsync: whether
     each was there."""
     removed = []
     for entry_id in entry_ids:
+        gone = _tmp(directory, entry_id, node, "gone")
         try:
-            os.unlink(directory / f"{entry_id}.json")
+            os.rename(directory / f"{entry_id}.json", gone)
         except FileNotFoundError:
             removed.append(False)
             continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(directory / f"{entry_id}.msg")
+        os.unlink(gone)
         removed.append(True)
     if any(removed):
         fsync_dir(directory)
@@ -300,14 +304,27 @@ def move_corrupt(directory: Path, path: Path) -> Path:
     return target
 
 
-def remove_unacknowledged(directory: Path, node: str = "", spool: Sequence[Path] = ()) -> int:
-    """Remove what a crash of `node` left half-queued: its temp files, and a
-    .msg without its .json that is one of them, or one of its `spool` files,
-    under another name (a hard link: the same inode). Other nodes' files,
-    and what cannot be known for this node's, stay."""
+def remove_unacknowledged(
+    directory: Path, node: str = "", spool: Sequence[Path] = (), now: float | None = None
+) -> int:
+    """Remove what a crash of `node` left half-queued or half-removed: its
+    temp files, and a .msg without its .json that one of them names, or that
+    is one of its `spool` files under another name (a hard link: the same
+    inode). Other nodes' files stay, unless no temp file of any node names
+    an orphan .msg and it is ORPHAN_AGE old: no write takes that long."""
     if not directory.is_dir():
         return 0
-    ours = [e for e in directory.iterdir() if _is_tmp_of(e.name, node)]
+    now = time.time() if now is None else now
+    ours: list[Path] = []
+    named: set[str] = set()  # entry ids our temp files name
+    named_by_any: set[str] = set()
+    for e in directory.iterdir():
+        tmp = _tmp_parts(e.name)
+        if tmp is not None:
+            named_by_any.add(tmp[0])
+            if not node or tmp[1] == node:
+                ours.append(e)
+                named.add(tmp[0])
     inodes = set()
     for path in [*ours, *spool]:
         with contextlib.suppress(OSError):
@@ -319,7 +336,9 @@ def remove_unacknowledged(directory: Path, node: str = "", spool: Sequence[Path]
             continue
         with contextlib.suppress(OSError):
             st = entry.stat()
-            if (st.st_dev, st.st_ino) in inodes or (not node and not spool):
+            mine = not node or entry.stem in named or (st.st_dev, st.st_ino) in inodes
+            dead = entry.stem not in named_by_any and now - st.st_mtime > ORPHAN_AGE
+            if mine or dead:
                 entry.unlink()
                 removed += 1
     for entry in ours:
@@ -328,11 +347,15 @@ def remove_unacknowledged(directory: Path, node: str = "", spool: Sequence[Path]
     return removed
 
 
-def _is_tmp_of(name: str, node: str) -> bool:
-    """Whether `name` is a temp file `node` writes (with "", any temp file)."""
+ORPHAN_AGE = 86400.0  # seconds
+
+
+def _tmp_parts(name: str) -> tuple[str, str] | None:
+    """(entry id, node) of a temp file's name ("" for a version that named
+    no node), or None for another file."""
     if not name.startswith(".") or not name.endswith(".tmp"):
-        return False
+        return None
     parts = name[1:-4].split(".")  # id, [node,] kind
-    if not node:
-        return parts[-1] in ("json", "msg")
-    return len(parts) == 3 and parts[1] == node and parts[2] in ("json", "msg")
+    if parts[-1] not in ("json", "msg", "gone") or len(parts) not in (2, 3):
+        return None
+    return parts[0], parts[1] if len(parts) == 3 else ""

@@ -46,12 +46,15 @@ def test_a_nodes_clean_up_takes_only_what_it_left_half_queued(tmp_path):
     theirs = spooled(spool, "b")
     os.link(theirs, directory / "B1.msg")
     (directory / ".B2.b.json.tmp").write_text("{")
+    # ...and mid-removal: the envelope renamed away, the message still there.
+    (directory / "A4.msg").write_bytes(b"x")
+    (directory / ".A4.a.gone.tmp").write_text("{")
     # A whole entry, whoever wrote it, is never touched.
     queue.enqueue_bytes(directory, b"Subject: y\n\n", entry("C1"), "b")
 
     files = spool_files(spool, "a")
     assert files == [mine]
-    assert queue.remove_unacknowledged(directory, "a", files) == 4
+    assert queue.remove_unacknowledged(directory, "a", files) == 6
     assert clean_spool(files) == 1
     assert sorted(p.name for p in directory.iterdir()) == [
         ".B2.b.json.tmp",
@@ -62,10 +65,24 @@ def test_a_nodes_clean_up_takes_only_what_it_left_half_queued(tmp_path):
     assert list(spool.iterdir()) == [theirs]
 
 
-def test_an_entry_written_from_memory_leaves_no_temp_file(tmp_path):
+def test_an_entry_written_from_memory_or_removed_leaves_no_temp_file(tmp_path):
     directory = tmp_path / ".queue"
     queue.enqueue_bytes(directory, b"Subject: y\n\n", entry("E1"), "a")
     assert sorted(p.name for p in directory.iterdir()) == ["E1.json", "E1.msg"]
+    assert queue.remove_all(directory, ["E1", "E2"], "a") == [True, False]
+    assert list(directory.iterdir()) == []
+
+
+def test_an_orphan_nobody_names_goes_once_it_is_a_day_old(tmp_path):
+    directory = tmp_path / ".queue"
+    directory.mkdir()
+    (directory / "X1.msg").write_bytes(b"x")  # left by a node that never came back
+    (directory / "X2.msg").write_bytes(b"x")
+    (directory / ".X2.c.json.tmp").write_text("{")  # node c may still finish it
+    assert queue.remove_unacknowledged(directory, "a", []) == 0
+    later = os.stat(directory / "X1.msg").st_mtime + queue.ORPHAN_AGE + 1
+    assert queue.remove_unacknowledged(directory, "a", [], now=later) == 1
+    assert sorted(p.name for p in directory.iterdir()) == [".X2.c.json.tmp", "X2.msg"]
 
 
 def test_a_name_is_held_by_one_running_front_end(tmp_path):
