@@ -523,6 +523,7 @@ class Outbound:
     _ticks: int = 0
     rescan_every: int = 5  # ticks: notices `mailboxctl queue delete` and stray files
     _claiming: bool = False
+    _flushed: int | None = -1  # the flush file's time when last seen; -1: not yet looked
     _claim_again: bool = False
     _foreign: set[str] = attrs.field(factory=set)  # entries another front end holds
 
@@ -584,9 +585,14 @@ class Outbound:
             self._rescan = True
         if self.claims is not None and self._ticks % self._renew_every == 0:
             self._claim()
-        flush = self.directory / queue.FLUSH
-        if flush.exists():
-            flush.unlink(missing_ok=True)
+        # The flush file stays: every front end sharing the queue acts once
+        # each time `mailboxctl queue flush` touches it.
+        try:
+            stamp: int | None = (self.directory / queue.FLUSH).stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        flushed, self._flushed = self._flushed, stamp
+        if stamp is not None and flushed != stamp and flushed != -1:
             self._rescan = True
             for entry in self.entries.values():
                 for r in entry.recipients:

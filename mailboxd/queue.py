@@ -24,7 +24,8 @@ Layout, one message per id under ``<mail_dir>/.queue/``::
                     status_code   RFC 3463 code of a failure, e.g. "5.1.1", or ""
                     remote        the host that gave the last answer, or ""
     corrupt/    entries that could not be parsed, moved aside for the operator
-    .flush      present when `mailboxctl queue flush` asks for an immediate retry
+    .flush      touched by `mailboxctl queue flush`: each time its modification
+                time changes, every front end tries its deferred recipients now
     .<id>.<node>.json.tmp, .<id>.<node>.msg.tmp, .<id>.<node>.gone.tmp
                 a write (or removal) in progress by the front end named <node>
 

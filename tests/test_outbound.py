@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -968,8 +969,23 @@ def test_flush_makes_deferred_recipients_due_at_once(make):
     assert len(host.sessions) == 1
     (r.dir / queue.FLUSH).touch()
     r.advance(1)
-    assert not (r.dir / queue.FLUSH).exists()
     assert len(host.delivered) == 1 and not r.exists("E1")
+
+
+def test_a_flush_is_acted_on_once_each_time_it_is_asked_and_not_at_start(make):
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1", {"rcpt": "451 4.3.0 later"}, {})
+    (r.dir / queue.FLUSH).parent.mkdir(parents=True, exist_ok=True)
+    (r.dir / queue.FLUSH).touch()  # asked before this start: long done
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    r.advance(5)
+    assert len(host.sessions) == 1  # the first attempt only
+    os.utime(r.dir / queue.FLUSH, ns=(1, 1))  # asked again (by any front end's mailboxctl)
+    r.advance(1)
+    assert len(host.sessions) == 2
+    r.advance(5)
+    assert len(host.sessions) == 2  # once: the file stays, unchanged
 
 
 def test_an_entry_deleted_while_deferred_is_dropped(make):
