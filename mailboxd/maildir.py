@@ -322,17 +322,26 @@ def _copy_durably(source: Path, target: Path) -> None:
         os.fsync(dst.fileno())
 
 
-def spool_files(spool_dir: Path, node: str) -> list[Path]:
+SPOOL_ORPHAN_AGE = 86400.0  # seconds: no message is received for that long
+
+
+def spool_files(spool_dir: Path, node: str, now: float | None = None) -> list[Path]:
     """The spool files of the front end named `node` (the last part of a
-    unique_name), and those of a version that named them by host name (with
-    a dot: a node's name has none)."""
+    unique_name), those of a version that named them by host name (with a
+    dot: a node's name has none), and any a day old (a node renamed, say by
+    a container's new host name, never comes back for its own)."""
     if not spool_dir.is_dir():
         return []
+    now = time.time() if now is None else now
     found = []
     for entry in spool_dir.iterdir():
         tag = entry.name.split(".", 2)[-1]
         if tag == node or "." in tag:
             found.append(entry)
+            continue
+        with contextlib.suppress(OSError):
+            if now - entry.stat().st_mtime > SPOOL_ORPHAN_AGE:
+                found.append(entry)
     return found
 
 

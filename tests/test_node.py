@@ -63,6 +63,9 @@ def test_a_nodes_clean_up_takes_only_what_it_left_half_queued(tmp_path):
         "C1.msg",
     ]
     assert list(spool.iterdir()) == [theirs]
+    # Node b's spool file, if b never comes back (renamed), goes after a day.
+    later = os.stat(theirs).st_mtime + 86400 + 1
+    assert spool_files(spool, "a", now=later) == [theirs]
 
 
 def test_an_entry_written_from_memory_or_removed_leaves_no_temp_file(tmp_path):
