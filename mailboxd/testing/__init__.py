@@ -36,16 +36,16 @@ import bcrypt
 from twisted.internet.defer import DeferredList
 from twisted.internet.protocol import ServerFactory
 
-from . import accounts as accounts_file
-from .addresses import parse_mailbox
-from .clocks import cancelling
-from .config import SPEC, parse
-from .faults import Faults
-from .lines import LineProtocol
-from .maildir import IncomingMessage, maildir_path
+from .. import accounts as accounts_file
+from ..addresses import parse_mailbox
+from ..clocks import cancelling
+from ..config import SPEC, parse
+from ..faults import Faults
+from ..lines import LineProtocol
+from ..maildir import IncomingMessage, maildir_path
 
 if TYPE_CHECKING:
-    from .service import Appliance
+    from ..service import Appliance
 
 __all__ = ["MailServer", "Message", "ShiftedClock", "TwistedMailServer"]
 
@@ -337,7 +337,7 @@ class MailServer(ServerAPI):
 
     def __new__(cls, *args: Any, process: bool = False, **kwargs: Any) -> Any:
         if process:
-            from .testing_remote import RemoteMailServer
+            from .remote import RemoteMailServer
 
             return RemoteMailServer(*args, **kwargs)
         return super().__new__(cls)
@@ -420,7 +420,7 @@ class MailServer(ServerAPI):
         values["pop3"]["listen"] = tcp
         values["relay"]["smarthost"] = f"127.0.0.1:{self._capture_port}"
         if self.tls:
-            from .tls import make_self_signed
+            from ..tls import make_self_signed
 
             self.certificate = self.home / "cert.pem"
             hostname = str(self.overrides.get("hostname", m["hostname"]))
@@ -449,7 +449,7 @@ class MailServer(ServerAPI):
         return self._capture.getHost().port
 
     def _start_server(self, reactor: Any) -> Any:
-        from .service import assemble
+        from ..service import assemble
 
         self.appliance = appliance = assemble(self.config, reactor, self.clock, self.clock.wall)
         for factory in (appliance.smtp, appliance.submission):
@@ -780,8 +780,3 @@ class TwistedMailServer(MailServer):
                 self._waiters.remove(waiter)
                 d.callback(found)
 
-
-if __name__ == "__main__":
-    from .testing_remote import serve
-
-    serve()

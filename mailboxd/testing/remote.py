@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .testing import ServerAPI, check_overrides, match_message, not_found, trusting_context
+from . import ServerAPI, check_overrides, match_message, not_found, trusting_context
 
 # Operations the control channel serves: method names of MailServer.
 OPERATIONS = {
@@ -44,7 +44,7 @@ OPERATIONS = {
 
 
 def _encode(value: Any) -> Any:
-    from .testing import Message
+    from . import Message
 
     if isinstance(value, Message):
         return {
@@ -62,7 +62,7 @@ def _encode(value: Any) -> Any:
 
 
 def _decode(value: Any) -> Any:
-    from .testing import Message
+    from . import Message
 
     if isinstance(value, dict) and value.get("__message__"):
         return Message(
@@ -83,7 +83,7 @@ def _decode(value: Any) -> Any:
 
 def serve(argv: list[str] | None = None) -> None:
     """`python -m mailboxd.testing`: run a MailServer until stopped."""
-    from .testing import MailServer
+    from . import MailServer
 
     p = argparse.ArgumentParser(prog="python -m mailboxd.testing", description=__doc__)
     p.add_argument("--ready-file", required=True, help="write the ports here as JSON when ready")
