@@ -1,8 +1,9 @@
 """pytest fixtures for Mailbox, registered through the ``pytest11`` entry point:
 installing the package is enough, no conftest needed.
 
-* ``mail_server``: a running :class:`mailboxd.testing.MailServer`, one per
-  test session (so one per pytest-xdist worker), reset before each test.
+* ``mail_server``: a running ``mailboxd.testing.MailServer(...)`` (an
+  :class:`~mailboxd.testing.InProcessMailServer`), one per test session (so
+  one per pytest-xdist worker), reset before each test.
 * ``mail_account``: a fresh account on it, with ``.address`` and ``.password``
   (it also unpacks: ``address, password = mail_account``).
 """
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 import attrs
 import pytest
 
-from .testing import MailServer
+from .testing import InProcessMailServer, MailServer
 
 
 @attrs.frozen
@@ -29,20 +30,20 @@ class MailAccount:
 
 
 @pytest.fixture(scope="session")
-def _mail_server_session() -> Iterator[MailServer]:
+def _mail_server_session() -> Iterator[InProcessMailServer]:
     with MailServer(domains=["example.test"]) as server:
         yield server
 
 
 @pytest.fixture
-def mail_server(_mail_server_session: MailServer) -> MailServer:
+def mail_server(_mail_server_session: InProcessMailServer) -> InProcessMailServer:
     """A real SMTP + POP3 server on 127.0.0.1, fresh for this test."""
     _mail_server_session.reset()
     return _mail_server_session
 
 
 @pytest.fixture
-def mail_account(mail_server: MailServer) -> MailAccount:
+def mail_account(mail_server: InProcessMailServer) -> MailAccount:
     """A new account on `mail_server`, with a random address and password."""
     account = MailAccount(
         f"user-{secrets.token_hex(4)}@{mail_server.domains[0]}", secrets.token_urlsafe(12)

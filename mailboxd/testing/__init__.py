@@ -14,769 +14,87 @@ ports never collide (pytest-xdist workers included). Mail the server would
 relay to other domains is captured (`server.outbound`) instead of leaving the
 machine. Time is the server's own: `advance(seconds)` moves POP-before-SMTP
 expiry, blocks, retries and timeouts forward.
+
+The modules, each importing only those above it:
+
+* api: what both kinds of server share (Message, OVERRIDES, ServerAPI)
+* clock: the server's shifted clock
+* capture: the SMTP receiver that stands in for the world
+* inprocess: InProcessMailServer, on a reactor in a background thread
+* trial: TwistedMailServer, on the test's own reactor
+* control: the JSON-lines channel to a server in a child process
+* child: that child (`python -m mailboxd.testing`)
+* remote: RemoteMailServer, the parent's side of it
 """
 
 from __future__ import annotations
 
-import email
-import email.policy
-import fnmatch
-import shutil
-import ssl
-import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterable
-from email.message import EmailMessage
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import attrs
-import bcrypt
-from twisted.internet.defer import DeferredList
-from twisted.internet.protocol import ServerFactory
-
-from .. import accounts as accounts_file
-from ..addresses import parse_mailbox
-from ..clocks import cancelling
-from ..config import SPEC, parse
-from ..faults import Faults
-from ..lines import LineProtocol
-from ..maildir import IncomingMessage, maildir_path
-
-if TYPE_CHECKING:
-    from ..service import Appliance
-
-__all__ = ["MailServer", "Message", "ShiftedClock", "TwistedMailServer"]
-
-# Keys MailServer manages itself; everything else in the contract may be overridden.
-_MANAGED = {
-    "domains",  # the constructor's first argument
-    "listen",
-    "submission",
-    "accounts",
-    "aliases",
-    "mail_dir",
-    "certificate",
-    "private_key",
-}
-
-
-def _override_names() -> dict[str, tuple[str, str]]:
-    names: dict[str, tuple[str, str]] = {}
-    for section, keys in SPEC.items():
-        for key in keys:
-            if key in _MANAGED:
-                continue
-            if key in names:  # idle_timeout is in [smtp] and [pop3]
-                names[f"{section}_{key}"] = (section, key)
-            else:
-                names[key] = (section, key)
-    return names
-
-
-OVERRIDES = _override_names()
-
-_reactor_lock = threading.Lock()
-_reactor_thread: threading.Thread | None = None
-
-
-def _reactor() -> Any:
-    """The global reactor, running in a daemon thread (started once per process)."""
-    global _reactor_thread
-    from twisted.internet import reactor
-
-    with _reactor_lock:
-        if _reactor_thread is None:
-            _reactor_thread = threading.Thread(
-                target=reactor.run,
-                kwargs={"installSignalHandlers": False},
-                name="mailbox-reactor",
-                daemon=True,
-            )
-            _reactor_thread.start()
-    return reactor
-
-
-def _call(f: Callable[..., Any], *args: Any) -> Any:
-    """Run `f` in the reactor thread and wait for it (and its Deferred)."""
-    from twisted.internet.threads import blockingCallFromThread
-
-    return blockingCallFromThread(_reactor(), f, *args)
-
-
-class _ShiftedCall:
-    def __init__(self, clock: ShiftedClock, due: float, f: Callable, args: tuple, kw: dict) -> None:
-        self.clock, self.due, self.f, self.args, self.kw = clock, due, f, args, kw
-        self.called = self.cancelled = False
-        self._call = clock.reactor.callLater(max(0.0, due - clock.seconds()), self._fire)
-
-    def _fire(self) -> None:
-        self.called = True
-        self.clock.calls.discard(self)
-        self.f(*self.args, **self.kw)
-
-    def getTime(self) -> float:
-        return self.due
-
-    def reset(self, seconds: float) -> None:
-        self.due = self.clock.seconds() + seconds
-        self._call.reset(max(0.0, seconds))
-
-    def delay(self, seconds: float) -> None:
-        self.reset(self.due - self.clock.seconds() + seconds)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        self.clock.calls.discard(self)
-        self._call.cancel()
-
-    def active(self) -> bool:
-        return self._call.active()
-
-
-class ShiftedClock:
-    """Real time plus an offset that tests move forward; an IReactorTime."""
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-        self.offset = 0.0
-        self.calls: set[_ShiftedCall] = set()
-
-    def seconds(self) -> float:
-        return self.reactor.seconds() + self.offset
-
-    def wall(self) -> float:
-        """The wall clock, moved by the same offset (see mailboxd.clocks)."""
-        return time.time() + self.offset
-
-    def callLater(self, delay: float, f: Callable, *args: Any, **kw: Any) -> _ShiftedCall:
-        call = _ShiftedCall(self, self.seconds() + delay, f, args, kw)
-        self.calls.add(call)
-        return call
-
-    def getDelayedCalls(self) -> list[_ShiftedCall]:
-        return [c for c in self.calls if c.active()]
-
-    def advance(self, seconds: float) -> None:
-        """Jump forward: whatever falls due runs now, in order."""
-        self.offset += seconds
-        for call in sorted(self.getDelayedCalls(), key=lambda c: c.due):
-            call._call.reset(max(0.0, call.due - self.seconds()))
-
-    def rewind(self) -> None:
-        """Back to real time (pending calls keep their remaining delay)."""
-        for call in self.getDelayedCalls():
-            call.due -= self.offset
-        self.offset = 0.0
-
-
-@attrs.frozen
-class Message:
-    """A message the server received, or relayed (then captured)."""
-
-    envelope_from: str  # "" for <>
-    recipients: tuple[str, ...]
-    raw: bytes  # as stored (LF line ends), or as sent on for a captured one (CRLF)
-    account: str | None = None  # the mailbox it is in; None for a captured one
-    authenticated: str | None = None  # the account that sent it with AUTH, if any
-    tls: str | None = None  # the TLS version and cipher it arrived over, if any
-
-    @property
-    def message(self) -> EmailMessage:
-        return email.message_from_bytes(self.raw, policy=email.policy.default)
-
-    @property
-    def subject(self) -> str:
-        return str(self.message.get("Subject", ""))
-
-    def __repr__(self) -> str:
-        to = ", ".join(self.recipients)
-        return f"<Message from <{self.envelope_from}> to {to}: {self.subject!r}>"
-
-
-class _CaptureFactory(ServerFactory["_Capture"]):
-    noisy = False
-
-    def __init__(self, captured: Callable[[Message], None]) -> None:
-        self.captured = captured
-
-    def buildProtocol(self, addr: Any) -> _Capture:
-        p = _Capture()
-        p.factory = self
-        return p
-
-
-class _Capture(LineProtocol):
-    """A minimal SMTP receiver standing in for the world: relayed mail lands here."""
-
-    factory: _CaptureFactory
-    max_line = 1000
-
-    def connectionMade(self) -> None:
-        self.sender: str | None = None
-        self.rcpts: list[str] = []
-        self.data: list[bytes] | None = None
-        self.sendLine("220 capture ESMTP")
-
-    def lineReceived(self, line: bytes) -> None:
-        if self.data is not None:
-            if line == b".":
-                self.factory.captured(
-                    Message(self.sender or "", tuple(self.rcpts), b"\r\n".join(self.data) + b"\r\n")
-                )
-                self.data, self.sender, self.rcpts = None, None, []
-                self.sendLine("250 2.0.0 captured")
-            else:
-                self.data.append(line[1:] if line.startswith(b".") else line)
-            return
-        verb = line[:4].upper()
-        arg = line.decode("latin-1").partition(":")[2].strip().strip("<>")
-        if verb == b"MAIL":
-            self.sender = arg.split(">")[0]
-            self.sendLine("250 2.1.0 Ok")
-        elif verb == b"RCPT":
-            self.rcpts.append(arg.split(">")[0])
-            self.sendLine("250 2.1.5 Ok")
-        elif verb == b"DATA":
-            self.data = []
-            self.strict_crlf = True
-            self.sendLine("354 go ahead")
-        elif verb == b"QUIT":
-            self.sendLine("221 2.0.0 Bye")
-            self.transport.loseConnection()
-        else:
-            self.sendLine("250 capture")
-
-    def lineTooLong(self) -> None:
-        self.sendLine("500 line too long")
-
-    def internalError(self) -> None:
-        self.transport.loseConnection()
-
-
-def check_overrides(overrides: dict[str, Any]) -> None:
-    unknown = sorted(set(overrides) - set(OVERRIDES))
-    if unknown:
-        raise TypeError(
-            f"MailServer: unknown config override(s) {', '.join(unknown)}; "
-            f"valid names: {', '.join(sorted(OVERRIDES))}"
-        )
-
-
-def not_found(to: str | None, subject: str | None, timeout: float, arrived: list) -> AssertionError:
-    return AssertionError(
-        f"no message to={to!r} subject={subject!r} within {timeout} s; arrived: {arrived!r}"
-    )
-
-
-def trusting_context(certificate: Path | None) -> ssl.SSLContext:
-    """A client context that trusts a test server's throwaway certificate."""
-    if certificate is None:
-        raise RuntimeError("this MailServer was started without tls=True")
-    ctx = ssl.create_default_context(cafile=str(certificate))
-    ctx.check_hostname = False  # clients connect to 127.0.0.1, not the hostname
-    return ctx
-
-
-class ServerAPI:
-    """What the in-process and the child-process servers share."""
-
-    # Each server has these.
-    start: Callable[[], Any]
-    stop: Callable[[], Any]
-    wait_for_message: Callable[..., Any]
-
-    def __enter__(self) -> Any:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def assert_no_message(
-        self,
-        to: str | None = None,
-        subject: str | None = None,
-        predicate: Callable[[Message], bool] | None = None,
-        within: float = 0.5,
-        *,
-        outbound: bool = False,
-    ) -> None:
-        """Fail if a matching message arrives (or has arrived) within `within` seconds."""
-        try:
-            found = self.wait_for_message(to, subject, predicate, within, outbound=outbound)
-        except AssertionError:
-            return
-        raise AssertionError(f"unexpected message: {found!r}")
-
-
-def match_message(
-    m: Message,
-    to: str | None,
-    subject: str | None,
-    predicate: Callable[[Message], bool] | None,
-    outbound: bool,
-) -> bool:
-    """Does `m` match? `to` is a lower-case recipient (outbound) or mailbox key."""
-    if to is not None:
-        where = [r.lower() for r in m.recipients] if outbound else [m.account]
-        if to not in where:
-            return False
-    if subject is not None and not fnmatch.fnmatchcase(m.subject, subject):
-        return False
-    return predicate is None or bool(predicate(m))
-
-
-class MailServer(ServerAPI):
-    """A real Mailbox server for a test; see the module docstring.
-
-    ``MailServer(process=True)`` gives the same API served by a child process.
-    """
-
-    host = "127.0.0.1"
-
-    def __new__(cls, *args: Any, process: bool = False, **kwargs: Any) -> Any:
-        if process:
-            from .remote import RemoteMailServer
-
-            return RemoteMailServer(*args, **kwargs)
-        return super().__new__(cls)
-
-    def __init__(
-        self,
-        domains: Iterable[str] = ("example.test",),
-        *,
-        tls: bool = False,
-        process: bool = False,
-        **overrides: Any,
-    ) -> None:
-        check_overrides(overrides)
-        self.domains = tuple(d.lower() for d in domains)
-        if not self.domains:
-            raise ValueError("MailServer: give at least one domain")
-        self.tls = tls
-        # Inbound SPF/DKIM/DMARC checks would ask the machine's DNS about test
-        # domains (and wait for its timeouts): on only when a test asks.
-        self.overrides = {"trusted_networks": "", "bcrypt_rounds": 4, "checks": "no", **overrides}
-        self.faults = Faults()
-        self.outbound: list[Message] = []
-        self._inbound: list[Message] = []
-        self._cond = threading.Condition()
-        self._running = False
-        self.home: Path | None = None
-        self.smtp_port = self.submission_port = self.pop3_port = 0
-        self.smtps_port: int | None = None
-        self.pop3s_port: int | None = None
-        self.appliance: Appliance | None = None  # while it runs
-
-    # --- life -------------------------------------------------------------------
-
-    def start(self) -> MailServer:
-        if self._running:
-            return self
-        reactor = _reactor()
-        with self._cond:  # a restart is a new mail store: what arrived before is gone
-            self._inbound.clear()
-            self.outbound.clear()
-        self.home = Path(tempfile.mkdtemp(prefix="mailbox-test-"))
-        self.clock = ShiftedClock(reactor)
-        try:
-            self._capture_port = _call(self._start_capture, reactor)
-            self.config = parse(self._ini(), self.home / "mailbox.ini")
-            _call(self._start_server, reactor)
-        except BaseException:
-            self._running = True
-            self.stop()
-            raise
-        self._running = True
-        return self
-
-    def stop(self) -> None:
-        if not self._running:
-            return
-        self._running = False
-        try:
-            if self.appliance is not None:
-                self._in_reactor(self.appliance.service.stopService)
-            if getattr(self, "_capture", None) is not None:
-                self._in_reactor(self._capture.stopListening)
-        finally:
-            self.appliance = None
-            if self.home is not None:
-                shutil.rmtree(self.home, ignore_errors=True)
-
-    def _ini(self) -> str:
-        assert self.home is not None
-        values: dict[str, dict[str, str]] = {s: {} for s in SPEC}
-        m = values["mailbox"]
-        m["hostname"] = f"mail.{self.domains[0]}"
-        m["domains"] = " ".join(self.domains)
-        m["accounts"] = str(self.home / "accounts")
-        m["aliases"] = str(self.home / "aliases")
-        m["mail_dir"] = str(self.home / "mailbox")
-        tcp = "tcp:0:interface=127.0.0.1"
-        values["smtp"]["listen"] = tcp
-        values["smtp"]["submission"] = tcp
-        values["pop3"]["listen"] = tcp
-        values["relay"]["smarthost"] = f"127.0.0.1:{self._capture_port}"
-        if self.tls:
-            from ..tls import make_self_signed
-
-            self.certificate = self.home / "cert.pem"
-            hostname = str(self.overrides.get("hostname", m["hostname"]))
-            make_self_signed(hostname, self.certificate, self.home / "key.pem")
-            values["tls"]["certificate"] = str(self.certificate)
-            values["tls"]["private_key"] = str(self.home / "key.pem")
-            values["smtp"]["listen"] += " tls:0:interface=127.0.0.1"
-            values["pop3"]["listen"] += " tls:0:interface=127.0.0.1"
-        for name, value in self.overrides.items():
-            section, key = OVERRIDES[name]
-            if isinstance(value, bool):
-                value = "yes" if value else "no"
-            elif isinstance(value, (list, tuple)):
-                value = " ".join(str(v) for v in value)
-            values[section][key] = str(value)
-        for path in (self.home / "accounts", self.home / "aliases"):
-            path.touch(mode=0o600)
-        return "".join(
-            f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
-            for section, keys in values.items()
-        )
-
-    def _start_capture(self, reactor: Any) -> int:
-        factory = _CaptureFactory(self._captured)
-        self._capture = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        return self._capture.getHost().port
-
-    def _start_server(self, reactor: Any) -> Any:
-        from ..service import assemble
-
-        self.appliance = appliance = assemble(self.config, reactor, self.clock, self.clock.wall)
-        for factory in (appliance.smtp, appliance.submission):
-            factory.delivered = self._delivered
-            factory.faults = self.faults
-        appliance.pop3.faults = self.faults
-        appliance.outbound.delivered = self._delivered  # bounces to local senders
-        appliance.service.privilegedStartService()
-        appliance.service.startService()
-        waiting = []
-        for listener in appliance.listeners:
-            assert listener.listening is not None  # started above
-            waiting.append(listener.listening)
-
-        def ports(results: list) -> None:
-            found: dict[str, int] = {}
-            for listener, (ok, port) in zip(appliance.listeners, results, strict=True):
-                if not ok:
-                    raise RuntimeError(f"cannot listen: {port.getErrorMessage()}")
-                found[str(listener.name)] = port.getHost().port
-            self.smtp_port = found["smtp-0"]
-            self.submission_port = found["submission-0"]
-            self.pop3_port = found["pop3-0"]
-            self.smtps_port = found.get("smtp-1")
-            self.pop3s_port = found.get("pop3-1")
-
-        return DeferredList(waiting, consumeErrors=True).addCallback(ports)
-
-    def _in_reactor(self, f: Callable[..., Any], *args: Any) -> Any:
-        return _call(f, *args)
-
-    def _live(self) -> Appliance:
-        """The running appliance; RuntimeError if it is not running."""
-        if self.appliance is None:
-            raise RuntimeError("this MailServer is not running: call start() or use `with`")
-        return self.appliance
-
-    def _running_or_raise(self) -> None:
-        if not self._running:
-            raise RuntimeError("this MailServer is not running: call start() or use `with`")
-
-    # --- accounts -----------------------------------------------------------------
-
-    def _local(self, address: str) -> accounts_file.Address:
-        parsed = parse_mailbox(address)
-        if parsed is None:
-            raise ValueError(f"{address!r} is not a mail address")
-        domain = self.config.canonical_domain(parsed.domain) if self._running else None
-        if domain is None:
-            raise ValueError(f"{address}: {parsed.domain} is not one of {', '.join(self.domains)}")
-        return accounts_file.Address(parsed.local.lower(), domain)
-
-    def add_account(self, address: str, password: str) -> None:
-        """Create the account (or set its password); usable at once on both protocols."""
-        self._running_or_raise()
-        target = self._local(address)
-        rounds = self.config.mailbox.bcrypt_rounds
-        hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds))
-        path = self.config.mailbox.accounts
-        exists = target.key in accounts_file.listed(path)
-        accounts_file.set_hash(path, target, hashed, must_exist=exists)
-        self._in_reactor(self._live().accounts.reload)
-
-    def remove_account(self, address: str) -> None:
-        """Delete the account and its mailbox; adding it again starts empty."""
-        self._running_or_raise()
-        target = self._local(address)
-        try:
-            accounts_file.remove(self.config.mailbox.accounts, target)
-        except KeyError:
-            raise ValueError(f"{address}: no such account") from None
-        self._in_reactor(self._live().accounts.reload)
-        account = accounts_file.Account(target.key, target.domain, target.local)
-        shutil.rmtree(maildir_path(self.config.mailbox.mail_dir, account), ignore_errors=True)
-        with self._cond:
-            self._inbound = [m for m in self._inbound if m.account != target.key]
-
-    def accounts(self) -> list[str]:
-        self._running_or_raise()
-        return accounts_file.listed(self.config.mailbox.accounts)
-
-    # --- mail -----------------------------------------------------------------------
-
-    def _delivered(self, delivery: Any) -> None:
-        """Told by the SMTP server, in the reactor thread, of each accepted message."""
-        arrived = [
-            Message(
-                delivery.sender,
-                delivery.recipients,
-                path.read_bytes(),
-                account,
-                delivery.account,
-                delivery.tls,
-            )
-            for account, path in zip(delivery.accounts, delivery.paths, strict=True)
-        ]
-        with self._cond:
-            self._inbound.extend(arrived)
-            self._cond.notify_all()
-        self._arrived()
-
-    def _captured(self, message: Message) -> None:
-        with self._cond:
-            self.outbound.append(message)
-            self._cond.notify_all()
-        self._arrived()
-
-    def messages(self, address: str | None = None) -> list[Message]:
-        """What arrived for `address`'s mailbox (or for any), in arrival order."""
-        self._running_or_raise()
-        key = self._local(address).key if address is not None else None
-        with self._cond:
-            return [m for m in self._inbound if key is None or m.account == key]
-
-    def wait_change(
-        self, count: int, timeout: float, outbound: bool = False, to: str | None = None
-    ) -> int:
-        """Block until more than `count` messages are there (or `timeout`); how many."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                pool = self.outbound if outbound else self.messages(to)
-                left = deadline - time.monotonic()
-                if len(pool) > count or left <= 0:
-                    return len(pool)
-                self._cond.wait(left)
-
-    def deliver(self, address: str, raw: bytes, sender: str = "") -> Message:
-        """Put a message straight into a mailbox (for POP3 tests)."""
-        self._running_or_raise()
-        target = self._local(address)
-        account = accounts_file.Account(target.key, target.domain, target.local)
-        incoming = IncomingMessage(
-            self.config.mailbox.mail_dir / ".incoming", self.config.state.node
-        )
-        incoming.write_line(f"Return-Path: <{sender}>".encode())
-        text = raw.replace(b"\r\n", b"\n")
-        if text.endswith(b"\n"):  # the last line's end, not an empty line after it
-            text = text[:-1]
-        for line in text.split(b"\n"):
-            incoming.write_line(line)
-        [path] = incoming.commit(self.config.mailbox.mail_dir, (account,))
-        message = Message(sender, (str(target),), path.read_bytes(), target.key)
-        with self._cond:
-            self._inbound.append(message)
-            self._cond.notify_all()
-        self._arrived()
-        return message
-
-    def _arrived(self) -> None:
-        """A message arrived (waiters on the Condition are already woken)."""
-
-    def _find(
-        self,
-        outbound: bool,
-        to: str | None,
-        subject: str | None,
-        predicate: Callable[[Message], bool] | None,
-    ) -> Message | None:
-        pool = self.outbound if outbound else self._inbound
-        key = None if to is None else to.lower() if outbound else self._local(to).key
-        return next((m for m in pool if match_message(m, key, subject, predicate, outbound)), None)
-
-    def wait_for_message(
-        self,
-        to: str | None = None,
-        subject: str | None = None,
-        predicate: Callable[[Message], bool] | None = None,
-        timeout: float = 5.0,
-        *,
-        outbound: bool = False,
-    ) -> Message:
-        """The first message that matches (`subject` is a glob), waiting up to
-        `timeout` seconds; it wakes on delivery itself, without polling.
-        `outbound=True` looks at relayed (captured) mail instead."""
-        self._running_or_raise()
-        if to is not None and not outbound:
-            self._local(to)  # an address that is not local raises at once
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                found = self._find(outbound, to, subject, predicate)
-                if found is not None:
-                    return found
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise not_found(
-                        to, subject, timeout, self.outbound if outbound else self._inbound
-                    )
-                self._cond.wait(left)
-
-    # --- time, state, TLS ---------------------------------------------------------
-
-    def advance(self, seconds: float) -> None:
-        """Move the server's clock forward (expiry, blocks, retries, timeouts)."""
-        self._running_or_raise()
-        self._in_reactor(self.clock.advance, seconds)
-
-    def reset(self) -> None:
-        """Back to a fresh server: no mail, accounts, authorisations, blocks or faults."""
-        self._running_or_raise()
-        self.faults.clear()
-
-        def in_reactor() -> None:
-            self._live().state.forget()
-            self._live().outbound.entries.clear()
-            self.clock.rewind()
-
-        self._in_reactor(in_reactor)
-        m = self.config.mailbox
-        m.accounts.write_text("")
-        m.aliases.write_text("")
-        self._in_reactor(self._live().accounts.reload)
-        for child in m.mail_dir.iterdir():
-            if child.name not in (".state", ".incoming"):
-                shutil.rmtree(child, ignore_errors=True)
-        with self._cond:
-            self._inbound.clear()
-            self.outbound.clear()
-
-    def client_ssl_context(self) -> ssl.SSLContext:
-        """A client context that trusts this server's throwaway certificate."""
-        return trusting_context(self.certificate if self.tls else None)
-
-
-class TwistedMailServer(MailServer):
-    """For trial and other Twisted-native tests: runs on the test's own reactor.
-
-    `start()` and `stop()` return Deferreds, and so does `wait_for_message`;
-    the rest of the API is the same and answers at once.
-    """
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        return object.__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._waiters: list[tuple[Any, Callable[[], Message | None]]] = []
-
-    def _in_reactor(self, f: Callable[..., Any], *args: Any) -> Any:
-        return f(*args)
-
-    def start(self) -> Any:  # a Deferred firing with the server
-        from twisted.internet import reactor
-        from twisted.internet.defer import succeed
-
-        if self._running:
-            return succeed(self)
-        with self._cond:
-            self._inbound.clear()
-            self.outbound.clear()
-
-        self.home = Path(tempfile.mkdtemp(prefix="mailbox-test-"))
-        self.clock = ShiftedClock(reactor)
-        self._capture_port = self._start_capture(reactor)
-        self.config = parse(self._ini(), self.home / "mailbox.ini")
-        self._running = True
-
-        def failed(f: Any) -> Any:
-            return self.stop().addCallback(lambda _: f)
-
-        return self._start_server(reactor).addCallbacks(lambda _: self, failed)
-
-    def stop(self) -> Any:  # a Deferred
-        from twisted.internet.defer import maybeDeferred
-
-        self._running = False
-        appliance, self.appliance = getattr(self, "appliance", None), None
-        d = (
-            maybeDeferred(appliance.service.stopService)
-            if appliance
-            else maybeDeferred(lambda: None)
-        )
-        if getattr(self, "_capture", None) is not None:
-            d.addCallback(lambda _: self._capture.stopListening())
-
-        def clean(result: Any) -> Any:
-            if self.home is not None:
-                shutil.rmtree(self.home, ignore_errors=True)
-            return result
-
-        return d.addBoth(clean)
-
-    def wait_for_message(
-        self,
-        to: str | None = None,
-        subject: str | None = None,
-        predicate: Callable[[Message], bool] | None = None,
-        timeout: float = 5.0,
-        *,
-        outbound: bool = False,
-    ) -> Any:
-        """A Deferred firing with the first matching message, or failing with
-        AssertionError after `timeout` seconds."""
-        from twisted.internet import reactor
-        from twisted.internet.defer import Deferred, succeed
-
-        self._running_or_raise()
-        if to is not None and not outbound:
-            self._local(to)
-
-        def find() -> Message | None:
-            return self._find(outbound, to, subject, predicate)
-
-        found = find()
-        if found is not None:
-            return succeed(found)
-        d: Deferred = Deferred()
-        waiter = (d, find)
-        self._waiters.append(waiter)
-
-        def expire() -> None:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-                d.errback(
-                    not_found(to, subject, timeout, self.outbound if outbound else self._inbound)
-                )
-
-        timer = reactor.callLater(timeout, expire)
-        d.addBoth(cancelling, timer)
-        return d
-
-    def _arrived(self) -> None:
-        for waiter in list(self._waiters):
-            d, find = waiter
-            found = find()
-            if found is not None:
-                self._waiters.remove(waiter)
-                d.callback(found)
-
+from collections.abc import Iterable
+from typing import Any, Literal, overload
+
+from .api import OVERRIDES, Message, ServerAPI
+from .api import check_overrides as check_overrides
+from .api import match_message as match_message
+from .api import not_found as not_found
+from .api import trusting_context as trusting_context
+from .clock import ShiftedClock
+from .inprocess import InProcessMailServer
+from .remote import RemoteMailServer
+from .trial import TwistedMailServer
+
+__all__ = [
+    "OVERRIDES",
+    "InProcessMailServer",
+    "MailServer",
+    "Message",
+    "RemoteMailServer",
+    "ServerAPI",
+    "ShiftedClock",
+    "TwistedMailServer",
+]
+
+
+@overload
+def MailServer(
+    domains: Iterable[str] = ...,
+    *,
+    tls: bool = ...,
+    process: Literal[False] = ...,
+    **overrides: Any,
+) -> InProcessMailServer: ...
+
+
+@overload
+def MailServer(
+    domains: Iterable[str] = ...,
+    *,
+    tls: bool = ...,
+    process: Literal[True],
+    **overrides: Any,
+) -> RemoteMailServer: ...
+
+
+@overload
+def MailServer(
+    domains: Iterable[str] = ...,
+    *,
+    tls: bool = ...,
+    process: bool,
+    **overrides: Any,
+) -> InProcessMailServer | RemoteMailServer: ...
+
+
+def MailServer(
+    domains: Iterable[str] = ("example.test",),
+    *,
+    tls: bool = False,
+    process: bool = False,
+    **overrides: Any,
+) -> InProcessMailServer | RemoteMailServer:
+    """A real Mailbox server for a test, not yet started: an InProcessMailServer
+    (this process, a reactor in a background thread), or with ``process=True``
+    a RemoteMailServer (the same API, the server in a child process). Both are
+    ServerAPIs; ``with MailServer(...) as server:`` starts and stops it."""
+    if process:
+        return RemoteMailServer(domains, tls=tls, **overrides)
+    return InProcessMailServer(domains, tls=tls, **overrides)

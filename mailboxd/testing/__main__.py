@@ -1,6 +1,6 @@
 """`python -m mailboxd.testing --ready-file ports.json`: a MailServer in this
 process, for a parent process or a suite not written in Python."""
 
-from .remote import serve
+from .child import serve
 
 serve()

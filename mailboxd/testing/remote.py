@@ -1,20 +1,12 @@
-"""MailServer in its own process: ``MailServer(process=True)``, and
-``python -m mailboxd.testing --ready-file ports.json`` for suites not in Python.
-
-The child runs an ordinary in-process MailServer and answers a control
-channel on 127.0.0.1: one JSON request per line, one JSON answer per line.
-The ready file holds the ports, the control port and the certificate path.
-"""
+"""RemoteMailServer, what ``MailServer(process=True)`` returns: the MailServer
+API in this process, the server in a child process (`python -m
+mailboxd.testing`, see child.py) that it drives over the control channel."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
-import os
-import signal
 import socket
-import socketserver
 import subprocess
 import sys
 import tempfile
@@ -24,145 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import ServerAPI, check_overrides, match_message, not_found, trusting_context
-
-# Operations the control channel serves: method names of MailServer.
-OPERATIONS = {
-    "add_account",
-    "remove_account",
-    "accounts",
-    "messages",
-    "deliver",
-    "advance",
-    "reset",
-    "outbound",
-    "wait_change",
-    "faults_on",
-    "faults_clear",
-    "stop",
-}
-
-
-def _encode(value: Any) -> Any:
-    from . import Message
-
-    if isinstance(value, Message):
-        return {
-            "__message__": True,
-            "envelope_from": value.envelope_from,
-            "recipients": list(value.recipients),
-            "raw": base64.b64encode(value.raw).decode(),
-            "account": value.account,
-            "authenticated": value.authenticated,
-            "tls": value.tls,
-        }
-    if isinstance(value, (list, tuple)):
-        return [_encode(v) for v in value]
-    return value
-
-
-def _decode(value: Any) -> Any:
-    from . import Message
-
-    if isinstance(value, dict) and value.get("__message__"):
-        return Message(
-            value["envelope_from"],
-            tuple(value["recipients"]),
-            base64.b64decode(value["raw"]),
-            value["account"],
-            value["authenticated"],
-            value["tls"],
-        )
-    if isinstance(value, list):
-        return [_decode(v) for v in value]
-    return value
-
-
-# --- the child ----------------------------------------------------------------------
-
-
-def serve(argv: list[str] | None = None) -> None:
-    """`python -m mailboxd.testing`: run a MailServer until stopped."""
-    from . import MailServer
-
-    p = argparse.ArgumentParser(prog="python -m mailboxd.testing", description=__doc__)
-    p.add_argument("--ready-file", required=True, help="write the ports here as JSON when ready")
-    p.add_argument("--domain", action="append", default=[], help="a local domain (repeatable)")
-    p.add_argument("--tls", action="store_true", help="also SMTPS/POP3S with a throwaway cert")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override"
-    )
-    args = p.parse_args(argv)
-    overrides = dict(item.split("=", 1) for item in args.set)
-    server = MailServer(domains=args.domain or ["example.test"], tls=args.tls, **overrides)
-    server.start()
-    done = threading.Event()
-
-    class Handler(socketserver.StreamRequestHandler):
-        def handle(self) -> None:
-            for line in self.rfile:
-                request = json.loads(line)
-                op = request.get("op")
-                try:
-                    if op not in OPERATIONS:
-                        raise ValueError(f"unknown operation {op!r}")
-                    result = _run(server, op, request.get("args", []), request.get("kwargs", {}))
-                    answer = {"ok": _encode(result)}
-                except Exception as e:  # noqa: BLE001 - every error goes back to the caller
-                    answer = {"error": type(e).__name__, "message": str(e)}
-                self.wfile.write(json.dumps(answer).encode() + b"\n")
-                self.wfile.flush()
-                if op == "stop":
-                    done.set()
-                    return
-
-    control = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-    control.daemon_threads = True
-    threading.Thread(target=control.serve_forever, args=(0.05,), daemon=True).start()
-    ready = {
-        "host": server.host,
-        "smtp_port": server.smtp_port,
-        "submission_port": server.submission_port,
-        "pop3_port": server.pop3_port,
-        "smtps_port": server.smtps_port,
-        "pop3s_port": server.pop3s_port,
-        "control_port": control.server_address[1],
-        "certificate": str(server.certificate) if args.tls else None,
-        "pid": os.getpid(),
-    }
-    tmp = Path(args.ready_file + ".tmp")
-    tmp.write_text(json.dumps(ready))
-    os.replace(tmp, args.ready_file)
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    done.wait()
-    control.shutdown()
-    server.stop()
-
-
-def _run(server: Any, op: str, args: list, kwargs: dict) -> Any:
-    if op == "outbound":
-        return list(server.outbound)
-    if op == "deliver":
-        return server.deliver(args[0], base64.b64decode(args[1]), *args[2:])
-    if op == "faults_on":
-        server.faults.on(
-            *args,
-            **{
-                k: tuple(v) if k == "reply" and isinstance(v, list) else v
-                for k, v in kwargs.items()
-            },
-        )
-        return None
-    if op == "faults_clear":
-        return server.faults.clear()
-    if op == "wait_change":
-        return server.wait_change(*args, **kwargs)
-    if op == "stop":
-        return None
-    return getattr(server, op)(*args, **kwargs)
-
-
-# --- the parent ----------------------------------------------------------------------
+from .api import ServerAPI, check_overrides, match_message, not_found, trusting_context
+from .control import decode
 
 
 class _RemoteFaults:
@@ -255,7 +110,7 @@ class RemoteMailServer(ServerAPI):
                 "AssertionError": AssertionError,
             }
             raise kind.get(answer["error"], RuntimeError)(answer["message"])
-        return _decode(answer["ok"])
+        return decode(answer["ok"])
 
     # The same API as the in-process MailServer.
 
