@@ -47,3 +47,12 @@ def test_twistd_mailbox_version(tmp_path):
 def test_the_twisted_plugins_are_installed_with_the_package():
     files = {str(f) for f in importlib.metadata.files("mailboxd") or []}
     assert {"twisted/plugins/mailboxd_plugin.py", "twisted/plugins/mailboxd_tls.py"} <= files
+
+
+def test_the_testing_package_is_installed_whole():
+    # mailboxd.testing is a subpackage: setup.cfg must list it, or the wheel
+    # has mailboxd without the fixture.
+    files = {str(f) for f in importlib.metadata.files("mailboxd") or []}
+    modules = ["__init__", "__main__", "api", "capture", "child", "clock", "control"]
+    modules += ["inprocess", "remote", "trial"]
+    assert {f"mailboxd/testing/{m}.py" for m in modules} <= files
