@@ -132,7 +132,7 @@ def queued(server: MailServer) -> list[str]:
 def queue_is_empty(server: MailServer) -> bool:
     """No envelope, no message, no temp file left (corrupt/ aside)."""
     q = queue_dir(server)
-    return not q.is_dir() or not [p for p in q.iterdir() if p.name != "corrupt"]
+    return not q.is_dir() or not [p for p in q.iterdir() if p.name not in ("corrupt", ".flush")]
 
 
 def listing(server: MailServer) -> dict[str, dict]:
@@ -562,6 +562,7 @@ def test_a_corrupt_envelope_is_moved_aside_and_mail_flows(relay, kind):
     q.mkdir(parents=True, exist_ok=True)
     (q / "BAD.msg").write_bytes(b"Subject: corrupt\n\nbody\n")
     (q / "BAD.json").write_bytes(CORRUPT[kind])
+    ctl(server, "queue", "flush")  # the queue is read again now, not at the next rescan
     # The envelope is moved first, then its message.
     moved = [q / "corrupt" / "BAD.json", q / "corrupt" / "BAD.msg"]
     assert wait_for(lambda: all(p.exists() for p in moved), timeout=20), server.log()
@@ -664,6 +665,7 @@ def test_an_entry_whose_message_is_lost_is_set_aside_and_bounced(relay, kind):
         (q / "LOST.msg").write_bytes(b"Subject: short\n\nbody\n")
         envelope["offset"] = 10_000
     (q / "LOST.json").write_text(json.dumps(envelope))
+    ctl(server, "queue", "flush")  # the queue is read again now, not at the next rescan
     assert wait_for(lambda: (q / "corrupt" / "LOST.json").exists(), timeout=20), server.log()
     # The line follows the move.
     assert wait_for(lambda: "moved corrupt entry LOST to" in server.log(), timeout=5)
