@@ -188,9 +188,9 @@ class Claims:
     held: set[str] = attrs.field(factory=set)
     _failing: bool = False
 
-    def renew(self, ids: list[str]) -> Deferred:
-        """Hold what can be held of `ids`: fires with the ids held now that
-        were not before."""
+    def renew(self, ids: list[str], everything: bool = True) -> Deferred:
+        """Hold what can be held of `ids` (`everything`: and nothing else):
+        fires with the ids held now that were not before."""
         before = self.held
 
         def renewed(lost: list[str]) -> set[str]:
@@ -198,8 +198,9 @@ class Claims:
                 self._failing = False
                 log.info("queue claims renewed again")
             others = {name[len(QUEUE) :] for name in lost}
-            self.held = set(ids) - others
-            return self.held - before
+            won = set(ids) - others
+            self.held = won if everything else (before - others) | won
+            return won - before
 
         def failed(f: Any) -> set[str]:
             f.trap(StateError)

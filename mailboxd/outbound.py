@@ -525,6 +525,8 @@ class Outbound:
     _claiming: bool = False
     _flushed: int | None = -1  # the flush file's time when last seen; -1: not yet looked
     _claim_again: bool = False
+    _claim_all: bool = False  # renew every claim at the next _claim_now
+    _to_claim: set[str] = attrs.field(factory=set)  # entries new since
     _foreign: set[str] = attrs.field(factory=set)  # entries another front end holds
 
     # --- running ------------------------------------------------------------
@@ -570,7 +572,7 @@ class Outbound:
         while the messages kept so take at most HELD_MAX bytes altogether."""
         if entry.id not in self.entries:
             self.entries[entry.id] = entry
-            self._claim()
+            self._claim(entry.id)
             room = HELD_MAX - self._held_bytes
             if message is not None and len(message) <= min(ONE_WRITE, room):
                 self._held[entry.id] = message
@@ -652,8 +654,9 @@ class Outbound:
             if entry_id not in self.entries:
                 self._take_held(entry_id)
         self._handed_over.intersection_update(self.entries)
-        if self.claims is not None and not set(self.entries) - self._foreign <= self.claims.held:
-            self._claim()
+        if self.claims is not None:
+            for entry_id in set(self.entries) - self._foreign - self.claims.held:
+                self._claim(entry_id)
         self._dispatch()
 
     @property
@@ -662,11 +665,16 @@ class Outbound:
         assert self.claims is not None
         return max(1, int(self.claims.seconds / 3 / self.interval))
 
-    def _claim(self) -> None:
-        """Renew the claims on every entry known, and take those no other
-        front end holds; soon, with whatever else comes meanwhile."""
+    def _claim(self, entry_id: str | None = None) -> None:
+        """Claim `entry_id` (None: renew the claims on every entry known, and
+        take those no other front end holds); soon, with whatever else comes
+        meanwhile."""
         if self.claims is None:
             return
+        if entry_id is None:
+            self._claim_all = True
+        else:
+            self._to_claim.add(entry_id)
         if self._claiming:
             self._claim_again = True
             return
@@ -676,6 +684,12 @@ class Outbound:
     def _claim_now(self) -> None:
         assert self.claims is not None
         self._claim_again = False
+        everything, self._claim_all = self._claim_all, False
+        if everything:
+            ids = list(self.entries)
+        else:
+            ids = [entry_id for entry_id in self._to_claim if entry_id in self.entries]
+        self._to_claim = set()
 
         def claimed(won: set[str]) -> None:
             assert self.claims is not None
@@ -687,7 +701,10 @@ class Outbound:
                     self._anchors.pop(entry_id, None)
             if again:
                 self._rescan = True
-            self._foreign = set(self.entries) - self.claims.held
+            if everything:
+                self._foreign = set(self.entries) - self.claims.held
+            else:
+                self._foreign = (self._foreign - won) | (set(ids) - self.claims.held)
             self._claiming = False
             if self._claim_again:
                 self._claim()
@@ -697,7 +714,8 @@ class Outbound:
             self._claiming = False
             _log_failure(f, "claims")
 
-        self.claims.renew(list(self.entries)).addCallback(claimed).addErrback(failed)
+        d = self.claims.renew(ids, everything)
+        d.addCallback(claimed).addErrback(failed)
 
     def _scan_failed(self, f: Any) -> None:
         self._scanning = False
@@ -1145,7 +1163,7 @@ class Outbound:
                 queue.enqueue_bytes, self.directory, dsn, bounce, self.config.state.node
             )
             self.entries[bounce_id] = bounce
-            self._claim()
+            self._claim(bounce_id)
             log.info(
                 "queue {queue_id}: bounce {bounce} queued for {to}",
                 queue_id=entry.id,
