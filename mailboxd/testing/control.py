@@ -23,6 +23,8 @@ OPERATIONS = {
     "wait_change",
     "faults_on",
     "faults_clear",
+    "world_on",
+    "world_clear",
     "stop",
 }
 
