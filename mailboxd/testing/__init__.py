@@ -19,6 +19,7 @@ The modules, each importing only those above it:
 
 * api: what both kinds of server share (Message, OVERRIDES, ServerAPI)
 * clock: the server's shifted clock
+* world: the world's rules (`server.world.on`), how the world answers relayed mail
 * capture: the SMTP receiver that stands in for the world
 * inprocess: InProcessMailServer, on a reactor in a background thread
 * trial: TwistedMailServer, on the test's own reactor

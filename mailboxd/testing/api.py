@@ -6,9 +6,11 @@ from __future__ import annotations
 import email
 import email.policy
 import fnmatch
+import re
 import ssl
 from collections.abc import Callable
 from email.message import EmailMessage
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +66,85 @@ class Message:
     def subject(self) -> str:
         return str(self.message.get("Subject", ""))
 
+    def _part(self, subtype: str) -> str | None:
+        """The body's text/`subtype` part, decoded (transfer encoding and
+        charset), with LF line ends; None if it has none."""
+        part = self.message.get_body(preferencelist=(subtype,))
+        if part is None:
+            return None
+        content = part.get_content()
+        return content.replace("\r\n", "\n") if isinstance(content, str) else None
+
+    @property
+    def text(self) -> str | None:
+        """The text/plain body (of a multipart/alternative, the plain part),
+        decoded; None if there is none. Never derived from the HTML."""
+        return self._part("plain")
+
+    @property
+    def html(self) -> str | None:
+        """The text/html body, decoded; None if there is none."""
+        return self._part("html")
+
+    @property
+    def links(self) -> list[str]:
+        """The http(s) URLs in the text part, then the `<a href>`s of the HTML
+        part, each once, in the order first seen."""
+        found = [_trim_url(u) for u in _URL.findall(self.text or "")]
+        if (html := self.html) is not None:
+            anchors = _Anchors()
+            anchors.feed(html)
+            anchors.close()
+            found += anchors.hrefs
+        return list(dict.fromkeys(u for u in found if u))
+
+    def find(self, pattern: str | re.Pattern[str]) -> str | None:
+        """The first match of the regular expression `pattern` in the text
+        part (in the HTML part if there is no text part): its first group if
+        it has groups, else the whole match; None if nothing matches.
+
+            code = message.find(r"code: (\\d{6})")
+        """
+        where = self.text
+        if where is None:
+            where = self.html or ""
+        found = re.search(pattern, where)
+        if found is None:
+            return None
+        return found.group(1) if found.re.groups else found.group(0)
+
     def __repr__(self) -> str:
         to = ", ".join(self.recipients)
         return f"<Message from <{self.envelope_from}> to {to}: {self.subject!r}>"
+
+
+_URL = re.compile(r"https?://[^\s<>\"'`]+", re.IGNORECASE)
+
+
+def _trim_url(url: str) -> str:
+    """A URL found in text, without the punctuation of the sentence around it."""
+    while url and (
+        url[-1] in ".,;:!?"
+        or (url[-1] == ")" and url.count("(") < url.count(")"))
+        or (url[-1] == "]" and url.count("[") < url.count("]"))
+    ):
+        url = url[:-1]
+    return url
+
+
+class _Anchors(HTMLParser):
+    """The href of each <a> in an HTML document, in order (entities resolved)."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            for name, value in attrs:
+                if name == "href" and value and value.strip():
+                    self.hrefs.append(value.strip())
+                    return
 
 
 def check_overrides(overrides: dict[str, Any]) -> None:

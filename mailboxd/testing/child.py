@@ -83,8 +83,9 @@ def _run(server: Any, op: str, args: list, kwargs: dict) -> Any:
         return list(server.outbound)
     if op == "deliver":
         return server.deliver(args[0], base64.b64decode(args[1]), *args[2:])
-    if op == "faults_on":
-        server.faults.on(
+    if op in ("faults_on", "world_on"):  # server.faults or server.world
+        rules = getattr(server, op.removesuffix("_on"))
+        rules.on(
             *args,
             **{
                 k: tuple(v) if k == "reply" and isinstance(v, list) else v
@@ -92,8 +93,8 @@ def _run(server: Any, op: str, args: list, kwargs: dict) -> Any:
             },
         )
         return None
-    if op == "faults_clear":
-        return server.faults.clear()
+    if op in ("faults_clear", "world_clear"):
+        return getattr(server, op.removesuffix("_clear")).clear()
     if op == "wait_change":
         return server.wait_change(*args, **kwargs)
     if op == "stop":

@@ -1,6 +1,7 @@
 """The control channel between RemoteMailServer and its child process: one
 JSON request per line, one JSON answer per line; Messages travel as objects
-with their bytes in base64."""
+with their bytes in base64 (and, for other languages' clients, their subject,
+text and HTML parts and links, as Message has them)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ OPERATIONS = {
     "wait_change",
     "faults_on",
     "faults_clear",
+    "world_on",
+    "world_clear",
     "stop",
 }
 
@@ -36,6 +39,11 @@ def encode(value: Any) -> Any:
             "account": value.account,
             "authenticated": value.authenticated,
             "tls": value.tls,
+            # For clients not in Python; decode() builds them again from raw.
+            "subject": value.subject,
+            "text": value.text,
+            "html": value.html,
+            "links": value.links,
         }
     if isinstance(value, (list, tuple)):
         return [encode(v) for v in value]

@@ -39,6 +39,7 @@ from .api import (
 )
 from .capture import CaptureFactory
 from .clock import ShiftedClock
+from .world import World
 
 if TYPE_CHECKING:
     from ..service import Appliance
@@ -96,6 +97,7 @@ class InProcessMailServer(ServerAPI):
         # domains (and wait for its timeouts): on only when a test asks.
         self.overrides = {"trusted_networks": "", "bcrypt_rounds": 4, "checks": "no", **overrides}
         self.faults = Faults()
+        self.world = World()  # how the world outside answers relayed mail
         self.outbound: list[Message] = []
         self._inbound: list[Message] = []
         self._cond = threading.Condition()
@@ -181,7 +183,7 @@ class InProcessMailServer(ServerAPI):
         )
 
     def _start_capture(self, reactor: Any) -> int:
-        factory = CaptureFactory(self._captured)
+        factory = CaptureFactory(self._captured, self.world, self.clock)
         self._capture = reactor.listenTCP(0, factory, interface="127.0.0.1")
         return self._capture.getHost().port
 
@@ -386,9 +388,11 @@ class InProcessMailServer(ServerAPI):
         self._in_reactor(self.clock.advance, seconds)
 
     def reset(self) -> None:
-        """Back to a fresh server: no mail, accounts, authorisations, blocks or faults."""
+        """Back to a fresh server: no mail, accounts, authorisations, blocks, faults
+        or rules of the world's."""
         self._running_or_raise()
         self.faults.clear()
+        self.world.clear()
 
         def in_reactor() -> None:
             self._live().state.forget()

@@ -20,15 +20,34 @@ from .api import ServerAPI, check_overrides, match_message, not_found, trusting_
 from .control import decode
 
 
-class _RemoteFaults:
-    def __init__(self, call: Callable[..., Any]) -> None:
-        self._call = call
+class _RemoteRules:
+    """`server.faults` or `server.world` of the child's: `on` and `clear`."""
 
-    def on(self, point: str, **kwargs: Any) -> None:
-        self._call("faults_on", point, **kwargs)
+    def __init__(self, call: Callable[..., Any], name: str) -> None:
+        self._call, self._name = call, name
+
+    def on(
+        self,
+        point: str,
+        *,
+        match: str | None = None,
+        reply: tuple[int, str] | str | None = None,
+        drop: bool = False,
+        delay: float = 0.0,
+        times: int | None = None,
+    ) -> None:
+        self._call(
+            f"{self._name}_on",
+            point,
+            match=match,
+            reply=reply,
+            drop=drop,
+            delay=delay,
+            times=times,
+        )
 
     def clear(self) -> None:
-        self._call("faults_clear")
+        self._call(f"{self._name}_clear")
 
 
 class RemoteMailServer(ServerAPI):
@@ -44,7 +63,8 @@ class RemoteMailServer(ServerAPI):
         self.tls = tls
         self.overrides = overrides
         self.proc: subprocess.Popen | None = None
-        self.faults = _RemoteFaults(self._call)
+        self.faults = _RemoteRules(self._call, "faults")
+        self.world = _RemoteRules(self._call, "world")
 
     def start(self) -> RemoteMailServer:
         if self.proc is not None:
