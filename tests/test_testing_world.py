@@ -227,3 +227,22 @@ def test_the_world_of_a_child_process():
         server.world.clear()
         submit(server, "carol@far.test", subject="now it goes")
         assert server.wait_for_message(outbound=True, subject="now it goes", timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"stage": "connect", "reply": (421, "4.7.0 slow down")},  # a throttle
+        {"stage": "MAIL", "drop": True},
+        {"stage": "end-of-data", "delay": 120},  # then the real answer
+    ],
+    ids=["throttle", "drop", "delay"],
+)
+def test_each_rule_of_a_child_processs_world_holds_mail_until_advance(rule):
+    with MailServer(process=True) as server:
+        server.add_account(ALICE, ALICE_PW)
+        rule = dict(rule)
+        server.world.on(rule.pop("stage"), times=1, **rule)
+        submit(server, "bob@far.test", subject="held by the world")
+        server.assert_no_message(outbound=True, within=0.5)
+        assert retried(server, seconds=120).subject == "held by the world"
