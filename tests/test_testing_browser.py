@@ -69,7 +69,9 @@ class DevTools:
 @pytest.fixture
 def chromium():
     path = need("chromium")
-    with tempfile.TemporaryDirectory(prefix="mailbox-chromium-", ignore_cleanup_errors=True) as profile:
+    with tempfile.TemporaryDirectory(
+        prefix="mailbox-chromium-", ignore_cleanup_errors=True
+    ) as profile:
         proc = subprocess.Popen(
             [
                 path,
@@ -209,8 +211,7 @@ def test_the_page_lists_mail_live_and_never_runs_its_scripts(chromium, remote_im
         cdp("Runtime.enable", session)
         cdp.until(
             "the page is live",
-            lambda: cdp.evaluate(session, "document.getElementById('state').textContent")
-            == "live",
+            lambda: cdp.evaluate(session, "document.getElementById('state').textContent") == "live",
         )
         assert cdp.evaluate(session, "document.querySelectorAll('tr.message').length") == 0
 
@@ -232,8 +233,10 @@ def test_the_page_lists_mail_live_and_never_runs_its_scripts(chromium, remote_im
         )
         cdp.until(
             "the raw source is shown",
-            lambda: "Subject: dangerous mail"
-            in cdp.evaluate(session, "document.getElementById('raw').textContent"),
+            lambda: (
+                "Subject: dangerous mail"
+                in cdp.evaluate(session, "document.getElementById('raw').textContent")
+            ),
         )
         frame = "document.getElementById('html')"
         assert cdp.evaluate(session, f"{frame}.getAttribute('sandbox')") == ""

@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 from openapi_spec_validator import validate
 
-from mailboxd.testing import Message, MailServer
+from mailboxd.testing import MailServer, Message
 
 ALICE, ALICE_PW = "alice@example.test", "alice pw"
 FAR = "someone@far.test"
@@ -199,9 +199,7 @@ def test_outbound_mail_is_listed_and_waited_for(box, api):
     with smtplib.SMTP(box.host, box.submission_port, timeout=10) as s:
         s.login(ALICE, ALICE_PW)
         s.sendmail(ALICE, ["Boss@far.test"], b"Subject: report\r\n\r\n42\r\n")
-    status, sent, _ = api(
-        "GET", "/api/v1/wait", query="?outbound=true&to=boss@far.test&timeout=10"
-    )
+    status, sent, _ = api("GET", "/api/v1/wait", query="?outbound=true&to=boss@far.test&timeout=10")
     assert status == 200 and sent["outbound"] is True and sent["account"] is None
     assert sent["recipients"] == ["Boss@far.test"]
     assert api("GET", "/api/v1/messages")[1]["messages"] == []
@@ -240,7 +238,11 @@ def test_delete_removes_a_delivered_message_from_the_mailbox(box, api):
 
 def test_the_page_and_its_files_have_a_strict_policy(box):
     base = f"http://127.0.0.1:{box.http_port}"
-    for path, kind in [("/", "text/html"), ("/app.js", "text/javascript"), ("/app.css", "text/css")]:
+    for path, kind in [
+        ("/", "text/html"),
+        ("/app.js", "text/javascript"),
+        ("/app.css", "text/css"),
+    ]:
         with urllib.request.urlopen(base + path, timeout=10) as answer:
             assert answer.headers.get_content_type() == kind
             assert answer.headers["Content-Security-Policy"].startswith("default-src 'self'")
@@ -256,7 +258,9 @@ def test_message_parts_and_the_html_endpoints_policy(box, api):
     assert "plain words" in message["text"]
     assert "html words" in message["html"]
     assert "https://example.test/b" in message["links"]
-    found = api("GET", "/api/v1/messages/{id}/find", query="?pattern=html%20w.rds", id=message["id"])
+    found = api(
+        "GET", "/api/v1/messages/{id}/find", query="?pattern=html%20w.rds", id=message["id"]
+    )
     assert found[0] == 200 and found[1]["found"]
     listed = api("GET", "/api/v1/messages", query="?pattern=plain%20words")[1]["messages"]
     assert [m["id"] for m in listed] == [message["id"]]

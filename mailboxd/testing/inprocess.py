@@ -31,8 +31,8 @@ import bcrypt
 from twisted.internet.defer import Deferred, DeferredList, succeed
 
 from .. import accounts as accounts_file
-from ..clocks import cancelling
 from ..addresses import parse_mailbox
+from ..clocks import cancelling
 from ..config import SPEC, parse
 from ..faults import Faults
 from ..maildir import IncomingMessage, maildir_path
@@ -70,6 +70,7 @@ class Record:
 class _Waiter:
     deferred: Deferred
     find: Callable[[], Any]  # the match, or None
+
 
 _reactor_lock = threading.Lock()
 _reactor_thread: threading.Thread | None = None

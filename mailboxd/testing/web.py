@@ -144,7 +144,7 @@ class Filters:
     """The query of a list or a wait: to, subject, outbound, after, pattern."""
 
     def __init__(self, server: InProcessMailServer, request: Any) -> None:
-        self.server = server
+        self.mail = server
         self.subject = _arg(request, "subject")
         self.pattern = _arg(request, "pattern")
         outbound = (_arg(request, "outbound") or "false").lower()
@@ -186,10 +186,10 @@ class Filters:
                 return False
         if self.subject is not None and not fnmatch.fnmatchcase(m.subject, self.subject):
             return False
-        return self.pattern is None or bool(m.find(self.pattern))  # type: ignore[attr-defined]
+        return self.pattern is None or (hasattr(m, "find") and bool(m.find(self.pattern)))
 
     def select(self) -> list[Record]:
-        return [r for r in self.server._record_list() if self.matches(r)]
+        return [r for r in self.mail._record_list() if self.matches(r)]
 
 
 def server_message_type() -> type:
@@ -211,7 +211,9 @@ def _body(request: Any) -> dict[str, Any]:
     return value
 
 
-def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+def _field(
+    body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...
+) -> Any:
     if name not in body or body[name] is None:
         if default is ...:
             raise bad(f"{name!r} is required")
@@ -249,32 +251,30 @@ class API(Resource):
 
     def __init__(self, server: InProcessMailServer) -> None:
         super().__init__()
-        self.server = server
+        self.mail = server
         r = r"(\d+)"
-        self.routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = [
-            (re.compile(p), h)
-            for p, h in [
-                (r"", {"GET": self.page}),
-                (r"(app\.js|app\.css|index\.html)", {"GET": self.static}),
-                (r"api/v1", {"GET": self.info}),
-                (r"api/v1/openapi\.json", {"GET": self.openapi}),
-                (r"api/v1/messages", {"GET": self.list, "POST": self.deliver}),
-                (f"api/v1/messages/{r}", {"GET": self.one, "DELETE": self.delete}),
-                (f"api/v1/messages/{r}/raw", {"GET": self.raw}),
-                (f"api/v1/messages/{r}/html", {"GET": self.html}),
-                (f"api/v1/messages/{r}/find", {"GET": self.find}),
-                (r"api/v1/wait", {"GET": self.wait}),
-                (r"api/v1/accounts", {"GET": self.accounts, "POST": self.add_account}),
-                (r"api/v1/accounts/([^/]+)", {"DELETE": self.remove_account}),
-                (r"api/v1/advance", {"POST": self.advance}),
-                (
-                    r"api/v1/faults",
-                    {"GET": self.faults, "POST": self.fault_on, "DELETE": self.faults_clear},
-                ),
-                (r"api/v1/world", {"POST": self.world_on, "DELETE": self.world_clear}),
-                (r"api/v1/reset", {"POST": self.reset}),
-            ]
+        table: list[tuple[str, dict[str, Handler]]] = [
+            (r"", {"GET": self.page}),
+            (r"(app\.js|app\.css|index\.html)", {"GET": self.static}),
+            (r"api/v1", {"GET": self.info}),
+            (r"api/v1/openapi\.json", {"GET": self.openapi}),
+            (r"api/v1/messages", {"GET": self.list, "POST": self.deliver}),
+            (f"api/v1/messages/{r}", {"GET": self.one, "DELETE": self.delete}),
+            (f"api/v1/messages/{r}/raw", {"GET": self.raw}),
+            (f"api/v1/messages/{r}/html", {"GET": self.html}),
+            (f"api/v1/messages/{r}/find", {"GET": self.find}),
+            (r"api/v1/wait", {"GET": self.wait}),
+            (r"api/v1/accounts", {"GET": self.accounts, "POST": self.add_account}),
+            (r"api/v1/accounts/([^/]+)", {"DELETE": self.remove_account}),
+            (r"api/v1/advance", {"POST": self.advance}),
+            (
+                r"api/v1/faults",
+                {"GET": self.faults, "POST": self.fault_on, "DELETE": self.faults_clear},
+            ),
+            (r"api/v1/world", {"POST": self.world_on, "DELETE": self.world_clear}),
+            (r"api/v1/reset", {"POST": self.reset}),
         ]
+        self.routes = [(re.compile(p), h) for p, h in table]
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -293,7 +293,7 @@ class API(Resource):
                 if method not in handlers:
                     request.setHeader(b"Allow", ", ".join(sorted(handlers)).encode())
                     raise HTTPError(405, "method_not_allowed", f"{method} /{path}: not allowed")
-                self.server._running_or_raise()
+                self.mail._running_or_raise()
                 return handlers[method](request, *found.groups())
             raise missing(f"/{path}: no such resource")
         except HTTPError as e:
@@ -314,7 +314,7 @@ class API(Resource):
         return b""
 
     def record(self, ident: str) -> Record:
-        for record in self.server._record_list():
+        for record in self.mail._record_list():
             if record.id == int(ident):
                 return record
         raise missing(f"no message {ident}")
@@ -335,7 +335,7 @@ class API(Resource):
         return (HERE / "openapi.json").read_bytes()
 
     def info(self, request: Any) -> bytes:
-        s = self.server
+        s = self.mail
         return self.json(
             request,
             {
@@ -355,7 +355,7 @@ class API(Resource):
     # --- messages -------------------------------------------------------------------------
 
     def list(self, request: Any) -> bytes:
-        found = Filters(self.server, request).select()
+        found = Filters(self.mail, request).select()
         return self.json(request, {"messages": [message_json(r) for r in found]})
 
     def one(self, request: Any, ident: str) -> bytes:
@@ -370,12 +370,14 @@ class API(Resource):
         record = self.record(ident)
         if not hasattr(record.message, "html"):
             raise not_implemented("Message.html")
-        html = record.message.html  # type: ignore[attr-defined]
+        html = record.message.html
         if html is None:
             raise missing(f"message {ident} has no HTML part")
         images = _arg(request, "images") in ("1", "true", "yes")
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-        request.setHeader(b"Content-Security-Policy", (HTML_CSP_IMAGES if images else HTML_CSP).encode())
+        request.setHeader(
+            b"Content-Security-Policy", (HTML_CSP_IMAGES if images else HTML_CSP).encode()
+        )
         request.setHeader(b"Referrer-Policy", b"no-referrer")
         return str(html).encode("utf-8")
 
@@ -387,13 +389,13 @@ class API(Resource):
         if not hasattr(record.message, "find"):
             raise not_implemented("Message.find")
         try:
-            found = record.message.find(pattern)  # type: ignore[attr-defined]
+            found = record.message.find(pattern)
         except re.error as e:
             raise bad(f"pattern={pattern!r}: {e}") from None
         return self.json(request, {"pattern": pattern, "found": _plain(found)})
 
     def delete(self, request: Any, ident: str) -> bytes:
-        self.server._delete_now(self.record(ident))
+        self.mail._delete_now(self.record(ident))
         return self.empty(request)
 
     def deliver(self, request: Any) -> bytes:
@@ -402,20 +404,20 @@ class API(Resource):
         raw = _field(body, "raw", str).encode("utf-8")
         sender = _field(body, "sender", str, "")
         try:
-            message = self.server._deliver_now(to, raw, sender)
+            message = self.mail._deliver_now(to, raw, sender)
         except ValueError as e:
             raise bad(str(e)) from None
-        record = next(r for r in self.server._record_list() if r.message is message)
+        record = next(r for r in self.mail._record_list() if r.message is message)
         return self.json(request, message_json(record), 201)
 
     def wait(self, request: Any) -> Any:
-        filters = Filters(self.server, request)
+        filters = Filters(self.mail, request)
         timeout = _number(request, "timeout", 5.0, 0.0, MAX_WAIT)
 
         def first() -> Record | None:
             return next(iter(filters.select()), None)
 
-        d = self.server._wait_deferred(first, timeout, _Timeout)
+        d = self.mail._wait_deferred(first, timeout, _Timeout)
         finished = request.notifyFinish()
         finished.addErrback(lambda _: d.cancel())  # the client went away
 
@@ -431,7 +433,7 @@ class API(Resource):
                     404,
                     "timeout",
                     f"no matching message within {timeout} s",
-                    arrived=len(self.server._record_list()),
+                    arrived=len(self.mail._record_list()),
                 )
             else:
                 e = HTTPError(503, "unavailable", f.getErrorMessage())
@@ -444,14 +446,14 @@ class API(Resource):
     # --- accounts, time, faults, world, reset ---------------------------------------------
 
     def accounts(self, request: Any) -> bytes:
-        return self.json(request, {"accounts": self.server.accounts()})
+        return self.json(request, {"accounts": self.mail.accounts()})
 
     def add_account(self, request: Any) -> bytes:
         body = _body(request)
         address = _field(body, "address", str)
         password = _field(body, "password", str)
         try:
-            self.server._add_account_now(address, password)
+            self.mail._add_account_now(address, password)
         except ValueError as e:
             raise bad(str(e)) from None
         return self.json(request, {"address": address}, 201)
@@ -460,7 +462,7 @@ class API(Resource):
         from .inprocess import NoSuchAccount
 
         try:
-            self.server._remove_account_now(address)
+            self.mail._remove_account_now(address)
         except NoSuchAccount as e:
             raise missing(str(e)) from None
         except ValueError as e:
@@ -471,27 +473,27 @@ class API(Resource):
         seconds = _field(_body(request), "seconds", (int, float))
         if not math.isfinite(seconds) or seconds < 0:
             raise bad("seconds must be a number, 0 or more")
-        self.server._advance_now(float(seconds))
-        return self.json(request, {"offset": self.server.clock.offset})
+        self.mail._advance_now(float(seconds))
+        return self.json(request, {"offset": self.mail.clock.offset})
 
     def faults(self, request: Any) -> bytes:
-        return self.json(request, {"faults": [_plain(r) for r in list(self.server.faults.rules)]})
+        return self.json(request, {"faults": [_plain(r) for r in list(self.mail.faults.rules)]})
 
     def fault_on(self, request: Any) -> bytes:
         body = _body(request)
         point = _field(body, "point", str)
         try:
-            rule = self.server.faults.on(point, **_rule_args(body))
+            rule = self.mail.faults.on(point, **_rule_args(body))
         except (ValueError, TypeError) as e:
             raise bad(str(e)) from None
         return self.json(request, _plain(rule), 201)
 
     def faults_clear(self, request: Any) -> bytes:
-        self.server.faults.clear()
+        self.mail.faults.clear()
         return self.empty(request)
 
     def _world(self) -> Any:
-        world = getattr(self.server, "world", None)
+        world = getattr(self.mail, "world", None)
         if world is None:
             raise not_implemented("world rules (server.world)")
         return world
@@ -511,7 +513,7 @@ class API(Resource):
         return self.empty(request)
 
     def reset(self, request: Any) -> bytes:
-        self.server._reset_now()
+        self.mail._reset_now()
         return self.empty(request)
 
 
