@@ -56,3 +56,10 @@ def test_the_testing_package_is_installed_whole():
     modules = ["__init__", "__main__", "api", "capture", "child", "clock", "control"]
     modules += ["inprocess", "remote", "trial"]
     assert {f"mailboxd/testing/{m}.py" for m in modules} <= files
+
+
+def test_the_http_apis_description_and_page_are_installed():
+    # package_data in setup.cfg: without it the wheel has web.py but not its files.
+    files = {str(f) for f in importlib.metadata.files("mailboxd") or []}
+    names = ["web.py", "openapi.json", "static/index.html", "static/app.js", "static/app.css"]
+    assert {f"mailboxd/testing/{n}" for n in names} <= files

@@ -26,6 +26,7 @@ The modules, each importing only those above it:
 * control: the JSON-lines channel to a server in a child process
 * child: that child (`python -m mailboxd.testing`)
 * remote: RemoteMailServer, the parent's side of it
+* web: the HTTP API and web page (`http=True`), with openapi.json and static/
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def MailServer(
     domains: Iterable[str] = ...,
     *,
     tls: bool = ...,
+    http: bool | int = ...,
     process: Literal[False] = ...,
     **overrides: Any,
 ) -> InProcessMailServer: ...
@@ -70,6 +72,7 @@ def MailServer(
     domains: Iterable[str] = ...,
     *,
     tls: bool = ...,
+    http: bool | int = ...,
     process: Literal[True],
     **overrides: Any,
 ) -> RemoteMailServer: ...
@@ -80,6 +83,7 @@ def MailServer(
     domains: Iterable[str] = ...,
     *,
     tls: bool = ...,
+    http: bool | int = ...,
     process: bool,
     **overrides: Any,
 ) -> InProcessMailServer | RemoteMailServer: ...
@@ -89,13 +93,16 @@ def MailServer(
     domains: Iterable[str] = ("example.test",),
     *,
     tls: bool = False,
+    http: bool | int = False,
     process: bool = False,
     **overrides: Any,
 ) -> InProcessMailServer | RemoteMailServer:
     """A real Mailbox server for a test, not yet started: an InProcessMailServer
     (this process, a reactor in a background thread), or with ``process=True``
     a RemoteMailServer (the same API, the server in a child process). Both are
-    ServerAPIs; ``with MailServer(...) as server:`` starts and stops it."""
+    ServerAPIs; ``with MailServer(...) as server:`` starts and stops it.
+    ``http=True`` also serves the HTTP API and web page (web.py) on a free
+    127.0.0.1 port, ``server.http_port``; ``http=PORT`` on that port."""
     if process:
-        return RemoteMailServer(domains, tls=tls, **overrides)
-    return InProcessMailServer(domains, tls=tls, **overrides)
+        return RemoteMailServer(domains, tls=tls, http=http, **overrides)
+    return InProcessMailServer(domains, tls=tls, http=http, **overrides)

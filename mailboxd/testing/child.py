@@ -29,11 +29,20 @@ def serve(argv: list[str] | None = None) -> None:
     p.add_argument("--domain", action="append", default=[], help="a local domain (repeatable)")
     p.add_argument("--tls", action="store_true", help="also SMTPS/POP3S with a throwaway cert")
     p.add_argument(
+        "--http",
+        type=int,
+        metavar="PORT",
+        help="serve the HTTP API and web page on 127.0.0.1:PORT (0: a free port)",
+    )
+    p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override"
     )
     args = p.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in args.set)
-    server = InProcessMailServer(domains=args.domain or ["example.test"], tls=args.tls, **overrides)
+    http: bool | int = False if args.http is None else args.http
+    server = InProcessMailServer(
+        domains=args.domain or ["example.test"], tls=args.tls, http=http, **overrides
+    )
     server.start()
     done = threading.Event()
 
@@ -66,6 +75,7 @@ def serve(argv: list[str] | None = None) -> None:
         "smtps_port": server.smtps_port,
         "pop3s_port": server.pop3s_port,
         "control_port": control.server_address[1],
+        "http_port": server.http_port,
         "certificate": str(server.certificate) if args.tls else None,
         "pid": os.getpid(),
     }

@@ -7,6 +7,12 @@ on it, one after another or several at once. Listeners bind port 0 on
 server would relay to other domains is captured (`server.outbound`) instead of
 leaving the machine. Time is the server's own: `advance(seconds)` moves
 POP-before-SMTP expiry, blocks, retries and timeouts forward.
+
+Everything that changes the server runs in the reactor thread: each public
+method calls a reactor-side one (`_add_account_now`, `_deliver_now`, ...)
+through `_in_reactor`, and the HTTP API (web.py), which runs in the reactor
+thread itself, calls those directly, as blockingCallFromThread must not be
+called from the reactor thread.
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import bcrypt
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 
 from .. import accounts as accounts_file
 from ..addresses import parse_mailbox
+from ..clocks import cancelling
 from ..config import SPEC, parse
 from ..faults import Faults
 from ..maildir import IncomingMessage, maildir_path
@@ -43,6 +51,27 @@ from .world import World
 
 if TYPE_CHECKING:
     from ..service import Appliance
+
+
+class NoSuchAccount(ValueError):
+    """remove_account of an address that has no account."""
+
+
+@attrs.define
+class Record:
+    """A message with its id (stable for its life: ids are never given again)."""
+
+    id: int
+    message: Message
+    outbound: bool
+    path: Path | None = None  # where a delivered one was stored
+
+
+@attrs.define
+class _Waiter:
+    deferred: Deferred
+    find: Callable[[], Any]  # the match, or None
+
 
 _reactor_lock = threading.Lock()
 _reactor_thread: threading.Thread | None = None
@@ -86,6 +115,7 @@ class InProcessMailServer(ServerAPI):
         domains: Iterable[str] = ("example.test",),
         *,
         tls: bool = False,
+        http: bool | int = False,
         **overrides: Any,
     ) -> None:
         check_overrides(overrides)
@@ -93,6 +123,9 @@ class InProcessMailServer(ServerAPI):
         if not self.domains:
             raise ValueError("MailServer: give at least one domain")
         self.tls = tls
+        # http=True: the HTTP API and web page on a free port; an int: that port.
+        self.http = http
+        self.http_port: int | None = None
         # Inbound SPF/DKIM/DMARC checks would ask the machine's DNS about test
         # domains (and wait for its timeouts): on only when a test asks.
         self.overrides = {"trusted_networks": "", "bcrypt_rounds": 4, "checks": "no", **overrides}
@@ -102,6 +135,11 @@ class InProcessMailServer(ServerAPI):
         self._inbound: list[Message] = []
         self._cond = threading.Condition()
         self._running = False
+        self._records: dict[int, Record] = {}
+        self._paths: dict[int, Path] = {}  # id(message) -> its file, until recorded
+        self._next_id = 1
+        self._waiters: list[_Waiter] = []
+        self._http: Any = None  # the HTTP listening port, while it runs
         self.home: Path | None = None
         self.smtp_port = self.submission_port = self.pop3_port = 0
         self.smtps_port: int | None = None
@@ -117,6 +155,7 @@ class InProcessMailServer(ServerAPI):
         with self._cond:  # a restart is a new mail store: what arrived before is gone
             self._inbound.clear()
             self.outbound.clear()
+            self._sync()
         self.home = Path(tempfile.mkdtemp(prefix="mailbox-test-"))
         self.clock = ShiftedClock(reactor)
         try:
@@ -135,6 +174,7 @@ class InProcessMailServer(ServerAPI):
             return
         self._running = False
         try:
+            self._in_reactor(self._stop_http)
             if self.appliance is not None:
                 self._in_reactor(self.appliance.service.stopService)
             if getattr(self, "_capture", None) is not None:
@@ -214,8 +254,30 @@ class InProcessMailServer(ServerAPI):
             self.pop3_port = found["pop3-0"]
             self.smtps_port = found.get("smtp-1")
             self.pop3s_port = found.get("pop3-1")
+            self._start_http(reactor)
 
         return DeferredList(waiting, consumeErrors=True).addCallback(ports)
+
+    def _start_http(self, reactor: Any) -> None:
+        if self.http is False:
+            return
+        from twisted.web.server import Site
+
+        from .web import root
+
+        port = 0 if self.http is True else int(self.http)
+        site = Site(root(self))
+        site.displayTracebacks = False
+        self._http = reactor.listenTCP(port, site, interface="127.0.0.1")
+        self.http_port = self._http.getHost().port
+
+    def _stop_http(self) -> Any:
+        """In the reactor thread: stop listening, and end the HTTP waits."""
+        port, self._http = self._http, None
+        for waiter in list(self._waiters):
+            self._waiters.remove(waiter)
+            waiter.deferred.errback(RuntimeError("this MailServer stopped"))
+        return port.stopListening() if port is not None else None
 
     def _in_reactor(self, f: Callable[..., Any], *args: Any) -> Any:
         return _call(f, *args)
@@ -244,27 +306,36 @@ class InProcessMailServer(ServerAPI):
     def add_account(self, address: str, password: str) -> None:
         """Create the account (or set its password); usable at once on both protocols."""
         self._running_or_raise()
+        self._in_reactor(self._add_account_now, address, password)
+
+    def _add_account_now(self, address: str, password: str) -> None:
+        self._running_or_raise()
         target = self._local(address)
         rounds = self.config.mailbox.bcrypt_rounds
         hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds))
         path = self.config.mailbox.accounts
         exists = target.key in accounts_file.listed(path)
         accounts_file.set_hash(path, target, hashed, must_exist=exists)
-        self._in_reactor(self._live().accounts.reload)
+        self._live().accounts.reload()
 
     def remove_account(self, address: str) -> None:
         """Delete the account and its mailbox; adding it again starts empty."""
+        self._running_or_raise()
+        self._in_reactor(self._remove_account_now, address)
+
+    def _remove_account_now(self, address: str) -> None:
         self._running_or_raise()
         target = self._local(address)
         try:
             accounts_file.remove(self.config.mailbox.accounts, target)
         except KeyError:
-            raise ValueError(f"{address}: no such account") from None
-        self._in_reactor(self._live().accounts.reload)
+            raise NoSuchAccount(f"{address}: no such account") from None
+        self._live().accounts.reload()
         account = accounts_file.Account(target.key, target.domain, target.local)
         shutil.rmtree(maildir_path(self.config.mailbox.mail_dir, account), ignore_errors=True)
         with self._cond:
             self._inbound = [m for m in self._inbound if m.account != target.key]
+            self._sync()
 
     def accounts(self) -> list[str]:
         self._running_or_raise()
@@ -274,8 +345,9 @@ class InProcessMailServer(ServerAPI):
 
     def _delivered(self, delivery: Any) -> None:
         """Told by the SMTP server, in the reactor thread, of each accepted message."""
-        arrived = [
-            Message(
+        arrived = []
+        for account, path in zip(delivery.accounts, delivery.paths, strict=True):
+            message = Message(
                 delivery.sender,
                 delivery.recipients,
                 path.read_bytes(),
@@ -283,8 +355,8 @@ class InProcessMailServer(ServerAPI):
                 delivery.account,
                 delivery.tls,
             )
-            for account, path in zip(delivery.accounts, delivery.paths, strict=True)
-        ]
+            self._paths[id(message)] = path
+            arrived.append(message)
         with self._cond:
             self._inbound.extend(arrived)
             self._cond.notify_all()
@@ -319,6 +391,10 @@ class InProcessMailServer(ServerAPI):
     def deliver(self, address: str, raw: bytes, sender: str = "") -> Message:
         """Put a message straight into a mailbox (for POP3 tests)."""
         self._running_or_raise()
+        return self._in_reactor(self._deliver_now, address, raw, sender)
+
+    def _deliver_now(self, address: str, raw: bytes, sender: str = "") -> Message:
+        self._running_or_raise()
         target = self._local(address)
         account = accounts_file.Account(target.key, target.domain, target.local)
         incoming = IncomingMessage(
@@ -332,6 +408,7 @@ class InProcessMailServer(ServerAPI):
             incoming.write_line(line)
         [path] = incoming.commit(self.config.mailbox.mail_dir, (account,))
         message = Message(sender, (str(target),), path.read_bytes(), target.key)
+        self._paths[id(message)] = path
         with self._cond:
             self._inbound.append(message)
             self._cond.notify_all()
@@ -339,7 +416,76 @@ class InProcessMailServer(ServerAPI):
         return message
 
     def _arrived(self) -> None:
-        """A message arrived (waiters on the Condition are already woken)."""
+        """A message arrived, in the reactor thread (waiters on the Condition
+        are already woken): give it an id, and fire the Deferred waits it matches."""
+        with self._cond:
+            self._sync()
+        for waiter in list(self._waiters):
+            found = waiter.find()
+            if found is not None:
+                self._waiters.remove(waiter)
+                waiter.deferred.callback(found)
+
+    def _sync(self) -> None:
+        """With the Condition held: ids for new messages, none for those gone."""
+        live = {id(m) for m in self._inbound} | {id(m) for m in self.outbound}
+        self._records = {k: r for k, r in self._records.items() if id(r.message) in live}
+        known = {id(r.message) for r in self._records.values()}
+        for outbound, pool in ((False, self._inbound), (True, self.outbound)):
+            for m in pool:
+                if id(m) not in known:
+                    path = self._paths.pop(id(m), None)
+                    self._records[self._next_id] = Record(self._next_id, m, outbound, path)
+                    self._next_id += 1
+        self._paths = {k: v for k, v in self._paths.items() if k in live}
+
+    def _record_list(self) -> list[Record]:
+        """Every message delivered or captured, with its id, in arrival order."""
+        with self._cond:
+            self._sync()
+            return list(self._records.values())
+
+    def _delete_now(self, record: Record) -> None:
+        """Forget a message, and remove a delivered one from its mailbox."""
+        with self._cond:
+            pool = self.outbound if record.outbound else self._inbound
+            for i, m in enumerate(pool):
+                if m is record.message:
+                    del pool[i]
+                    break
+            self._sync()
+        if record.path is not None:  # in new/, or in cur/ with flags once a client saw it
+            record.path.unlink(missing_ok=True)
+            cur = record.path.parent.parent / "cur"
+            for seen in cur.glob(record.path.name + "*") if cur.is_dir() else ():
+                seen.unlink(missing_ok=True)
+
+    def _wait_deferred(
+        self, find: Callable[[], Any], timeout: float, expired: Callable[[], BaseException]
+    ) -> Deferred:
+        """In the reactor thread: a Deferred firing with what `find()` finds,
+        now or on an arrival, or failing with `expired()` after `timeout` (real) seconds."""
+        from twisted.internet import reactor
+
+        found = find()
+        if found is not None:
+            return succeed(found)
+        d: Deferred = Deferred(lambda d: self._drop_waiter(waiter))
+        waiter = _Waiter(d, find)
+        self._waiters.append(waiter)
+
+        def expire() -> None:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+                d.errback(expired())
+
+        timer = reactor.callLater(timeout, expire)
+        d.addBoth(cancelling, timer)
+        return d
+
+    def _drop_waiter(self, waiter: _Waiter) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
 
     def _find(
         self,
@@ -385,31 +531,36 @@ class InProcessMailServer(ServerAPI):
     def advance(self, seconds: float) -> None:
         """Move the server's clock forward (expiry, blocks, retries, timeouts)."""
         self._running_or_raise()
-        self._in_reactor(self.clock.advance, seconds)
+        self._in_reactor(self._advance_now, seconds)
+
+    def _advance_now(self, seconds: float) -> None:
+        self._running_or_raise()
+        self.clock.advance(seconds)
 
     def reset(self) -> None:
         """Back to a fresh server: no mail, accounts, authorisations, blocks, faults
         or rules of the world's."""
         self._running_or_raise()
+        self._in_reactor(self._reset_now)
+
+    def _reset_now(self) -> None:
+        self._running_or_raise()
         self.faults.clear()
         self.world.clear()
-
-        def in_reactor() -> None:
-            self._live().state.forget()
-            self._live().outbound.entries.clear()
-            self.clock.rewind()
-
-        self._in_reactor(in_reactor)
+        self._live().state.forget()
+        self._live().outbound.entries.clear()
+        self.clock.rewind()
         m = self.config.mailbox
         m.accounts.write_text("")
         m.aliases.write_text("")
-        self._in_reactor(self._live().accounts.reload)
+        self._live().accounts.reload()
         for child in m.mail_dir.iterdir():
             if child.name not in (".state", ".incoming"):
                 shutil.rmtree(child, ignore_errors=True)
         with self._cond:
             self._inbound.clear()
             self.outbound.clear()
+            self._sync()
 
     def client_ssl_context(self) -> ssl.SSLContext:
         """A client context that trusts this server's throwaway certificate."""

@@ -56,11 +56,18 @@ class RemoteMailServer(ServerAPI):
     host = "127.0.0.1"
 
     def __init__(
-        self, domains: Any = ("example.test",), *, tls: bool = False, **overrides: Any
+        self,
+        domains: Any = ("example.test",),
+        *,
+        tls: bool = False,
+        http: bool | int = False,
+        **overrides: Any,
     ) -> None:
         check_overrides(overrides)
         self.domains = tuple(domains)
         self.tls = tls
+        self.http = http
+        self.http_port: int | None = None
         self.overrides = overrides
         self.proc: subprocess.Popen | None = None
         self.faults = _RemoteRules(self._call, "faults")
@@ -76,6 +83,8 @@ class RemoteMailServer(ServerAPI):
             cmd += ["--domain", d]
         if self.tls:
             cmd.append("--tls")
+        if self.http is not False:
+            cmd += ["--http", str(0 if self.http is True else int(self.http))]
         for k, v in self.overrides.items():
             v = " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
             v = ("yes" if v else "no") if isinstance(v, bool) else v
@@ -89,7 +98,8 @@ class RemoteMailServer(ServerAPI):
                 raise RuntimeError("the MailServer process did not start")
             time.sleep(0.01)
         info = json.loads(ready.read_text())
-        for key in ("smtp_port", "submission_port", "pop3_port", "smtps_port", "pop3s_port"):
+        ports = ("smtp_port", "submission_port", "pop3_port", "smtps_port", "pop3s_port")
+        for key in (*ports, "http_port"):
             setattr(self, key, info[key])
         self.certificate = Path(info["certificate"]) if info["certificate"] else None
         self._sock = socket.create_connection(("127.0.0.1", info["control_port"]))

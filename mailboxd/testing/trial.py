@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..clocks import cancelling
 from ..config import parse
 from .api import Message, not_found
 from .clock import ShiftedClock
@@ -21,10 +20,6 @@ class TwistedMailServer(InProcessMailServer):
     `start()` and `stop()` return Deferreds, and so does `wait_for_message`;
     the rest of the API is the same and answers at once.
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._waiters: list[tuple[Any, Callable[[], Message | None]]] = []
 
     def _in_reactor(self, f: Callable[..., Any], *args: Any) -> Any:
         return f(*args)
@@ -55,11 +50,9 @@ class TwistedMailServer(InProcessMailServer):
 
         self._running = False
         appliance, self.appliance = getattr(self, "appliance", None), None
-        d = (
-            maybeDeferred(appliance.service.stopService)
-            if appliance
-            else maybeDeferred(lambda: None)
-        )
+        d = maybeDeferred(self._stop_http)
+        if appliance:
+            d.addCallback(lambda _: appliance.service.stopService())
         if getattr(self, "_capture", None) is not None:
             d.addCallback(lambda _: self._capture.stopListening())
 
@@ -81,9 +74,6 @@ class TwistedMailServer(InProcessMailServer):
     ) -> Any:
         """A Deferred firing with the first matching message, or failing with
         AssertionError after `timeout` seconds."""
-        from twisted.internet import reactor
-        from twisted.internet.defer import Deferred, succeed
-
         self._running_or_raise()
         if to is not None and not outbound:
             self._local(to)
@@ -91,28 +81,7 @@ class TwistedMailServer(InProcessMailServer):
         def find() -> Message | None:
             return self._find(outbound, to, subject, predicate)
 
-        found = find()
-        if found is not None:
-            return succeed(found)
-        d: Deferred = Deferred()
-        waiter = (d, find)
-        self._waiters.append(waiter)
+        def expired() -> BaseException:
+            return not_found(to, subject, timeout, self.outbound if outbound else self._inbound)
 
-        def expire() -> None:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-                d.errback(
-                    not_found(to, subject, timeout, self.outbound if outbound else self._inbound)
-                )
-
-        timer = reactor.callLater(timeout, expire)
-        d.addBoth(cancelling, timer)
-        return d
-
-    def _arrived(self) -> None:
-        for waiter in list(self._waiters):
-            d, find = waiter
-            found = find()
-            if found is not None:
-                self._waiters.remove(waiter)
-                d.callback(found)
+        return self._wait_deferred(find, timeout, expired)
