@@ -33,6 +33,9 @@ message=$(curl -sf "$api/wait?to=alice@example.test&subject=Welcome*&timeout=10"
 echo "$message" | grep -q '"envelope_from": "shop@far.test"' || fail "wrong sender: $message"
 id=$(echo "$message" | sed -nE 's/^ "id": ([0-9]+),?$/\1/p')
 curl -sf "$api/messages/$id/raw" | grep -q 'Your code is 4711' || fail "wrong body"
+# The one-time code, as a sign-up test wants it.
+curl -sf "$api/messages/$id/find?pattern=code%20is%20(%5Cd%2B)" | grep -q '"found": "4711"' ||
+    fail "no code found"
 
 # Nothing else arrives: a wait that times out is a 404.
 status=$(curl -s -o /dev/null -w '%{http_code}' "$api/wait?subject=Other*&timeout=0.5")
