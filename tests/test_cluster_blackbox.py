@@ -83,14 +83,21 @@ def test_failures_on_both_block_on_both_and_an_unblock_on_one_frees_both(cluster
         for _ in range(5):
             reply, p = pop_pass(server, ip, ALICE, "wrong")
             p.close()
-    assert "Too many authorization failures" in reply  # the tenth, on b
+    assert "Too many authorization failures" in reply, logs(a, b)  # the tenth, on b
     for server in (a, b):
-        assert "Too many authorization failures" in pop_login(server, ip), server.home.name
+        reply = pop_login(server, ip)
+        assert "Too many authorization failures" in reply, (server.home.name, reply, logs(a, b))
     assert ip in ctl(a, "blocked", "list").stdout
     ctl(b, "blocked", "unblock", ip)
     assert ip not in ctl(a, "blocked", "list").stdout
     for server in (a, b):
-        assert pop_login(server, ip).startswith("+OK"), server.home.name
+        reply = pop_login(server, ip)
+        assert reply.startswith("+OK"), (server.home.name, reply, logs(a, b))
+
+
+def logs(*servers: MailServer) -> str:
+    """The end of each server's log, for a failure's message."""
+    return "\n".join(f"--- {s.home.name}\n{s.log()[-4000:]}" for s in servers)
 
 
 def test_a_mailbox_open_on_one_front_end_is_locked_on_the_other(cluster):
