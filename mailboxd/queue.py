@@ -15,6 +15,7 @@ Layout, one message per id under ``<mail_dir>/.queue/``::
                   received    Unix time of acceptance
                   client      the submitting client's IP ("" for our own bounces)
                   account     the authenticated account, or null
+                  node        the front end that queued it ([state] node); may be absent
                   recipients  one object per recipient:
                     address       where to deliver
                     status        "pending", "deferred", "delivered" or "failed"
@@ -86,6 +87,7 @@ class Entry:
     recipients: list[Recipient]
     client: str = ""
     account: str | None = None
+    node: str = ""  # the front end that queued it: see Outbound._claimable
 
     def to_json(self) -> str:
         # One line, by the C encoder (an indent makes json use its Python one):
@@ -117,6 +119,7 @@ class Entry:
             (self.sender, str, "sender"),
             (self.client, str, "client"),
             (self.account, (str, type(None)), "account"),
+            (self.node, str, "node"),
             (self.offset, int, "offset"),
             (self.received, (int, float), "received"),
         ]

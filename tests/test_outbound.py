@@ -306,6 +306,7 @@ class Runner:
         sender: str = "alice@example.test",
         message: bytes = MESSAGE,
         received: float | None = None,
+        node: str = "",
     ) -> Entry:
         return_path = f"Return-Path: <{sender}>\n".encode()
         entry = Entry(
@@ -315,6 +316,7 @@ class Runner:
             self.clock.seconds() if received is None else received,
             [Recipient(r) for r in recipients],
             client="192.0.2.7",
+            node=node,
         )
         queue.enqueue_bytes(self.dir, return_path + message, entry)
         return entry
@@ -1565,3 +1567,37 @@ def test_an_entry_delivered_to_everyone_is_removed_without_saving_it_first(make,
     assert not r.exists("E1")
     assert r.recipient("E2", "b@far.test")["status"] == "deferred"
     assert saved == ["E2"]  # what is left to do is remembered; what is done is just removed
+
+
+def test_front_ends_sharing_a_queue_deliver_what_they_claim(make, tmp_path):
+    from test_node import in_thread
+
+    from mailboxd.node import Claims
+    from mailboxd.state import SQLiteStateStore, state_path
+
+    r = make(SMARTHOST)
+    host = r.net.add("127.0.0.1", {}, {})
+    store = SQLiteStateStore(state_path(tmp_path / "shared"))
+    me = r.config.state.node
+    r.outbound.claims = Claims(store, in_thread, r.outbound.wall, me, 30)
+    r.enqueue("MINE", ["a@far.test"], node=me)  # queued here before a restart
+    r.enqueue("OLD", ["b@far.test"])  # by a version that named no node
+    r.enqueue("FRESH", ["c@far.test"], node="other")  # just queued by another front end
+    r.enqueue("HELD", ["d@far.test"], node="other", received=r.clock.seconds() - 60)
+    assert store.take_lease("queue:HELD", "other", r.outbound.wall(), 30) is None
+
+    def sent() -> list[str]:
+        return sorted(a.decode() for session in host.sessions for a in session.accepted)
+
+    r.start()
+    r.advance(1)
+    assert sent() == ["a@far.test", "b@far.test"]
+    r.advance(6)  # FRESH is old enough: its front end would have claimed it by now
+    r.wake()
+    assert sent() == ["a@far.test", "b@far.test", "c@far.test"]
+    assert r.exists("HELD")  # the other front end's, while its lease lasts
+    r.advance(30)  # it stopped renewing: the lease ends...
+    for _ in range(10):  # ...and this one takes it at its next renewal (a third of a lease)
+        r.advance(1)
+    assert sent() == ["a@far.test", "b@far.test", "c@far.test", "d@far.test"]
+    assert not r.exists("HELD")
