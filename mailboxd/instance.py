@@ -44,7 +44,11 @@ class InstanceLock:
                 break
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-                if holder.isdigit() and not _alive(int(holder)) and time.monotonic() < deadline:
+                if (
+                    holder.isdigit()
+                    and not process_alive(int(holder))
+                    and time.monotonic() < deadline
+                ):
                     time.sleep(0.1)
                     continue
                 os.close(fd)
@@ -75,7 +79,7 @@ class InstanceLock:
         self.release()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -250,8 +250,8 @@ class LineProtocol(DirectWrites, Protocol, TimeoutMixin):
             try:
                 result = self.lineTooLong() if kind == "too_long" else self.lineReceived(line)
             except Exception as e:
-                self._failed(e)
-                return
+                self._failed(e)  # closes the session, or answers and goes on
+                continue
             if isinstance(result, Deferred):
                 self._wait(result)
 

@@ -17,11 +17,12 @@ from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .clocks import Wall
+from .instance import process_alive
 from .state import StateError, StateStore
 
 log = Logger()
@@ -63,15 +64,7 @@ def claim_name(store: StateStore, node: str, owner: str, now: float, lease: floa
 
 def _alive(owner: str) -> bool:
     pid = owner.rpartition("/")[2]
-    if not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return not pid.isdigit() or process_alive(int(pid))
 
 
 @attrs.define(eq=False)
@@ -91,6 +84,12 @@ class Leases:
     held: dict[str, int] = attrs.field(factory=dict)  # name -> takers here
     _loop: LoopingCall | None = None
     _failing: bool = False
+    # The store calls run one after another, in the order asked: a release
+    # and the next take of one name, or a renewal, must not overtake each other.
+    _order: DeferredLock = attrs.field(factory=DeferredLock)
+
+    def _call(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        return self._order.run(self.run, f, *args)
 
     def take(self, name: str) -> Deferred:
         """Fires with None once `name` is held, or with its other holder."""
@@ -103,7 +102,7 @@ class Leases:
                 self.held[name] = self.held.get(name, 0) + 1
             return holder
 
-        d = self.run(self.store.take_lease, name, self.owner, self.wall(), self.seconds)
+        d = self._call(self.store.take_lease, name, self.owner, self.wall(), self.seconds)
         return d.addCallback(taken)
 
     def release(self, name: str) -> None:
@@ -113,12 +112,11 @@ class Leases:
             return
         if self.held.pop(name, None) is None:
             return
-        d = self.run(self.store.release_lease, name, self.owner)
+        d = self._call(self.store.release_lease, name, self.owner)
         d.addErrback(lambda f: f.trap(StateError))  # it ends by itself
 
     def renew(self) -> Deferred:
-        names = sorted(self.held)
-        if not names:
+        if not self.held:
             return succeed(None)
 
         def renewed(lost: list[str]) -> None:
@@ -137,8 +135,14 @@ class Leases:
                 self._failing = True
                 log.error("cannot renew leases: {error}", error=str(f.value))
 
-        d = self.run(self.store.renew_leases, names, self.owner, self.wall(), self.seconds)
-        return d.addCallbacks(renewed, failed)
+        def renew() -> Deferred:
+            # What is held when the call's turn comes, not when it was asked.
+            names = sorted(self.held)
+            if not names:
+                return succeed([])
+            return self.run(self.store.renew_leases, names, self.owner, self.wall(), self.seconds)
+
+        return self._order.run(renew).addCallbacks(renewed, failed)
 
     def start(self) -> None:
         self._loop = LoopingCall(self.renew)
@@ -151,7 +155,7 @@ class Leases:
             self._loop.stop()
         names, self.held = list(self.held), {}
         releases = [
-            self.run(self.store.release_lease, name, self.owner).addErrback(
+            self._call(self.store.release_lease, name, self.owner).addErrback(
                 lambda f: f.trap(StateError)  # it ends by itself
             )
             for name in names

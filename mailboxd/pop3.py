@@ -177,9 +177,7 @@ class POP3Server(LineProtocol):
         if self.mailbox is not None:
             self.mailbox.close()  # nothing marked deleted is removed
             self.mailbox = None
-        if self.lease is not None and self.factory.leases is not None:
-            self.factory.leases.release(self.lease)
-            self.lease = None
+        self._release_lease()
         if self.account is not None:
             # One line a session, as Dovecot's logout line: a line for each
             # message would cost as much as sending it.
@@ -198,6 +196,11 @@ class POP3Server(LineProtocol):
             client=self.peer_ip,
             seconds=self.factory.clock.seconds() - self.began,
         )
+
+    def _release_lease(self) -> None:
+        if self.lease is not None and self.factory.leases is not None:
+            self.factory.leases.release(self.lease)
+        self.lease = None
 
     def lineTooLong(self) -> None:
         self.resetTimeout()
@@ -324,8 +327,9 @@ class POP3Server(LineProtocol):
         path = maildir_path(self.factory.config.mailbox.mail_dir, account)
 
         def opened(mailbox: Mailbox) -> POP3Reply | None:
-            if self._closed:
+            if self._closed:  # the client left while the mailbox was opened
                 mailbox.close()
+                self._release_lease()
                 return None
             self.mailbox = mailbox
             self.factory.metrics.pop3_sessions.inc()
@@ -368,9 +372,7 @@ class POP3Server(LineProtocol):
             return self.thread(Mailbox.open, path, self.factory.listings)
 
         def unleased(f: Any) -> Any:
-            if self.lease is not None and leases is not None:
-                leases.release(self.lease)
-                self.lease = None
+            self._release_lease()
             return f
 
         d = self.factory.popauth.authorise(self.peer_ip, account.domain)

@@ -306,33 +306,47 @@ class StateService(Service):
             self._loop.stop()
 
 
-def _prepare_mail_dir(config: Config) -> InstanceLock:
-    """Create the mail store, take it, and drop what a crash left unacknowledged.
+def _take_mail_dir(config: Config) -> InstanceLock:
+    """Create the mail store and take this node's lock on it.
 
-    The lock comes first: what is in the spool or half-queued belongs to a
-    dead process only if no other server has the mail directory.
+    The lock (and then the node's name, `_claim_name`) comes before the
+    clean-up: what is in the spool or half-queued belongs to a dead process
+    only if no other server of this name has the mail directory.
     """
     mail_dir = config.mailbox.mail_dir
-    node = config.state.node
-    lock = InstanceLock(lock_path(mail_dir, node))
+    lock = InstanceLock(lock_path(mail_dir, config.state.node))
     try:
         private_dir(mail_dir)
         lock.acquire()
-        # Only this node's: other front ends may share the directory.
-        spool = spool_files(mail_dir / ".incoming", node)
-        stale = remove_unacknowledged(queue_dir(mail_dir), node, spool) + clean_spool(spool)
     except InstanceRunning as e:
         raise SystemExit(
             f"mailbox: {config.path}: [mailbox] mail_dir = '{mail_dir}': {e}"
         ) from None
     except OSError as e:
         lock.release()
-        raise SystemExit(
-            f"mailbox: {config.path}: [mailbox] mail_dir = '{mail_dir}': cannot use it: {e.strerror}"
-        ) from None
+        raise _unusable(config, e) from None
+    return lock
+
+
+def _clean_up(config: Config, lock: InstanceLock) -> None:
+    """Drop what a crash of this node left unacknowledged; only this node's:
+    other front ends may share the directory."""
+    mail_dir, node = config.mailbox.mail_dir, config.state.node
+    try:
+        spool = spool_files(mail_dir / ".incoming", node)
+        stale = remove_unacknowledged(queue_dir(mail_dir), node, spool) + clean_spool(spool)
+    except OSError as e:
+        lock.release()
+        raise _unusable(config, e) from None
     if stale:
         log.info("removed {count} unacknowledged spool files left by a crash", count=stale)
-    return lock
+
+
+def _unusable(config: Config, e: OSError) -> SystemExit:
+    return SystemExit(
+        f"mailbox: {config.path}: [mailbox] mail_dir = '{config.mailbox.mail_dir}': "
+        f"cannot use it: {e.strerror}"
+    )
 
 
 @attrs.define(eq=False)
@@ -571,11 +585,12 @@ def assemble(config: Config, reactor: Any, clock: Any = None, wall: Wall = time.
     clock = clock or reactor
     top = MultiService()
     m = config.mailbox
-    lock = _prepare_mail_dir(config)
+    lock = _take_mail_dir(config)
     Running(lock).setServiceParent(top)  # the first part: released last
     state = _open_state(config, lock)
     owner = process_owner(config.state.node)
     _claim_name(config, state, lock, owner)
+    _clean_up(config, lock)
     children = worker_count(m.workers) - 1
     board = Board.create(children + 1) if children > 0 else None
     parts = _serving_parts(config, reactor, clock, wall, top, state, lock, Metrics(), board)
