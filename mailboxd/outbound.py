@@ -10,6 +10,7 @@ that was in flight and never forgets a recipient.
 from __future__ import annotations
 
 import collections
+import errno
 import io
 import os
 import re
@@ -479,9 +480,6 @@ def outcomes_of(result: Any, recipients: list[str], remote: str) -> list[Deliver
     return outcomes
 
 
-FRESH_GRACE = 5.0  # seconds: see Outbound._claimable
-
-
 @attrs.define(eq=False)
 class Outbound:
     """Delivers what is in the queue directory; see the module docstring."""
@@ -531,9 +529,6 @@ class Outbound:
     _claim_all: bool = False  # renew every claim at the next _claim_now
     _to_claim: set[str] = attrs.field(factory=set)  # entries new since
     _foreign: set[str] = attrs.field(factory=set)  # entries another front end holds
-    # Entries this front end queued: delivered at once, while their claim is
-    # taken (no other front end claims an entry younger than FRESH_GRACE).
-    _mine: set[str] = attrs.field(factory=set)
 
     # --- running ------------------------------------------------------------
 
@@ -578,7 +573,6 @@ class Outbound:
         while the messages kept so take at most HELD_MAX bytes altogether."""
         if entry.id not in self.entries:
             self.entries[entry.id] = entry
-            self._mine.add(entry.id)
             self._claim(entry.id)
             room = HELD_MAX - self._held_bytes
             if message is not None and len(message) <= min(ONE_WRITE, room):
@@ -631,9 +625,11 @@ class Outbound:
                 continue
             try:
                 found[entry_id] = queue.load(path)
-            except FileNotFoundError:
-                continue
             except (queue.CorruptEntry, OSError) as e:
+                # Gone, or replaced under us on NFS by the front end that
+                # holds it: not corrupt, and read again at the next scan.
+                if isinstance(e, OSError) and e.errno in (errno.ENOENT, errno.ESTALE):
+                    continue
                 moved = queue.move_corrupt(self.directory, path)
                 corrupt.append((str(moved), str(e)))
         return found, corrupt
@@ -666,15 +662,6 @@ class Outbound:
                 self._claim(entry_id)
         self._dispatch()
 
-    def _claimable(self, entry: Entry) -> bool:
-        """Whether to claim `entry` now: one this front end queued (now or
-        before a restart, or a version that named no node did), or one old
-        enough that the front end that queued it has claimed it already, if
-        it is alive (it does so at once)."""
-        if entry.id in self._mine or entry.node in ("", self.config.state.node):
-            return True
-        return self.wall() - entry.received > FRESH_GRACE
-
     @property
     def _renew_every(self) -> int:
         """Ticks between renewals of the claims: a third of a lease."""
@@ -701,10 +688,8 @@ class Outbound:
         assert self.claims is not None
         self._claim_again = False
         everything, self._claim_all = self._claim_all, False
-        wanted = self.entries if everything else self._to_claim
-        ids = [i for i in wanted if i in self.entries and self._claimable(self.entries[i])]
+        ids = list(self.entries) if everything else list(self._to_claim & self.entries.keys())
         self._to_claim = set()
-        self._mine &= self.entries.keys()
 
         def claimed(won: set[str]) -> None:
             assert self.claims is not None
@@ -716,12 +701,10 @@ class Outbound:
                     self._anchors.pop(entry_id, None)
             if again:
                 self._rescan = True
-            lost = set(ids) - self.claims.held
-            self._mine -= lost
             if everything:
-                self._foreign = set(self.entries) - self.claims.held - self._mine
+                self._foreign = set(self.entries) - self.claims.held
             else:
-                self._foreign = (self._foreign - won) | lost
+                self._foreign = (self._foreign - won) | (set(ids) - self.claims.held)
             self._claiming = False
             if self._claim_again:
                 self._claim()
@@ -749,9 +732,7 @@ class Outbound:
                 return  # every slot is taken: a finished delivery calls again
             if entry_id in self._busy:
                 continue
-            if self.claims is not None and not (
-                entry_id in self.claims.held or entry_id in self._mine
-            ):
+            if self.claims is not None and entry_id not in self.claims.held:
                 continue  # another front end's, or not yet claimed
             if entry.done:  # all answered, but not yet finished (a crash, a failed bounce)
                 if self._finish_after.get(entry_id, 0) > now:
@@ -1177,20 +1158,11 @@ class Outbound:
             )
         elif address is not None and not directory.is_local_domain(address.domain):
             now = self.wall()
-            bounce = Entry(
-                bounce_id,
-                "",
-                0,
-                now,
-                [Recipient(to, next_attempt=now)],
-                client="",
-                node=self.config.state.node,
-            )
+            bounce = Entry(bounce_id, "", 0, now, [Recipient(to, next_attempt=now)], client="")
             await self._thread(
                 queue.enqueue_bytes, self.directory, dsn, bounce, self.config.state.node
             )
             self.entries[bounce_id] = bounce
-            self._mine.add(bounce_id)
             self._claim(bounce_id)
             log.info(
                 "queue {queue_id}: bounce {bounce} queued for {to}",

@@ -15,7 +15,6 @@ Layout, one message per id under ``<mail_dir>/.queue/``::
                   received    Unix time of acceptance
                   client      the submitting client's IP ("" for our own bounces)
                   account     the authenticated account, or null
-                  node        the front end that queued it ([state] node); may be absent
                   recipients  one object per recipient:
                     address       where to deliver
                     status        "pending", "deferred", "delivered" or "failed"
@@ -87,7 +86,6 @@ class Entry:
     recipients: list[Recipient]
     client: str = ""
     account: str | None = None
-    node: str = ""  # the front end that queued it: see Outbound._claimable
 
     def to_json(self) -> str:
         # One line, by the C encoder (an indent makes json use its Python one):
@@ -119,7 +117,6 @@ class Entry:
             (self.sender, str, "sender"),
             (self.client, str, "client"),
             (self.account, (str, type(None)), "account"),
-            (self.node, str, "node"),
             (self.offset, int, "offset"),
             (self.received, (int, float), "received"),
         ]
@@ -324,11 +321,13 @@ def remove_unacknowledged(
     named_by_any: set[str] = set()
     for e in directory.iterdir():
         tmp = _tmp_parts(e.name)
-        if tmp is not None:
+        if tmp is None:
+            continue
+        if not node or tmp[1] == node or _age(e, now) > ORPHAN_AGE:  # a day old: anyone's
+            ours.append(e)
+            named.add(tmp[0])
+        else:
             named_by_any.add(tmp[0])
-            if not node or tmp[1] == node:
-                ours.append(e)
-                named.add(tmp[0])
     inodes = set()
     for path in [*ours, *spool]:
         with contextlib.suppress(OSError):
@@ -352,6 +351,13 @@ def remove_unacknowledged(
 
 
 ORPHAN_AGE = 86400.0  # seconds
+
+
+def _age(path: Path, now: float) -> float:
+    try:
+        return now - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _tmp_parts(name: str) -> tuple[str, str] | None:

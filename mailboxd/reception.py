@@ -256,7 +256,6 @@ class Reception:
                 recipients=[Recipient(a, next_attempt=now) for a in tx.relay.values()],
                 client=self.trace.ip,
                 account=self.trace.account,
-                node=intake.config.state.node,
             )
 
             def relay(path: Path) -> None:
