@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -46,6 +47,9 @@ PAGE_CSP = (
 HTML_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data: cid:; sandbox"
 HTML_CSP_IMAGES = "default-src 'none'; style-src 'unsafe-inline'; img-src * data: cid:; sandbox"
 MAX_WAIT = 300.0  # seconds a `wait` may be asked to last
+
+
+log = Logger()
 
 
 class HTTPError(Exception):
@@ -281,13 +285,17 @@ class API(Resource):
                 if method not in handlers:
                     request.setHeader(b"Allow", ", ".join(sorted(handlers)).encode())
                     raise HTTPError(405, "method_not_allowed", f"{method} /{path}: not allowed")
-                self.mail._running_or_raise()
+                try:
+                    self.mail._running_or_raise()
+                except RuntimeError as e:
+                    raise HTTPError(503, "unavailable", str(e)) from None
                 return handlers[method](request, *found.groups())
             raise missing(f"/{path}: no such resource")
         except HTTPError as e:
             return self.error(request, e)
-        except RuntimeError as e:  # the server is not running
-            return self.error(request, HTTPError(503, "unavailable", str(e)))
+        except Exception:  # a bug here: said in the log, and as JSON to the caller
+            log.failure("HTTP API: {method} /{path} failed", method=method, path=path)
+            return self.error(request, HTTPError(500, "internal", f"{method} /{path} failed"))
 
     def json(self, request: Any, value: Any, status: int = 200) -> bytes:
         request.setResponseCode(status)
