@@ -84,8 +84,13 @@ def test_an_orphan_nobody_names_goes_once_it_is_a_day_old(tmp_path):
     (directory / ".X2.c.json.tmp").write_text("{")  # node c may still finish it
     assert queue.remove_unacknowledged(directory, "a", []) == 0
     later = os.stat(directory / "X1.msg").st_mtime + queue.ORPHAN_AGE + 1
+    os.utime(directory / ".X2.c.json.tmp", (later - 5, later - 5))  # c still at work
     assert queue.remove_unacknowledged(directory, "a", [], now=later) == 1
     assert sorted(p.name for p in directory.iterdir()) == [".X2.c.json.tmp", "X2.msg"]
+    # A temp file a day old is anyone's: its writer is long gone, and so is its message.
+    much_later = later + queue.ORPHAN_AGE
+    assert queue.remove_unacknowledged(directory, "a", [], now=much_later) == 2
+    assert list(directory.iterdir()) == []
 
 
 def test_a_name_is_held_by_one_running_front_end(tmp_path):
