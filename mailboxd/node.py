@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, DeferredLock, succeed
+from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -149,18 +149,20 @@ class Leases:
         self._loop.clock = self.clock
         self._loop.start(self.seconds / 3, now=False)
 
-    def stop(self) -> Deferred:
-        """Stop renewing, and give back what is held (fires when done)."""
+    def stop(self) -> None:
+        """Stop renewing, and give back what is held, at once: this runs as the
+        service stops, beside the thread pools' own stop, which may drop work
+        queued to them (then a Deferred waiting for it would never fire, and
+        the shutdown with it). A store that cannot answer costs its timeout
+        once; the leases end by themselves then."""
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         names, self.held = list(self.held), {}
-        releases = [
-            self._call(self.store.release_lease, name, self.owner).addErrback(
-                lambda f: f.trap(StateError)  # it ends by itself
-            )
-            for name in names
-        ]
-        return DeferredList(releases)
+        for name in names:
+            try:
+                self.store.release_lease(name, self.owner)
+            except StateError:
+                break  # the others fail alike: they end by themselves
 
 
 @attrs.define(eq=False)
@@ -171,9 +173,9 @@ class LeasesService(Service):
         super().startService()
         self.leases.start()
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> None:
         super().stopService()
-        return self.leases.stop()
+        self.leases.stop()
 
 
 @attrs.define(eq=False)
