@@ -24,7 +24,7 @@ from .accounts import Account
 from .addresses import Address
 from .clocks import Wall
 from .config import Config
-from .filtering import FAILED, Filters, Incoming, Verdict
+from .filtering import FAILED, Filters, FilterVerdict, Incoming
 from .inbound import Checked, Checker, claims, from_domain
 from .lines import SMTPReply
 from .maildir import IncomingMessage, full_mailboxes
@@ -230,7 +230,7 @@ class Reception:
         )
 
     def _filtered(
-        self, verdict: Verdict, may_sign: frozenset[str], check: bool
+        self, verdict: FilterVerdict, may_sign: frozenset[str], check: bool
     ) -> Deferred | SMTPReply:
         if verdict.action != "accept":
             return self._refused(verdict.reply or FAILED)
