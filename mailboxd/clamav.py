@@ -12,11 +12,12 @@ from typing import Any
 
 import attrs
 from twisted.internet import protocol
+from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint, TCP6ClientEndpoint, connectProtocol
 from zope.interface import implementer
 
-from .filtering import IMessageFilter, Incoming, Verdict, accept, reject
+from mailboxd.filtering import FilterVerdict, IMessageFilter, Incoming, accept, reject
 
 CHUNK = 64 * 1024
 ANSWER_MAX = 4096  # clamd answers in a line; more than this is not clamd
@@ -50,8 +51,8 @@ class _Scan(protocol.Protocol):
             self.done.callback(self.answer.split(b"\0", 1)[0].decode("utf-8", "replace"))
 
 
-def verdict_of(answer: str) -> Verdict:
-    """clamd's answer to INSTREAM as a Verdict; ClamdError for an error."""
+def verdict_of(answer: str) -> FilterVerdict:
+    """clamd's answer to INSTREAM as a FilterVerdict; ClamdError for an error."""
     if answer == "stream: OK":
         return accept()
     found = re.fullmatch(r"stream: (.+) FOUND", answer, re.DOTALL)
@@ -68,10 +69,15 @@ class ClamAV:
     port: int
     reactor: Any
     name: str = "clamav"
+    blocking = False  # a class attribute, not a field
 
     def check(self, incoming: Incoming) -> Deferred:
         scan = _Scan(incoming.data)
-        endpoint = TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=10)
+        endpoint: Any
+        if isIPv6Address(self.host):
+            endpoint = TCP6ClientEndpoint(self.reactor, self.host, self.port, timeout=10)
+        else:  # an IPv4 address or a name: HostnameEndpoint takes both
+            endpoint = HostnameEndpoint(self.reactor, self.host, self.port, timeout=10)
         d = connectProtocol(endpoint, scan)
         d.addCallback(lambda _: scan.done)
         return d.addCallback(verdict_of)

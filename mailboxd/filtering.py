@@ -3,7 +3,10 @@
 after DATA and before `250`.
 
 A filter provides `IMessageFilter`: `check(incoming)` returns a Deferred
-(or a value) with a `Verdict`. Filters run one after another, each within
+(or a value) with a `FilterVerdict`. One whose check blocks (a library
+without Deferreds) says `blocking = True` and runs in a pool of its own, so
+that it can hold up neither the reactor nor the other pools' work. Filters
+run one after another, each within
 `[filters] timeout`; one that fails, hangs or answers nonsense gets one log
 line naming it, and the message in hand `451 4.7.0`: never accepted
 unchecked, never lost (the client keeps it). A plugin file that cannot be
@@ -38,10 +41,14 @@ FAILED = (451, "4.7.0 Message could not be checked, try again later")
 
 class IMessageFilter(Interface):
     name = Attribute("A short name for the log: clamav, rspamd, a plugin's file name")
+    blocking = Attribute(
+        "Optional, False if absent. True: `check` blocks, and is called in the "
+        "filters' thread pool; else it is called on the reactor thread and must "
+        "return at once (a Deferred for what takes time)."
+    )
 
-    def check(incoming: Incoming) -> Deferred | Verdict:
-        """The Verdict on `incoming`; may block only off the reactor thread
-        (use deferToThread or a network client that returns a Deferred)."""
+    def check(incoming: Incoming) -> Deferred | FilterVerdict:
+        """The FilterVerdict on `incoming`."""
 
 
 @attrs.frozen
@@ -59,22 +66,22 @@ class Incoming:
 
 
 @attrs.frozen
-class Verdict:
+class FilterVerdict:
     action: str  # "accept", "tempfail" or "reject"
     reply: SMTPReply | None = None  # for tempfail and reject
     headers: tuple[tuple[str, str], ...] = ()  # for accept: fields to add at the top
 
 
-def accept(*headers: tuple[str, str]) -> Verdict:
-    return Verdict("accept", None, headers)
+def accept(*headers: tuple[str, str]) -> FilterVerdict:
+    return FilterVerdict("accept", None, headers)
 
 
-def tempfail(text: str = "4.7.0 Try again later") -> Verdict:
-    return Verdict("tempfail", (451, text))
+def tempfail(text: str = "4.7.0 Try again later") -> FilterVerdict:
+    return FilterVerdict("tempfail", (451, text))
 
 
-def reject(code: int, text: str) -> Verdict:
-    return Verdict("reject", (code, text))
+def reject(code: int, text: str) -> FilterVerdict:
+    return FilterVerdict("reject", (code, text))
 
 
 @implementer(IMessageFilter)
@@ -84,10 +91,11 @@ class Broken:
 
     name: str
     why: str
+    blocking = False  # a class attribute, not a field
 
-    def check(self, incoming: Incoming) -> Verdict:
-        log.error("filter {filter} cannot check messages: {why}", filter=self.name, why=self.why)
-        return Verdict("tempfail", FAILED)
+    def check(self, incoming: Incoming) -> FilterVerdict:
+        # Said once, when it was loaded: not again for every message.
+        return FilterVerdict("tempfail", FAILED)
 
 
 @attrs.define(eq=False)
@@ -95,12 +103,15 @@ class Filters:
     filters: list[Any]  # providers of IMessageFilter
     clock: Any
     timeout: float
+    # Runs a blocking filter's check in the filters' pool; None (unit tests):
+    # on the caller's thread.
+    threads: Callable[..., Deferred] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.filters)
 
     def run(self, incoming: Incoming) -> Deferred:
-        """Fires with the Verdict of all the filters together: the first
+        """Fires with the FilterVerdict of all the filters together: the first
         that does not accept decides; else accept, with every header added."""
         headers: list[tuple[str, str]] = []
 
@@ -108,11 +119,14 @@ class Filters:
             if index == len(self.filters):
                 return succeed(accept(*headers))
             one = self.filters[index]
-            d = maybeDeferred(one.check, incoming)
+            if bool(getattr(one, "blocking", False)) and self.threads is not None:
+                d = self.threads(one.check, incoming)
+            else:
+                d = maybeDeferred(one.check, incoming)
             d.addTimeout(self.timeout, self.clock)
             d.addCallbacks(lambda v: _sound(v, one), lambda f: _failed(f, one))
 
-            def next_(verdict: Verdict) -> Verdict | Deferred:
+            def next_(verdict: FilterVerdict) -> FilterVerdict | Deferred:
                 if verdict.action != "accept":
                     return verdict
                 headers.extend(verdict.headers)
@@ -123,16 +137,16 @@ class Filters:
         return ask(0)
 
 
-def _sound(verdict: Any, one: Any) -> Verdict:
+def _sound(verdict: Any, one: Any) -> FilterVerdict:
     """`verdict` if it is one we can act on; else the filter answered nonsense."""
-    ok = isinstance(verdict, Verdict) and verdict.action in ("accept", "tempfail", "reject")
+    ok = isinstance(verdict, FilterVerdict) and verdict.action in ("accept", "tempfail", "reject")
     if ok and verdict.action != "accept":
         code = verdict.reply[0] if verdict.reply else 0
         ok = 400 <= code < 600 and (code < 500) == (verdict.action == "tempfail")
     if ok and all(_header_ok(n, v) for n, v in verdict.headers):
         return verdict
     log.error("filter {filter} answered nonsense: {answer!r}", filter=_name(one), answer=verdict)
-    return Verdict("tempfail", FAILED)
+    return FilterVerdict("tempfail", FAILED)
 
 
 def _header_ok(name: str, value: str) -> bool:
@@ -140,10 +154,10 @@ def _header_ok(name: str, value: str) -> bool:
     return bool(name) and printable and "\r" not in value and "\n" not in value
 
 
-def _failed(f: Any, one: Any) -> Verdict:
+def _failed(f: Any, one: Any) -> FilterVerdict:
     why = f"{f.type.__name__}: {f.getErrorMessage()}" if f.type else f.getErrorMessage()
     log.error("filter {filter} failed: {why}", filter=_name(one), why=why)
-    return Verdict("tempfail", FAILED)
+    return FilterVerdict("tempfail", FAILED)
 
 
 def _name(one: Any) -> str:

@@ -18,7 +18,7 @@ from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from .filtering import IMessageFilter, Incoming, Verdict, accept, reject, tempfail
+from mailboxd.filtering import FilterVerdict, IMessageFilter, Incoming, accept, reject, tempfail
 
 MARKED = ("add header", "rewrite subject")
 
@@ -27,8 +27,8 @@ class RspamdError(Exception):
     """rspamd did not give an answer we can act on."""
 
 
-def verdict_of(answer: dict) -> Verdict:
-    """rspamd's /checkv2 answer as a Verdict."""
+def verdict_of(answer: dict) -> FilterVerdict:
+    """rspamd's /checkv2 answer as a FilterVerdict."""
     action = answer.get("action")
     score, required = answer.get("score"), answer.get("required_score")
     if not isinstance(action, str) or not isinstance(score, (int, float)):
@@ -57,6 +57,7 @@ class Rspamd:
     url: str  # http://127.0.0.1:11333
     reactor: Any
     name: str = "rspamd"
+    blocking = False  # a class attribute, not a field
 
     def check(self, incoming: Incoming) -> Deferred:
         headers = Headers(

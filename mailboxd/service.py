@@ -511,7 +511,7 @@ def _factories(
         *clamav.make_filters(config, reactor),
         *rspamd.make_filters(config, reactor),
     ]
-    filters = Filters(list(shipped), clock, config.filters.timeout)
+    filters = Filters(list(shipped), clock, config.filters.timeout, parts.workers.filter)
     folder = config.mailbox.plugins
     if folder is not None:
         filters.filters += load_plugins(folder, config, reactor)

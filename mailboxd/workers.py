@@ -32,6 +32,9 @@ STATE_THREADS = 4  # SQLite: several, so that reads go on while a write waits fo
 # DKIM signing and the inbound checks: mostly waiting for DNS answers, and
 # never in the way of a delivery's fsync or a login.
 CHECKS_THREADS = 16
+# Message filters whose check blocks (`blocking = True`): a pool of their own,
+# so that a plugin that hangs ties up these threads and no others.
+FILTERS_THREADS = 8
 HASHING_NICENESS = 10  # bcrypt yields the CPU to the reactor and the storage threads
 
 _lowered = threading.local()
@@ -51,8 +54,13 @@ class Pool:
     thread starts one, up to `max`; threads are never ended before `stop`.
     """
 
-    def __init__(self, minthreads: int = 0, maxthreads: int = 4, name: str = "pool") -> None:
+    def __init__(
+        self, minthreads: int = 0, maxthreads: int = 4, name: str = "pool", join: bool = True
+    ) -> None:
         self.min, self.max, self.name = minthreads, maxthreads, name
+        # False: `stop` does not wait for the threads (a site's filter may
+        # never return; the threads are daemons, and end with the process).
+        self.join = join
         self._queue: SimpleQueue[tuple[OnResult | None, Callable[..., Any], tuple, dict] | None]
         self._queue = SimpleQueue()
         self._threads: list[threading.Thread] = []
@@ -95,7 +103,7 @@ class Pool:
             threads, self._threads, self._idle = self._threads, [], 0
         for _ in threads:
             self._queue.put(_STOP)
-        for thread in threads:
+        for thread in threads if self.join else ():
             thread.join()
 
     def _start_threads(self, count: int, idle: bool) -> None:
@@ -157,6 +165,9 @@ class Workers:
     checks: Pool = attrs.field(
         factory=lambda: Pool(minthreads=0, maxthreads=CHECKS_THREADS, name="mailbox-checks")
     )
+    filters: Pool = attrs.field(
+        factory=lambda: Pool(0, FILTERS_THREADS, name="mailbox-filters", join=False)
+    )
 
     def disk(self, f: Callable[..., Any], *args: Any) -> Deferred:
         return in_pool(self.reactor, self.storage, f, *args)
@@ -170,9 +181,12 @@ class Workers:
     def check(self, f: Callable[..., Any], *args: Any) -> Deferred:
         return in_pool(self.reactor, self.checks, f, *args)
 
+    def filter(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        return in_pool(self.reactor, self.filters, f, *args)
+
     @property
     def pools(self) -> tuple[Pool, ...]:
-        return (self.storage, self.hashing, self.state, self.checks)
+        return (self.storage, self.hashing, self.state, self.checks, self.filters)
 
 
 def hashing_threads() -> int:

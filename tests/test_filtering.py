@@ -4,7 +4,7 @@ ClamAV's answers (mailboxd.clamav)."""
 from __future__ import annotations
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
@@ -12,9 +12,9 @@ from mailboxd.clamav import ClamdError, verdict_of
 from mailboxd.filtering import (
     FAILED,
     Filters,
+    FilterVerdict,
     IMessageFilter,
     Incoming,
-    Verdict,
     accept,
     reject,
     tempfail,
@@ -58,17 +58,17 @@ def test_the_first_that_does_not_accept_decides():
     [
         "yes",
         None,
-        Verdict("maybe"),
+        FilterVerdict("maybe"),
         reject(250, "2.0.0 fine"),
         reject(451, "4.7.0 a reject that is temporary"),
-        Verdict("tempfail", (550, "5.0.0 a tempfail that is permanent")),
+        FilterVerdict("tempfail", (550, "5.0.0 a tempfail that is permanent")),
         accept(("Bad Name", "x")),
         accept(("X-Ok", "two\r\nlines")),
         ValueError("broken"),
     ],
 )
 def test_nonsense_or_a_failure_is_a_451(answer):
-    assert run(Fixed("odd", answer)).result == Verdict("tempfail", FAILED)
+    assert run(Fixed("odd", answer)).result == FilterVerdict("tempfail", FAILED)
 
 
 def test_a_filter_that_hangs_is_a_451_at_the_timeout():
@@ -85,7 +85,30 @@ def test_a_filter_that_hangs_is_a_451_at_the_timeout():
     clock.advance(4.9)
     assert not d.called
     clock.advance(0.2)
-    assert d.result == Verdict("tempfail", FAILED)
+    assert d.result == FilterVerdict("tempfail", FAILED)
+
+
+def test_a_blocking_filter_is_asked_in_the_filters_threads_and_others_are_not():
+    handed: list[str] = []
+
+    def threads(f, *args):
+        handed.append(f.__self__.name)
+        return succeed(f(*args))
+
+    blocking = Fixed("blocking", accept(("X-B", "1")))
+    blocking.blocking = True
+    found = Filters([Fixed("plain", accept()), blocking], Clock(), 5, threads).run(MESSAGE)
+    assert found.result == accept(("X-B", "1"))
+    assert handed == ["blocking"] and blocking.asked == 1
+
+
+def test_a_blocking_filter_that_hangs_is_a_451_at_the_timeout():
+    clock = Clock()
+    blocking = Fixed("blocking", accept())
+    blocking.blocking = True
+    d = Filters([blocking], clock, 5, lambda f, *args: Deferred()).run(MESSAGE)
+    clock.advance(5.1)
+    assert d.result == FilterVerdict("tempfail", FAILED)
 
 
 @pytest.mark.parametrize(

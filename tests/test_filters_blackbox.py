@@ -6,18 +6,22 @@ Debian's packages, with a signature database made here for the EICAR file
 
 from __future__ import annotations
 
+import shutil
 import smtplib
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from conftest import ALICE, free_port, need
+from conftest import ALICE, ALICE_PW, client_tls_context, free_port, need
 from test_blackbox import wait_for
 from zone_server import A, ZoneServer
+
+import mailboxd.clamav
 
 pytestmark = pytest.mark.blackbox
 
@@ -25,6 +29,8 @@ pytestmark = pytest.mark.blackbox
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 
 PLUGIN = """
+import time
+
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
@@ -43,10 +49,24 @@ class Site:
             return Deferred()  # never answers
         if b"Subject: nonsense" in text:
             return "yes, fine"
-        return accept(("X-Site-Checked", f"{incoming.ip} to {len(incoming.recipients)}"))
+        seen = f"{incoming.ip} to {len(incoming.recipients)} as {incoming.account}"
+        return accept(("X-Site-Checked", f"{seen} tls={incoming.tls is not None}"))
+
+
+@implementer(IMessageFilter)
+class Lookup:
+    # Asks something that only answers by blocking: in the filters' threads.
+    name = "lookup"
+    blocking = True
+
+    def check(self, incoming):
+        if b"Subject: stuck" in incoming.data:
+            time.sleep(8)
+        return accept(("X-Lookup", "done"))
 
 
 site = Site()
+lookup = Lookup()
 """
 
 
@@ -58,11 +78,23 @@ def send(server, subject: str, body: bytes = b"hello\r\n") -> tuple[int, bytes]:
         return s.data(f"Subject: {subject}\r\n\r\n".encode() + body)
 
 
+def send_as_alice(server, subject: str) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", server.submission_port, timeout=30) as s:
+        s.starttls(context=client_tls_context())
+        s.login(ALICE, ALICE_PW)
+        s.mail(ALICE)
+        assert s.rcpt(ALICE)[0] == 250
+        return s.data(f"Subject: {subject}\r\n\r\nhello\r\n".encode())
+
+
 def test_site_plugins_decide_and_a_broken_one_only_delays(make_server):
-    server = make_server("[filters]\ntimeout = 2\n")
+    server = make_server("[filters]\ntimeout = 2\n", tls=True)
     plugins = server.home / "plugins"
     plugins.mkdir()
     (plugins / "site.py").write_text(PLUGIN)
+    # A shipped filter copied in as a starting point loads as it is (with
+    # its key empty, it offers no filter).
+    shutil.copy(mailboxd.clamav.__file__, plugins / "clamav_copy.py")
     (plugins / "README").write_text("not a plugin: only *.py files are")
     text = server.config.read_text().replace("[mailbox]\n", f"[mailbox]\nplugins = {plugins}\n", 1)
     server.config.write_text(text)
@@ -71,13 +103,33 @@ def test_site_plugins_decide_and_a_broken_one_only_delays(make_server):
         server.add_test_accounts().start()
         assert send(server, "fine")[0] == 250
         [kept] = server.messages(ALICE)
-        assert b"X-Site-Checked: 127.0.0.1 to 1\n" in kept.read_bytes().split(b"\n\n")[0]
+        head = kept.read_bytes().split(b"\n\n")[0]
+        assert b"X-Site-Checked: 127.0.0.1 to 1 as None tls=False\n" in head
+        assert b"X-Lookup: done\n" in head
+        assert send_as_alice(server, "mine")[0] == 250
+        mine = next(p for p in server.messages(ALICE) if b"Subject: mine" in p.read_bytes())
+        assert b"X-Site-Checked: 127.0.0.1 to 1 as " + ALICE.encode() + b" tls=True\n" in (
+            mine.read_bytes()
+        )
+        # A blocking check that hangs holds up its own message only: the
+        # reactor serves the next client meanwhile.
+        stuck: list[tuple[int, bytes]] = []
+        waiting = threading.Thread(target=lambda: stuck.append(send(server, "stuck")))
+        began = time.monotonic()
+        waiting.start()
+        time.sleep(0.5)
+        assert send(server, "meanwhile")[0] == 250
+        assert time.monotonic() - began < 1.8
+        waiting.join(30)
+        assert stuck == [(451, b"4.7.0 Message could not be checked, try again later")]
+        assert 1.5 < time.monotonic() - began < 10
         assert send(server, "spam") == (550, b"5.7.1 Our site does not take spam")
         began = time.monotonic()
         assert send(server, "slow") == (451, b"4.7.0 Message could not be checked, try again later")
         assert 1.5 < time.monotonic() - began < 10
         assert send(server, "nonsense")[0] == 451
-        assert len(server.messages(ALICE)) == 1
+        assert len(server.messages(ALICE)) == 3
+        assert "plugin " + str(plugins / "clamav_copy.py") + " loaded: []" in server.log()
         assert not (plugins / "__pycache__").exists()
         server.stop()
     finally:
@@ -85,10 +137,14 @@ def test_site_plugins_decide_and_a_broken_one_only_delays(make_server):
     (plugins / "broken.py").write_text("import no_such_module_here\n")
     server.start()
     assert send(server, "fine") == (451, b"4.7.0 Message could not be checked, try again later")
+    assert send(server, "fine") == (451, b"4.7.0 Message could not be checked, try again later")
     log = server.log()
-    assert "plugin " + str(plugins / "broken.py") + " cannot be loaded: ModuleNotFoundError" in log
-    assert "filter site answered nonsense" in log
-    assert "filter site failed: TimeoutError" in log
+    # One line for each, the broken file's at its loading, not one a message.
+    broken = "plugin " + str(plugins / "broken.py") + " cannot be loaded: ModuleNotFoundError"
+    assert log.count(broken) == 1
+    assert log.count("filter site answered nonsense") == 1
+    assert log.count("filter site failed: TimeoutError") == 1
+    assert log.count("filter lookup failed: TimeoutError") == 1
     # Mended, it is loaded again while the server runs, and mail flows.
     (plugins / "broken.py").write_text("X = 1  # nothing to see here\n")
     assert wait_for(lambda: "changed: loading it again" in server.log(), timeout=20)
