@@ -8,8 +8,8 @@ that only a POP3 login authorises; trusted networks are not counted.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -22,6 +22,7 @@ from .state import RELAY_WINDOW, RelayCount, StateStore, client_key
 log = Logger()
 
 SETTING = "relay_recipients_per_hour"  # the key, in [limits] and in an account's line
+SAID = "said:relay-limit:"  # the lease that stands for "the log said so this hour"
 
 
 def relay_sender(client: Client, ipv6_prefix: int = 128) -> str | None:
@@ -45,8 +46,6 @@ class RelayLimits:
     store: StateStore
     db: Callable[..., Deferred]  # runs a store call in the state pool
     wall: Wall  # the instants counted are stored
-    clock: Any  # monotonic: when the log last said a sender reached its limit
-    _said: dict[str, float] = attrs.field(factory=dict)
 
     def take(self, sender: str, limit: int) -> Deferred:
         """Fires with True if one more recipient for `sender` is within
@@ -56,15 +55,27 @@ class RelayLimits:
 
     def _counted(self, result: RelayCount, sender: str, limit: int) -> bool:
         if not result.allowed:
-            now = self.clock.seconds()
-            if now - self._said.get(sender, -RELAY_WINDOW) >= RELAY_WINDOW:
-                self._said[sender] = now
-                log.warn(
-                    "relay limit reached for {sender}: {count} recipients in the last hour "
-                    "(limit {limit})",
-                    sender=sender,
-                    count=result.count,
-                    limit=limit,
-                    code=451,
-                )
+            # Said once an hour for each sender, whichever worker or front end
+            # refuses it and across restarts: the first to take the note, a
+            # lease no one renews, says it.
+            note = self.db(
+                self.store.take_lease,
+                SAID + sender,
+                secrets.token_hex(8),
+                self.wall(),
+                RELAY_WINDOW,
+            )
+            note.addCallbacks(
+                lambda holder: self._say(result, sender, limit) if holder is None else None,
+                lambda f: self._say(result, sender, limit),  # rather twice than never
+            )
         return result.allowed
+
+    def _say(self, result: RelayCount, sender: str, limit: int) -> None:
+        log.warn(
+            "relay limit reached for {sender}: {count} recipients in the last hour (limit {limit})",
+            sender=sender,
+            count=result.count,
+            limit=limit,
+            code=451,
+        )

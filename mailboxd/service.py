@@ -480,7 +480,7 @@ def _serving_parts(
     connections = ConnectionCount(
         config.limits.connections_per_ip, m.trusted_networks, board, config.limits.ipv6_prefix
     )
-    relay_limits = RelayLimits(state, workers.db, wall, clock)
+    relay_limits = RelayLimits(state, workers.db, wall)
     leases = Leases(
         state, workers.db, wall, clock, process_owner(config.state.node), config.state.lease
     )

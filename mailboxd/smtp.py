@@ -420,7 +420,11 @@ class SMTPServer(LineProtocol):
                 return self._rcpt_refused(rcpt, (decision.code, decision.text))
             if self.listing is not None and not client.authorised:
                 zone = await self.listing.zone()
-                if zone is not None:
+                if zone is not None and client.pop_domains is None:
+                    # For a local recipient its POP authorisation was not asked:
+                    # it matters now, since it lets a listed client in.
+                    client = await self.client(lambda _: True)
+                if zone is not None and not client.authorised:
                     return self._rcpt_refused(rcpt, dnsbl_refusal(self.peer_ip, zone), zone)
             default = self.factory.config.mailbox.quota
             quotas = {

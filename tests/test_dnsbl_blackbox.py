@@ -5,6 +5,7 @@ zone does not list, and a blocklist that does not answer, let mail in."""
 
 from __future__ import annotations
 
+import poplib
 import smtplib
 import time
 
@@ -53,7 +54,23 @@ def test_a_listed_client_is_refused_unless_it_logs_in(make_server, blocklist):
     assert send_from(server, "127.0.0.2")[0] == 250  # not listed
     assert send_from(server, LISTED, login=True)[0] == 250
     assert "listed in bl.test" in server.log()
+    # A POP3 login authorises the address: its mail is let in too.
+    p = poplib.POP3("127.0.0.1", server.pop3_port, timeout=10)
+    p.user(ALICE)
+    p.pass_(ALICE_PW)
+    p.quit()
+    assert send_from(server, LISTED)[0] == 250
     server.check_log()
+
+
+def test_trusted_networks_are_not_looked_up(make_server, blocklist):
+    server = make_server(
+        f"[mailbox]\ntrusted_networks = 127.0.0.1/32\nresolver = {blocklist.address}\n"
+        "[inbound]\ndnsbl = bl.test\n"
+    )
+    server.add_test_accounts().start()
+    assert send_from(server, LISTED)[0] == 250
+    assert "listed in bl.test" not in server.log()
 
 
 def test_a_blocklist_that_does_not_answer_lets_mail_in(make_server):

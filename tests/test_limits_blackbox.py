@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import poplib
 import smtplib
+import time
 
 import pytest
 from conftest import ALICE, ALICE_PW, BOB, BOB_PW, _hash, ctl
+
+from mailboxd.config import load
+from mailboxd.state import FailureLimit, client_key, open_store
 
 pytestmark = pytest.mark.blackbox
 
@@ -46,12 +50,14 @@ def test_the_501st_relayed_recipient_waits_local_mail_flows_and_it_survives_a_re
         relay(s, ALICE, 500)
         s.mail(ALICE)
         assert s.rcpt("one-more@far.test") == LIMITED_ALICE
+        assert s.rcpt("and-another@far.test") == LIMITED_ALICE
         assert s.rcpt(BOB)[0] == 250  # local delivery is not limited
         s.rset()
     with session(server, None) as s:  # no AUTH: POP-before-SMTP, counted per address
         relay(s, BOB, 500)
         s.mail(BOB)
         assert s.rcpt("one-more@far.test") == LIMITED_IP
+        assert s.rcpt(ALICE)[0] == 250
         s.rset()
     listed = ctl(server, "limits", "list").stdout.splitlines()
     assert "alice@example.test\t500 recipients relayed in the last hour of 500\tover" in listed
@@ -64,8 +70,20 @@ def test_the_501st_relayed_recipient_waits_local_mail_flows_and_it_survives_a_re
         assert s.rcpt("after-restart@far.test") == LIMITED_ALICE
         assert ctl(server, "limits", "reset", ALICE).stdout == "reset alice@example.test\n"
         assert s.rcpt("after-reset@far.test")[0] == 250
-    assert server.log().count("relay limit reached for alice@example.test") == 2  # once per run
+    with session(server, None) as s:
+        s.mail(BOB)
+        assert s.rcpt("after-restart@far.test") == LIMITED_IP
+        assert ctl(server, "limits", "reset", "127.0.0.1").stdout == "reset 127.0.0.1\n"
+        assert s.rcpt("after-reset@far.test")[0] == 250
+    # Said once an hour for each sender: not again at each refusal, nor after a restart.
+    assert server.log().count("relay limit reached for alice@example.test") == 1
+    assert server.log().count("relay limit reached for 127.0.0.1") == 1
     ctl(server, "limits", "reset", "127.0.0.2", ok=(1,))
+    listed = ctl(server, "limits", "list").stdout.splitlines()
+    assert listed == [
+        "127.0.0.1\t1 recipients relayed in the last hour of 500\tok",
+        "alice@example.test\t1 recipients relayed in the last hour of 500\tok",
+    ]
 
 
 def test_an_account_may_have_its_own_limit(make_server):
@@ -75,7 +93,10 @@ def test_an_account_may_have_its_own_limit(make_server):
         f.write(f"news@example.test:{_hash('news pw')}::::::relay_recipients_per_hour=5\n")
     server.start()
     with session(server, ("news@example.test", "news pw")) as s:
-        relay(s, "news@example.test", 5)
+        relay(s, "news@example.test", 4)
+        listed = ctl(server, "limits", "list").stdout
+        assert listed == "news@example.test\t4 recipients relayed in the last hour of 5\tnear\n"
+        relay(s, "news@example.test", 1)
         s.mail("news@example.test")
         assert s.rcpt("sixth@far.test")[0] == 451
     with session(server, (ALICE, ALICE_PW)) as s:
@@ -131,3 +152,47 @@ def test_a_full_mailbox_refuses_with_452_and_can_still_be_read_and_emptied(make_
     assert [b"Subject: fits" in p.read_bytes() for p in server.messages(ALICE)] == [True]
     assert server.messages(BOB) == []
     server.check_log()
+
+
+def test_an_account_may_have_its_own_quota(make_server):
+    server = make_server().add_test_accounts()  # [mailbox] quota = 0: none
+    with server.accounts.open("a") as f:
+        f.write(f"small@example.test:{_hash('small pw')}::::::quota=100\n")
+    new = server.maildir("small@example.test") / "new"
+    new.mkdir(parents=True)
+    (new / "1700000000.M1P1.old").write_bytes(b"Subject: old\n\n" + b"x" * 100 + b"\n")
+    server.start()
+    with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as s:
+        s.ehlo("client.far.test")
+        s.mail("a@far.test")
+        assert s.rcpt("small@example.test") == (452, b"4.2.2 Mailbox full")
+        assert s.rcpt(ALICE)[0] == 250  # no quota: never full
+        s.rset()
+    listed = ctl(server, "user", "list").stdout
+    assert "small@example.test\t115 bytes of 100 (115%)" in listed
+
+
+# --- IPv6 clients by network (issue 15, item 2) ---------------------------------------
+
+
+def test_mailboxctl_shows_and_clears_an_ipv6_network(make_server, monkeypatch):
+    server = make_server().add_test_accounts()  # not started: the store is mailboxctl's
+    monkeypatch.chdir(server.home)  # the config's paths are relative
+    config = load(server.config)
+    store = open_store(config)
+    now = time.time()
+    for i in range(10):  # ten addresses of one /64: the network is blocked
+        store.record_failure(
+            client_key(f"2001:db8:1:2::{i}", 64), now, FailureLimit(10, 3600, 3600)
+        )
+    store.count_relay(client_key("2001:db8:1:2::99", 64), now, 0)
+    store.close()
+    [line] = ctl(server, "blocked", "list").stdout.splitlines()
+    assert line.startswith("2001:db8:1:2::/64\tblocked since ")
+    unblocked = ctl(server, "blocked", "unblock", "2001:db8:1:2::77").stdout
+    assert unblocked == "unblocked 2001:db8:1:2::/64\n"
+    assert ctl(server, "blocked", "list").stdout == ""
+    listed = ctl(server, "limits", "list").stdout
+    assert listed == "2001:db8:1:2::/64\t1 recipients relayed in the last hour of 500\tok\n"
+    assert ctl(server, "limits", "reset", "2001:db8:1:2::/64").stdout == "reset 2001:db8:1:2::/64\n"
+    assert ctl(server, "limits", "list").stdout == ""

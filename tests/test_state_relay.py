@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
+from mailboxd.accounts import Account
+from mailboxd.limits import relay_sender
+from mailboxd.policy import Client, Listener
 from mailboxd.state import client_key
 
 
@@ -23,3 +28,43 @@ from mailboxd.state import client_key
 )
 def test_what_an_address_is_counted_under(ip, prefix, key):
     assert client_key(ip, prefix) == key
+
+
+ALICE = Account(address="alice@example.test", domain="example.test", local="alice")
+TRUSTED = (ipaddress.ip_network("2001:db8:9::/48"),)
+
+
+@pytest.mark.parametrize(
+    "client, counted",
+    [
+        # Two addresses of one /64, POP-authorised: one count, the network's.
+        (
+            Client(Listener.MTA, "2001:db8:1:2::1", pop_domains=("example.test",)),
+            "2001:db8:1:2::/64",
+        ),
+        (
+            Client(Listener.MTA, "2001:db8:1:2::ff", pop_domains=("example.test",)),
+            "2001:db8:1:2::/64",
+        ),
+        (
+            Client(Listener.MTA, "2001:db8:1:3::1", pop_domains=("example.test",)),
+            "2001:db8:1:3::/64",
+        ),
+        (Client(Listener.MTA, "192.0.2.7", pop_domains=("example.test",)), "192.0.2.7"),
+        # An account counts as itself, wherever it logs in from.
+        (Client(Listener.SUBMISSION, "2001:db8:1:2::1", account=ALICE), "alice@example.test"),
+        # Trusted networks and clients that may not relay count nothing.
+        (
+            Client(
+                Listener.MTA,
+                "2001:db8:9::1",
+                pop_domains=("example.test",),
+                trusted_networks=TRUSTED,
+            ),
+            None,
+        ),
+        (Client(Listener.MTA, "2001:db8:1:2::1"), None),
+    ],
+)
+def test_whose_count_a_relayed_recipient_goes_to(client, counted):
+    assert relay_sender(client, 64) == counted
