@@ -17,7 +17,16 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(Exception):
-    """A configuration mistake; str() is one line meant for the operator."""
+    """Configuration mistakes: `lines`, one for each, meant for the operator
+    (str() is those lines)."""
+
+    def __init__(self, *lines: str) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+    def said_by(self, who: str) -> str:
+        """The lines, each begun with `who: `."""
+        return "\n".join(f"{who}: {line}" for line in self.lines)
 
 
 @attrs.frozen
@@ -518,15 +527,18 @@ def parse(text: str, path: Path) -> Config:
         line = _line_of(text, section, key)
         return f"line {line}: " if line else ""
 
+    # Every mistake is said, each on its line, not only the first.
+    mistakes: list[str] = []
     for section in parser.sections():
         if section not in SPEC:
-            raise ConfigError(
+            mistakes.append(
                 f"{path}: {at(section)}unknown section [{section}]; expected one of "
                 + ", ".join(f"[{s}]" for s in SPEC)
             )
+            continue
         for key in parser[section]:
             if key not in SPEC[section]:
-                raise ConfigError(
+                mistakes.append(
                     f"{path}: {at(section, key)}[{section}] unknown key {key!r}; expected one of "
                     + ", ".join(SPEC[section])
                 )
@@ -539,10 +551,13 @@ def parse(text: str, path: Path) -> Config:
             try:
                 values[key] = convert(raw)
             except _Invalid as e:
-                raise ConfigError(
+                mistakes.append(
                     f"{path}: {at(section, key)}[{section}] {key} = {raw.strip()!r}: expected {e}"
-                ) from None
-        sections[section] = _SECTIONS[section](**values)
+                )
+        if not mistakes:
+            sections[section] = _SECTIONS[section](**values)
+    if mistakes:
+        raise ConfigError(*mistakes)
 
     config = _resolved(Config(path=path, **sections))
     try:

@@ -267,11 +267,21 @@ def check_command(config: Config, args: argparse.Namespace) -> int:
         print(f"mailboxctl check: no user {args.user!r} on this system")
         return 1
     now = datetime.datetime.now(datetime.timezone.utc)
-    accounts, skipped = check.directory(config)
-    found = list(check.problems(config, user, now, skipped))
-    for line in found or check.summary(config, user, now, accounts):
+    try:
+        accounts, skipped = check.directory(config)
+        unread = []
+    except OSError as e:  # this user cannot read them, whoever the server runs as
+        accounts, skipped = None, []
+        m, me = config.mailbox, check.RunAs.current().name
+        key = "[mailbox] aliases" if str(e.filename) == str(m.aliases) else "[mailbox] accounts"
+        unread = [f"{e.filename}: {key}: mailboxctl (as {me}) cannot read it: {e.strerror}"]
+    found = unread + list(check.problems(config, user, now, skipped))
+    if found or accounts is None:
+        print(*found, sep="\n")
+        return 1
+    for line in check.summary(config, user, now, accounts):
         print(line)
-    return 1 if found else 0
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -352,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "check":
             print(e)
             raise SystemExit(1) from None
-        raise SystemExit(f"mailboxctl: {e}") from None
+        raise SystemExit(e.said_by("mailboxctl")) from None
     if args.command == "check":
         raise SystemExit(check_command(config, args))
     _check_home(config)

@@ -41,7 +41,7 @@ def makeService(options: Options) -> IService:
     try:
         config = load(options["config"])
     except ConfigError as e:
-        raise SystemExit(f"mailbox: {e}") from None
+        raise SystemExit(e.said_by("mailbox")) from None
     use_monotonic_clock(reactor)  # before anything is scheduled
     # options.parent: twistd's own options, when twistd parsed ours.
     return Logged(build(config, reactor), for_twistd(options.parent, reactor, config.log.format))

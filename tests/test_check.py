@@ -167,6 +167,19 @@ def test_mail_dir_the_service_user_cannot_write(tmp_path):
     assert check(config, "--user", "root").returncode == 0
 
 
+def test_an_accounts_file_mailboxctl_cannot_read_is_a_line_not_a_traceback(tmp_path):
+    config = appliance(tmp_path)
+    wrong = tmp_path / "etc" / "aliases" / "accounts"  # below a file: unreadable even to root
+    config.write_text(config.read_text().replace("[mailbox]\n", f"[mailbox]\naccounts = {wrong}\n"))
+    out = check(config)
+    assert out.returncode == 1
+    me = getpass.getuser()
+    assert out.stdout == (
+        f"{wrong}: [mailbox] accounts: mailboxctl (as {me}) cannot read it: Not a directory\n"
+    )
+    assert out.stderr == ""
+
+
 def test_an_unknown_user(tmp_path):
     out = check(appliance(tmp_path), "--user", "no-such-user-here")
     assert out.returncode == 1
@@ -180,6 +193,26 @@ def test_a_config_mistake_is_one_line_and_exit_1(tmp_path):
     [line] = out.stdout.splitlines()
     assert line.startswith(f"{config}: line ") and "[pop3] idle_timeout = '5'" in line
     assert out.stderr == ""
+
+
+def test_every_config_mistake_gets_its_line(tmp_path):
+    config = appliance(
+        tmp_path,
+        extra="[pop3]\nidle_timeout = 5\nidle = 3\n[limits]\nconnections_per_ip = many\n[nope]\n",
+    )
+    out = check(config)
+    assert out.returncode == 1
+    lines = out.stdout.splitlines()
+    assert len(lines) == 4, lines
+    assert all(line.startswith(f"{config}: line ") for line in lines)
+    said = "\n".join(lines)
+    for part in (
+        "unknown section [nope]",
+        "[pop3] unknown key 'idle'",
+        "[pop3] idle_timeout = '5'",
+    ):
+        assert part in said
+    assert "[limits] connections_per_ip = 'many'" in said
 
 
 def test_show_prints_every_key_with_defaults_and_hides_the_password(tmp_path):
