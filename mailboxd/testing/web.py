@@ -137,7 +137,7 @@ def _number(request: Any, name: str, default: float, low: float, high: float) ->
     return value
 
 
-class Filters:
+class MessageQuery:
     """The query of a list or a wait: to, subject, outbound, after, pattern."""
 
     def __init__(self, server: InProcessMailServer, request: Any) -> None:
@@ -351,7 +351,7 @@ class API(Resource):
     # --- messages -------------------------------------------------------------------------
 
     def list(self, request: Any) -> bytes:
-        found = Filters(self.mail, request).select()
+        found = MessageQuery(self.mail, request).select()
         return self.json(request, {"messages": [message_json(r) for r in found]})
 
     def one(self, request: Any, ident: str) -> bytes:
@@ -403,11 +403,11 @@ class API(Resource):
         return self.json(request, message_json(record), 201)
 
     def wait(self, request: Any) -> Any:
-        filters = Filters(self.mail, request)
+        query = MessageQuery(self.mail, request)
         timeout = _number(request, "timeout", 5.0, 0.0, MAX_WAIT)
 
         def first() -> Record | None:
-            return next(iter(filters.select()), None)
+            return next(iter(query.select()), None)
 
         d = self.mail._wait_deferred(first, timeout, _Timeout)
         finished = request.notifyFinish()
