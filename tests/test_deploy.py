@@ -57,6 +57,28 @@ def test_the_unit_rates_3_or_lower():
     assert float(last.split(":")[1].split()[0]) <= 3.0, last
 
 
+def test_the_sysusers_file_makes_the_system_user_and_group(tmp_path):
+    if shutil.which("systemd-sysusers") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("systemd-sysusers is not installed, and CI=true requires it")
+        pytest.skip("systemd-sysusers is not installed")
+    (tmp_path / "etc").mkdir()
+    out = subprocess.run(
+        ["systemd-sysusers", f"--root={tmp_path}", str(ROOT / "etc" / "mailbox.sysusers")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    [user] = (tmp_path / "etc" / "passwd").read_text().splitlines()
+    name, _, uid, gid, _, home, shell = user.split(":")
+    assert (name, home, shell) == ("mailbox", "/var/lib/mailbox", "/usr/sbin/nologin")
+    assert int(uid) < 1000  # a system user
+    [group] = (tmp_path / "etc" / "group").read_text().splitlines()
+    assert group.split(":")[0::2] == ["mailbox", gid]
+    assert unit()["User"] == "mailbox" and unit().get("Group", "mailbox") == "mailbox"
+
+
 @pytest.fixture
 def prefix():
     """A folder every user may pass through (pytest's tmp_path is root's 0700)."""

@@ -4,8 +4,12 @@ that print the version."""
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import shutil
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
 import mailboxd
@@ -63,3 +67,41 @@ def test_the_http_apis_description_and_page_are_installed():
     files = {str(f) for f in importlib.metadata.files("mailboxd") or []}
     names = ["web.py", "openapi.json", "static/index.html", "static/app.js", "static/app.css"]
     assert {f"mailboxd/testing/{n}" for n in names} <= files
+
+
+def test_build_makes_an_sdist_and_a_wheel_without_a_warning(tmp_path):
+    """`python -m build`, as a packager runs it, on a copy of the source."""
+    source = tmp_path / "source"
+    root = Path(__file__).resolve().parent.parent
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True
+    ).stdout.decode()
+    for name in filter(None, tracked.split("\0")):
+        if (root / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, source / name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    out = subprocess.run(
+        [sys.executable, "-m", "build", "--outdir", str(tmp_path / "dist"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    said = (out.stdout + out.stderr).lower().splitlines()
+    assert [line for line in said if "warning" in line] == []
+    version = mailboxd.__version__
+    with tarfile.open(tmp_path / "dist" / f"mailboxd-{version}.tar.gz") as sdist:
+        names = {n.split("/", 1)[1] for n in sdist.getnames() if "/" in n}
+    for name in ("LICENSE", "CHANGELOG.md", "etc/mailbox.service", "etc/production.ini"):
+        assert name in names
+    assert {
+        "etc/mailbox.sysusers",
+        "docs/operations.md",
+        "twisted/plugins/mailboxd_tls.py",
+    } <= names
+    with zipfile.ZipFile(tmp_path / "dist" / f"mailboxd-{version}-py3-none-any.whl") as wheel:
+        inside = set(wheel.namelist())
+    assert {"mailboxd/__init__.py", "twisted/plugins/mailboxd_plugin.py"} <= inside
+    assert "twisted/plugins/__init__.py" not in inside  # Twisted's namespace, not ours
