@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -21,10 +22,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.logger import Logger
 
+from .printable import shown
+
 log = Logger()
 
 CANONICALIZATION = (b"relaxed", b"relaxed")  # survives the header rewrapping relays do
 TXT_STRING_MAX = 255  # characters in one string of a TXT record (RFC 1035 §3.3)
+CAUSES_SAID = 100  # distinct signing failures said; the set stays small whatever comes in
+_CAUSE_DIGITS = re.compile(r"[0-9]+")  # an instance number or a count: one cause
 
 
 class KeyProblem(Exception):
@@ -102,6 +107,7 @@ class Signer:
     # Per key file: its (mtime, size) when read, and the key or the problem.
     _read: dict[Path, tuple[tuple[float, int], bytes | str]] = attrs.field(factory=dict)
     _said: set[tuple[Path, object]] = attrs.field(factory=set)
+    _failures: set[tuple[str, str, str]] = attrs.field(factory=set)  # said by _cannot
     _lock: threading.Lock = attrs.field(factory=threading.Lock)
 
     def key(self, domain: str) -> bytes | None:
@@ -159,13 +165,17 @@ class Signer:
         key = self.key(domain)
         if key is None:
             return None
-        return dkim.sign(
-            message,
-            self.selector.encode("ascii"),
-            domain.lower().encode("ascii"),
-            key,
-            canonicalize=CANONICALIZATION,
-        )
+        try:
+            return dkim.sign(
+                message,
+                self.selector.encode("ascii"),
+                domain.lower().encode("ascii"),
+                key,
+                canonicalize=CANONICALIZATION,
+            )
+        except Exception as e:  # noqa: BLE001 - see _cannot
+            self._cannot("sign", domain, e)
+            return None
 
     def seal(self, message: bytes, domain: str, authserv_id: str) -> bytes | None:
         """The ARC set (RFC 8617) for a message forwarded off-site, sealed
@@ -176,14 +186,42 @@ class Signer:
         key = self.key(domain)
         if key is None:
             return None
-        fields = dkim.arc_sign(
-            message,
-            self.selector.encode("ascii"),
-            domain.lower().encode("ascii"),
-            key,
-            authserv_id.encode("ascii"),
-        )
+        try:
+            fields = dkim.arc_sign(
+                message,
+                self.selector.encode("ascii"),
+                domain.lower().encode("ascii"),
+                key,
+                authserv_id.encode("ascii"),
+            )
+        except Exception as e:  # noqa: BLE001 - see _cannot
+            self._cannot("seal", domain, e)
+            return None
         return b"".join(fields) or None
+
+    def _cannot(self, what: str, domain: str, error: Exception) -> None:
+        """A message dkimpy would not sign or seal: it goes out without, since
+        refusing it (or a 451, again at every try) would lose mail that is
+        only unusual. dkimpy says so with a DKIMException: a header line
+        without a colon (MessageFormatError), no From: field, an ARC chain
+        past i=50 (ParameterError); and, for inputs it did not foresee, with
+        whatever Python raised (an IndexError for a header that starts
+        folded). Said once per cause, in the library's words up to the first
+        colon, which come before any text of the message's."""
+        cause = _CAUSE_DIGITS.sub("N", str(error).split(":", 1)[0])[:80]
+        key = (what, type(error).__name__, cause)
+        with self._lock:
+            if key in self._failures or len(self._failures) >= CAUSES_SAID:
+                return
+            self._failures.add(key)
+        log.warn(
+            "dkim: cannot {what} a message for {domain} ({error}: {cause}): "
+            "sending it without; said once for this cause",
+            what=what,
+            domain=domain,
+            error=type(error).__name__,
+            cause=shown(cause),
+        )
 
     def _say_once(self, path: Path, version: object, text: str, domain: str) -> None:
         with self._lock:

@@ -99,6 +99,55 @@ def test_a_missing_or_broken_key_signs_nothing_and_is_said_once(tmp_path, pem, c
     assert signer.sign(MESSAGE, "example.test") is not None
 
 
+RESULTS = b"Authentication-Results: mail.example.test; spf=pass smtp.mailfrom=far.test\r\n"
+
+
+@pytest.mark.parametrize(
+    "what, message",
+    [
+        # dkimpy: MessageFormatError, a header line with no colon (and an escape).
+        ("sign", b"From: alice@example.test\r\nNo colon \x1b[31mhere\r\n\r\nbody\r\n"),
+        ("seal", RESULTS + b"No colon \x1b[31mhere\r\nFrom: a@far.test\r\n\r\nbody\r\n"),
+        ("sign", b"Subject: no From\r\n\r\nbody\r\n"),  # ParameterError
+        ("seal", RESULTS + b"Subject: no From\r\n\r\nbody\r\n"),
+        # ParameterError: past the last instance RFC 8617 allows.
+        (
+            "seal",
+            RESULTS + b"ARC-Seal: i=50; a=rsa-sha256; cv=pass; d=far.test; s=s; b=abc\r\n"
+            b"From: a@far.test\r\n\r\nbody\r\n",
+        ),
+        ("sign", b" folded first\r\nFrom: alice@example.test\r\n\r\nbody\r\n"),  # IndexError
+    ],
+)
+def test_what_dkimpy_will_not_sign_goes_out_without_said_once(
+    tmp_path, pem, caplog_events, what, message
+):
+    write_key(key_path(tmp_path, "example.test", "mailbox"), pem, group=0)
+    signer = Signer(tmp_path, "mailbox")
+    for _ in range(3):
+        if what == "sign":
+            assert signer.sign(message, "example.test") is None
+        else:
+            assert signer.seal(message, "example.test", "mail.example.test") is None
+    said = [e for e in caplog_events if "cannot" in e.get("log_format", "")]
+    assert len(said) == 1, said
+    [event] = said
+    assert event["what"] == what and event["domain"] == "example.test"
+    text = str(event["cause"]) + str(event["error"])
+    assert text.isprintable() and "here" not in text, text  # the library's words, not the message's
+    assert signer.sign(MESSAGE, "example.test") is not None  # the next message is signed
+
+
+def test_a_cause_with_a_number_is_one_cause(tmp_path, pem, caplog_events):
+    write_key(key_path(tmp_path, "example.test", "mailbox"), pem, group=0)
+    signer = Signer(tmp_path, "mailbox")
+    for i in (51, 52, 99):
+        seal = b"ARC-Seal: i=%d; a=rsa-sha256; cv=pass; d=far.test; s=s; b=abc\r\n" % i
+        assert signer.seal(RESULTS + seal + MESSAGE, "example.test", "mail.example.test") is None
+    said = [e for e in caplog_events if "cannot" in e.get("log_format", "")]
+    assert len(said) == 1, said
+
+
 ALICE = Account("alice@example.test", "example.test", "alice")
 DOMAINS = ("example.test", "other.test")
 ALIASES = (("example.org", "example.test"),)
