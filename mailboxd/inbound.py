@@ -9,11 +9,14 @@ Checks run in the checks' threads, the libraries' lookups through
 `resolver` (dnspython's default resolver is the configured one). A lookup
 that times out or fails at the server never leads to a permanent refusal:
 the result is `temperror`, and where a refusal would have followed, the
-reply is a 451 (the client tries again later).
+reply is a 451 (the client tries again later). One message's checks take
+at most CHECKS_SECONDS in all: what is still to check then is `temperror`.
 """
 
 from __future__ import annotations
 
+import re
+import time
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import getaddresses
@@ -29,12 +32,15 @@ from authres.arc import ARCAuthenticationResult
 from authres.dmarc import DMARCAuthenticationResult
 
 from .lines import SMTPReply
-from .resolver import LOOKUP_SECONDS, TempError, txt
+from .resolver import LOOKUP_SECONDS, TempError, exists, txt, txts
 
 # All of one SPF check's lookups together (RFC 7208 §4.6.4 allows 20): a
 # HELO name's record is short; MAIL FROM's may include others.
 SPF_SECONDS = {"helo": 1.0, "mailfrom": 2.0}
 MAX_SIGNATURES = 5  # DKIM signatures verified a message; the rest are not looked at
+# All of one message's checks: each step gets what is left, at most its own
+# limit; past it, the steps still to come are temperror without a lookup.
+CHECKS_SECONDS = 5.0
 
 
 @attrs.frozen
@@ -53,31 +59,65 @@ class Checked:
     arc: str = "none"  # the ARC chain it arrived with: what a seal of ours carries on
 
 
-def spf_check(ip: str, sender: str, helo: str) -> tuple[str, str]:
+@attrs.frozen
+class Deadline:
+    """The end of one message's checks, on the monotonic clock."""
+
+    at: float
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(time.monotonic() + seconds)
+
+    def left(self, most: float) -> float:
+        """Seconds the next step may take, at most `most`; TempError if none."""
+        left = min(most, self.at - time.monotonic())
+        if left <= 0:
+            raise TempError("the message's checks are out of time")
+        return left
+
+
+def spf_check(ip: str, sender: str, helo: str, deadline: Deadline) -> tuple[str, str]:
     """(result, explanation); `sender` "" checks the HELO identity."""
     identity = sender or f"postmaster@{helo}"
-    seconds = SPF_SECONDS["mailfrom" if sender else "helo"]
     try:
-        return spf.check2(ip, identity, helo, timeout=LOOKUP_SECONDS, querytime=seconds)
+        seconds = deadline.left(SPF_SECONDS["mailfrom" if sender else "helo"])
+    except TempError as e:
+        return "temperror", str(e)
+    try:
+        # querytime bounds all of the check's lookups together.
+        return spf.check2(ip, identity, helo, timeout=seconds, querytime=seconds)
     except Exception as e:  # noqa: BLE001 - a library failure is no reason to lose mail
         return "temperror", f"{type(e).__name__}"
 
 
-def dkim_checks(message: bytes, resolver: dns.resolver.Resolver) -> list[DKIMAuthenticationResult]:
+def dkim_checks(
+    message: bytes, resolver: dns.resolver.Resolver, deadline: Deadline
+) -> list[DKIMAuthenticationResult]:
     """One result per DKIM signature (the first MAX_SIGNATURES)."""
     try:
         d = dkim.DKIM(message, timeout=LOOKUP_SECONDS)
     except Exception:  # noqa: BLE001 - an unparsable message: nothing verifies
         return []
     count = sum(1 for name, _ in d.headers if name.lower() == b"dkim-signature")
+    keys: dict[bytes, bytes | None] = {}  # the key records the signature asked for
 
     def dnsfunc(name: bytes, timeout: float = LOOKUP_SECONDS) -> bytes | None:
-        return txt(resolver, name)
+        keys[name] = record = txt(resolver, name, deadline.left(LOOKUP_SECONDS))
+        return record
 
     results = []
     for idx in range(min(count, MAX_SIGNATURES)):
+        keys.clear()
+        d.signature_fields = {}
         try:
-            result = "pass" if d.verify(idx=idx, dnsfunc=dnsfunc) else "fail"
+            deadline.left(LOOKUP_SECONDS)
+            if d.verify(idx=idx, dnsfunc=dnsfunc):
+                result = "pass"
+            else:
+                # dkimpy answers False, not an error, for a key record that is
+                # missing or malformed: RFC 6376 §6.1.2 calls that PERMFAIL.
+                result = "permerror" if any(map(_unusable, keys.items())) else "fail"
         except TempError:
             result = "temperror"
         except dkim.ValidationError as e:
@@ -87,7 +127,7 @@ def dkim_checks(message: bytes, resolver: dns.resolver.Resolver) -> list[DKIMAut
             result = "permerror"  # a malformed signature or key record
         except Exception:  # noqa: BLE001
             result = "permerror"
-        fields = d.signature_fields or {}
+        fields = d.signature_fields or _signature_tags(d, idx)
         results.append(
             DKIMAuthenticationResult(
                 result=result,
@@ -98,16 +138,35 @@ def dkim_checks(message: bytes, resolver: dns.resolver.Resolver) -> list[DKIMAut
     return results
 
 
-def arc_check(message: bytes, resolver: dns.resolver.Resolver) -> str:
+def _unusable(key: tuple[bytes, bytes | None]) -> bool:
+    """Whether a key record (name, TXT value) cannot be used: none, or malformed."""
+    try:
+        dkim.evaluate_pk(*key)
+    except Exception:  # noqa: BLE001 - KeyFormatError, binascii.Error, and the like
+        return True
+    return False
+
+
+def _signature_tags(d: dkim.DKIM, idx: int) -> dict[bytes, bytes]:
+    """The tags of signature `idx`, for one that failed before dkimpy read them."""
+    signatures = [v for name, v in d.headers if name.lower() == b"dkim-signature"]
+    try:
+        return dict(dkim.util.parse_tag_value(signatures[idx]))
+    except Exception:  # noqa: BLE001 - unreadable tags: the result names no domain
+        return {}
+
+
+def arc_check(message: bytes, resolver: dns.resolver.Resolver, deadline: Deadline) -> str:
     """The ARC chain's validation (RFC 8617 §5.2): none, pass or fail; or
     temperror when a key could not be looked up now."""
     if b"\narc-seal:" not in message.lower() and not message.lower().startswith(b"arc-seal:"):
         return "none"
 
     def dnsfunc(name: bytes, timeout: float = LOOKUP_SECONDS) -> bytes | None:
-        return txt(resolver, name)
+        return txt(resolver, name, deadline.left(LOOKUP_SECONDS))
 
     try:
+        deadline.left(LOOKUP_SECONDS)
         cv, _, _ = dkim.arc_verify(message, dnsfunc=dnsfunc, timeout=LOOKUP_SECONDS)
     except TempError:
         return "temperror"
@@ -117,15 +176,42 @@ def arc_check(message: bytes, resolver: dns.resolver.Resolver) -> str:
 
 
 def dmarc_check(
-    message: bytes, mail_from: SPFAuthenticationResult, dkims: list[DKIMAuthenticationResult]
+    message: bytes,
+    mail_from: SPFAuthenticationResult,
+    dkims: list[DKIMAuthenticationResult],
+    resolver: dns.resolver.Resolver,
+    deadline: Deadline,
 ) -> DMARCAuthenticationResult:
     passed = next((r for r in dkims if r.result == "pass"), None)
+
+    def dnsfunc(name: str) -> str | None:
+        # authheaders' own lookup reads a SERVFAIL as "no record" (so "no
+        # policy"); this one says TempError, and keeps to the deadline.
+        return dmarc_lookup(resolver, name, deadline.left(LOOKUP_SECONDS))
+
     try:
-        return authheaders.check_dmarc(message, spf_result=mail_from, dkim_result=passed)
-    except dns.exception.DNSException:
+        deadline.left(LOOKUP_SECONDS)
+        return authheaders.check_dmarc(
+            message, spf_result=mail_from, dkim_result=passed, dnsfunc=dnsfunc
+        )
+    except (TempError, dns.exception.DNSException):
         return DMARCAuthenticationResult(result="temperror", header_from=from_domain(message))
     except Exception:  # noqa: BLE001
         return DMARCAuthenticationResult(result="permerror", header_from=from_domain(message))
+
+
+def dmarc_lookup(resolver: dns.resolver.Resolver, name: str, lifetime: float) -> str | None:
+    """authheaders' dnsfunc: asked for `_dmarc.<domain>`, the one DMARC
+    record there (none for several: RFC 7489 §6.6.3); asked for another
+    name, whether it exists, for the `np=` policy (RFC 9091: it does not if
+    it has no A, AAAA or MX record). TempError for a timeout or SERVFAIL."""
+    if name.lower().startswith("_dmarc."):
+        records = [r for r in txts(resolver, name, lifetime) if r.startswith(b"v=DMARC1")]
+        return records[0].decode("utf-8", "replace") if len(records) == 1 else None
+    for rdtype in ("A", "AAAA", "MX"):
+        if exists(resolver, name, rdtype, lifetime):
+            return "exists"
+    return None
 
 
 def check(
@@ -135,20 +221,22 @@ def check(
     sender: str,
     policy: Policy,
     resolver: dns.resolver.Resolver,
+    seconds: float = CHECKS_SECONDS,
 ) -> Checked:
-    """Check `message` (CRLF line ends) from `ip`; blocking."""
-    helo_result, _ = spf_check(ip, "", helo)
-    mail_result, _ = spf_check(ip, sender, helo) if sender else (helo_result, "")
+    """Check `message` (CRLF line ends) from `ip`, in at most about `seconds`; blocking."""
+    deadline = Deadline.after(seconds)
+    helo_result, _ = spf_check(ip, "", helo, deadline)
+    mail_result, _ = spf_check(ip, sender, helo, deadline) if sender else (helo_result, "")
     identity = sender or f"postmaster@{helo}"
     # The header names the domain only (RFC 8601 §2.7.2); DMARC's alignment
     # check wants the address (and changes the object it is given).
     domain = identity.rpartition("@")[2]
     spf_from = SPFAuthenticationResult(result=mail_result, smtp_mailfrom=domain)
     spf_helo = SPFAuthenticationResult(result=helo_result, smtp_helo=helo)
-    dkims = dkim_checks(message, resolver)
+    dkims = dkim_checks(message, resolver, deadline)
     aligned = SPFAuthenticationResult(result=mail_result, smtp_mailfrom=identity)
-    dmarc = dmarc_check(message, aligned, dkims)
-    arc = arc_check(message, resolver)
+    dmarc = dmarc_check(message, aligned, dkims, resolver, deadline)
+    arc = arc_check(message, resolver, deadline)
     results = [
         spf_from,
         spf_helo,
@@ -199,15 +287,73 @@ def from_domain(message: bytes) -> str | None:
     return found[0][1].rpartition("@")[2].lower().rstrip(".") or None
 
 
-def claims(line: bytes, hostname: str) -> bool:
-    """Whether a header line starts an Authentication-Results field that
-    claims to be this server's (RFC 8601 §5: such a field from outside is
-    forged, and is removed)."""
-    name, colon, value = line.partition(b":")
-    if not colon or name.strip().lower() != b"authentication-results":
+def is_results(line: bytes) -> bool:
+    """Whether a header line starts an Authentication-Results field."""
+    name, colon, _ = line.partition(b":")
+    return bool(colon) and name.strip().lower() == b"authentication-results"
+
+
+def claims(field: bytes, hostname: str) -> bool:
+    """Whether an Authentication-Results field (its lines joined by CRLF)
+    claims to be this server's, or cannot be read: RFC 8601 §5 has a field
+    from outside that claims our authserv-id removed as forged, and allows
+    a border MTA to remove any. The authserv-id is read as RFC 8601 §2.2
+    writes it, on the unfolded field, after any comments: a field folded
+    before it, or with a comment first, still names it."""
+    if not is_results(field):
         return False
-    authserv = value.split(b";", 1)[0].strip().split()
-    return bool(authserv) and authserv[0].decode("latin-1").lower() == hostname.lower()
+    value = _UNFOLD.sub(b"", field.partition(b":")[2]).decode("latin-1")
+    authserv = authserv_id(value)
+    if authserv is None:
+        return True  # unreadable: what would a laxer reader make of it?
+    return authserv.lower().rstrip(".") == hostname.lower().rstrip(".")
+
+
+def authserv_id(value: str) -> str | None:
+    """The authserv-id an Authentication-Results value starts with (RFC
+    8601 §2.2: `[CFWS] value`, a MIME token or a quoted-string), or None."""
+    i = _skip_cfws(value, 0)
+    if i is None or i >= len(value):
+        return None
+    if value[i] == '"':
+        out = []
+        i += 1
+        while i < len(value):
+            c = value[i]
+            if c == "\\" and i + 1 < len(value):
+                out.append(value[i + 1])
+                i += 2
+                continue
+            if c == '"':
+                return "".join(out)
+            out.append(c)
+            i += 1
+        return None  # no closing quote
+    match = _TOKEN.match(value, i)
+    return match.group(0) if match else None
+
+
+def _skip_cfws(text: str, i: int) -> int | None:
+    """Past white space and (nested) comments; None for one not closed."""
+    depth = 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and depth:
+            i += 2
+            continue
+        if c == "(":
+            depth += 1
+        elif c == ")" and depth:
+            depth -= 1
+        elif not depth and c not in " \t\r\n":
+            return i
+        i += 1
+    return None if depth else i
+
+
+_UNFOLD = re.compile(rb"\r?\n(?=[ \t])")
+# RFC 2045 §5.1: printable ASCII but space and the tspecials ()<>@,;:\"/[]?=
+_TOKEN = re.compile(r"[!#-'*+\-.0-9A-Z^-~]+")
 
 
 def _folded(field: str, width: int = 78) -> list[str]:

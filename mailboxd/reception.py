@@ -25,7 +25,7 @@ from .addresses import Address
 from .clocks import Wall
 from .config import Config
 from .filtering import FAILED, Filters, FilterVerdict, Incoming
-from .inbound import Checked, Checker, claims, from_domain
+from .inbound import Checked, Checker, claims, from_domain, is_results
 from .lines import SMTPReply
 from .maildir import IncomingMessage, full_mailboxes
 from .printable import arg_safe, shown
@@ -44,6 +44,9 @@ NOT_STORED = (451, "4.3.0 Error: could not store the message, try again later")
 NO_SPACE = (452, "4.3.1 Insufficient system storage")  # RFC 5321 §4.2.3, RFC 3463
 TOO_MANY_HOPS = (554, "5.4.6 Too many hops")  # RFC 5321 §6.3: a loop, most likely
 MAILBOX_FULL = (452, "4.2.2 Mailbox full")  # RFC 3463: the sender keeps the message
+# An incoming Authentication-Results field is held until it is whole, to be
+# judged unfolded (inbound.claims); one longer than this is removed unjudged.
+RESULTS_HELD_MAX = 16 * 1024
 
 
 def storage_error(error: BaseException, otherwise: SMTPReply) -> SMTPReply:
@@ -136,6 +139,9 @@ class Reception:
     in_header: bool = True  # until the empty line that ends the message's header
     hops: int = 0  # Received: fields the message came with
     dropping: bool = False  # inside a header field that is not kept
+    # The lines of an Authentication-Results field being read, and their size.
+    held: list[bytes] | None = None
+    held_size: int = 0
 
     def __attrs_post_init__(self) -> None:
         self.header_size = self.message.wire_size
@@ -157,36 +163,62 @@ class Reception:
             return None
         if line.startswith(b"."):
             line = line[1:]
-        if self.in_header and not self._header_line(line):
-            return None
-        body_size = self.message.wire_size - self.header_size + len(line) + 2
-        if body_size > self.intake.config.smtp.max_message_size:
-            self.error = TOO_BIG
-            return None
-        try:
-            self.message.write_line(line)
-        except OSError as e:
-            self._not_spooled(e)
-            return None
-        if not self.message.must_spill:
+        return self._keep(self._header_line(line) if self.in_header else [line])
+
+    def _keep(self, lines: list[bytes]) -> Deferred | None:
+        """Write `lines` to the message; a Deferred while it spills to disk."""
+        if not self._write(lines) or not self.message.must_spill:
             return None
         # A spool file is a directory update, which can wait for the disk.
         return self.intake.workers.disk(self.message.spill).addErrback(self._spill_failed)
 
-    def _header_line(self, line: bytes) -> bool:
-        """Count the hops; False for a line not kept: an Authentication-Results
-        field that claims this server's name came from somebody else."""
+    def _write(self, lines: list[bytes]) -> bool:
+        """Write `lines` within the size limit; False (and the error set) if not."""
+        for line in lines:
+            body_size = self.message.wire_size - self.header_size + len(line) + 2
+            if body_size > self.intake.config.smtp.max_message_size:
+                self.error = TOO_BIG
+                return False
+            try:
+                self.message.write_line(line)
+            except OSError as e:
+                self._not_spooled(e)
+                return False
+        return True
+
+    def _header_line(self, line: bytes) -> list[bytes]:
+        """Count the hops; the lines to keep now. An Authentication-Results
+        field is held until it is whole, and not kept if it claims this
+        server's name (it came from somebody else), however it is folded."""
+        if line[:1] in (b" ", b"\t"):  # a folded field goes on
+            if self.held is None:
+                return [] if self.dropping else [line]
+            self.held_size += len(line) + 2
+            if self.held_size > RESULTS_HELD_MAX:
+                self.held, self.dropping = None, True
+            else:
+                self.held.append(line)
+            return []
+        kept = self._judged()
+        self.dropping = False
         if not line:
             self.in_header = False
-            return True
-        if line[:1] in (b" ", b"\t"):  # a folded field goes on
-            return not self.dropping
-        self.dropping = claims(line, self.intake.config.mailbox.hostname)
+            return [*kept, line]
         if line[:9].lower() == b"received:":
             self.hops += 1
             if self.hops > self.intake.config.smtp.max_hops:
                 self.error = TOO_MANY_HOPS
-        return not self.dropping
+        if is_results(line):
+            self.held, self.held_size = [line], len(line) + 2
+            return kept
+        return [*kept, line]
+
+    def _judged(self) -> list[bytes]:
+        """The held Authentication-Results field's lines, or none if it is not kept."""
+        held, self.held = self.held, None
+        if held is None or claims(b"\r\n".join(held), self.intake.config.mailbox.hostname):
+            return []
+        return held
 
     def _spill_failed(self, f: Any) -> None:
         f.trap(OSError)
@@ -211,6 +243,9 @@ class Reception:
         disk. Relayed mail whose From: domain is in `may_sign` is signed
         with that domain's DKIM key first (see signing.py); with `check`,
         the message is checked first (inbound.py), and may be refused."""
+        if self.held is not None and self.error is None:  # the data ended in the header
+            # At most RESULTS_HELD_MAX more in memory: the commit writes it whole.
+            self._write(self._judged())
         if self.error is not None:
             return self._refused(self.error)
         filters = self.intake.filters

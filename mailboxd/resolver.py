@@ -1,6 +1,8 @@
 """One DNS resolver for everything (`[mailbox] resolver`).
 
-The outbound queue looks up MX records on the reactor, with `twisted.names`.
+The outbound queue looks up MX records and their hosts' addresses on the
+reactor, with `twisted.names` (routes.py), and connects to those addresses
+(only a smarthost given by name is left to the system's getaddrinfo).
 The SPF, DKIM and DMARC libraries (pyspf, dkimpy, authheaders) look up
 their records from the checks' threads, with dnspython, which all three use;
 this module points dnspython's default resolver at the same server, so that
@@ -12,6 +14,7 @@ silent DNS server costs a message a few seconds, not minutes.
 from __future__ import annotations
 
 import dns.exception
+import dns.rdatatype
 import dns.resolver
 from twisted.internet.interfaces import IResolver
 from twisted.names import client
@@ -52,23 +55,53 @@ class TempError(Exception):
     """A lookup that may succeed later: a timeout, or no server answered."""
 
 
-def txt(resolver: dns.resolver.Resolver, name: bytes | str) -> bytes | None:
+def txt(
+    resolver: dns.resolver.Resolver, name: bytes | str, lifetime: float | None = None
+) -> bytes | None:
     """The first TXT record at `name`, its strings joined (as DKIM keys are
     read: RFC 6376 §3.6.2.2); None if there is none. TempError for a
     timeout or a server failure, which must not read as "no record"."""
+    records = txts(resolver, name, lifetime)
+    return records[0] if records else None
+
+
+def txts(
+    resolver: dns.resolver.Resolver, name: bytes | str, lifetime: float | None = None
+) -> list[bytes]:
+    """Every TXT record at `name`, each one's strings joined; TempError as `txt`."""
+    answer = _resolve(resolver, name, "TXT", lifetime)
+    if answer is None:
+        return []
+    return [
+        b"".join(record.strings)
+        for rrset in answer.response.answer
+        if rrset.rdtype == dns.rdatatype.TXT
+        for record in rrset
+    ]
+
+
+def exists(
+    resolver: dns.resolver.Resolver, name: str, rdtype: str, lifetime: float | None = None
+) -> bool:
+    """Whether `name` has a record of `rdtype`; TempError as `txt`."""
+    answer = _resolve(resolver, name, rdtype, lifetime)
+    return answer is not None and answer.rrset is not None
+
+
+def _resolve(
+    resolver: dns.resolver.Resolver, name: bytes | str, rdtype: str, lifetime: float | None
+) -> dns.resolver.Answer | None:
+    """The answer (which may hold no records), None for no such name or an
+    unusable one; TempError for a timeout or a server failure."""
     if isinstance(name, bytes):
         name = name.decode("ascii", "replace")
     try:
-        answer = resolver.resolve(name, "TXT", raise_on_no_answer=False, search=False)
+        return resolver.resolve(
+            name, rdtype, raise_on_no_answer=False, search=False, lifetime=lifetime
+        )
     except dns.resolver.NXDOMAIN:
         return None
     except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
         raise TempError(f"{name}: {type(e).__name__}") from None
     except dns.exception.DNSException:
         return None  # a malformed name or answer: nothing to use
-    for rrset in answer.response.answer:
-        for record in rrset:
-            strings = getattr(record, "strings", None)
-            if strings is not None:
-                return b"".join(strings)
-    return None
