@@ -5,6 +5,9 @@ grouped by destination (the smarthost, or the recipient's domain) and each
 group goes in one SMTP transaction. Every outcome is written to the entry's
 envelope before the next step, so a crash re-sends at most the transaction
 that was in flight and never forgets a recipient.
+
+The SMTP client, and its wait for the next message on a connection, are
+sender.py's; here are the queue, the routes, the slots and the outcomes.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import collections
 import errno
 import io
-import os
 import re
 import secrets
 import time
@@ -24,17 +26,10 @@ import attrs
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.mail.smtp import (
-    SUCCESS,
-    ESMTPSender,
-    ESMTPSenderFactory,
-    SMTPClientError,
-    SMTPConnectError,
-)
+from twisted.mail.smtp import SMTPClientError, SMTPConnectError
 from twisted.python.failure import Failure
 
 from . import queue
@@ -43,7 +38,6 @@ from .addresses import parse_mailbox
 from .bounce import FailedRecipient, build_dsn
 from .clocks import Wall
 from .config import Config
-from .lines import DirectWrites
 from .maildir import IncomingMessage
 from .metrics import Metrics
 from .node import Claims
@@ -51,6 +45,7 @@ from .printable import shown
 from .queue import Entry, Recipient
 from .resolver import twisted_resolver
 from .routes import Hop, RouteError, destination, mx_hosts, parse_smarthost
+from .sender import ONE_WRITE, Job, Sender, SenderFactory, Settings
 from .smtp import Delivery
 from .workers import Pool, in_pool
 
@@ -85,37 +80,27 @@ class DeliveryOutcome:
         return 500 <= self.code < 600
 
 
-@attrs.frozen
-class _Job:
-    """One message for one connection: its envelope, its data and the
-    Deferred that hears how it went."""
-
-    sender: str
-    recipients: list[str]
-    file: Any
-    result: Deferred
-
-
 @attrs.define(eq=False)
 class _Idle:
     """Connections that have sent a message and wait for the next one to the
     same host (RFC 5321 §3.3 allows many transactions a session), for
-    `seconds`. Each is used by one delivery at a time."""
+    `seconds`: the `sender.Parking` of every connection the queue opens.
+    Each is used by one delivery at a time."""
 
     clock: Any
     seconds: float = REUSE_SECONDS
-    _waiting: dict[Hop, list[tuple[Any, float]]] = attrs.field(factory=dict)
+    _waiting: dict[Hop, list[tuple[Sender, float]]] = attrs.field(factory=dict)
     # Done with a message, its RSET not yet answered: about to wait here.
-    _settling: set[Any] = attrs.field(factory=set)
+    _settling: set[Sender] = attrs.field(factory=set)
 
-    def settle(self, sender: Any) -> None:
+    def settle(self, sender: Sender) -> None:
         self._settling.add(sender)
 
-    def park(self, hop: Hop, sender: Any) -> None:
+    def park(self, hop: Hop, sender: Sender) -> None:
         self._settling.discard(sender)
         self._waiting.setdefault(hop, []).append((sender, self.clock.seconds() + self.seconds))
 
-    def _all(self, dest: str | None) -> list[tuple[float, Any]]:
+    def _all(self, dest: str | None) -> list[tuple[float, Sender]]:
         found = [(-1.0, s) for s in self._settling]
         found += [(until, s) for waiting in self._waiting.values() for s, until in waiting]
         return [(until, s) for until, s in found if dest is None or s.factory.dest == dest]
@@ -134,7 +119,7 @@ class _Idle:
         sender.leave()
         return sender.closed
 
-    def take(self, hop: Hop) -> Any:
+    def take(self, hop: Hop) -> Sender | None:
         """A connection waiting for `hop`, or None. One that has waited its
         time (its QUIT is due, the reactor was busy) is let go, not used."""
         waiting = self._waiting.get(hop, [])
@@ -155,7 +140,7 @@ class _Idle:
         for _, sender in self._all(None):
             sender.leave()
 
-    def discard(self, hop: Hop, sender: Any) -> None:
+    def discard(self, hop: Hop, sender: Sender) -> None:
         self._settling.discard(sender)
         waiting = self._waiting.get(hop, [])
         waiting[:] = [(s, until) for s, until in waiting if s is not sender]
@@ -163,255 +148,7 @@ class _Idle:
             self._waiting.pop(hop, None)
 
 
-ONE_WRITE = 1 << 16  # bytes of a message sent in one write, not through a producer
 HELD_MAX = 16 << 20  # bytes of just-queued messages kept in memory for their first attempt
-
-
-class _Sender(DirectWrites, ESMTPSender):
-    """Twisted's sender, with dot-stuffing that holds across chunk boundaries,
-    an end to the attempt when the server hangs up, more than one message a
-    connection (after a message it waits (`_Idle`) for the next one to the
-    same host instead of saying QUIT), and PIPELINING (RFC 2920) where the
-    server offers it: MAIL, every RCPT and DATA go in one write, and their
-    replies are read in turn, so a transaction costs one round trip before
-    the data instead of one a command.
-
-    Both drive SMTPClient's private state machine (_expected, _okresponse,
-    _failresponse, _from, _disconnectFromServer): Twisted has no public API
-    for either. Leaving it means a sender of our own (issue 13, item 6)."""
-
-    _line_start = True
-    _ended = False  # the data went: its reply ends the transaction
-    _idle_call: Any = None
-    pipelining = False  # the server's last EHLO offered PIPELINING
-    _turns: list[tuple[bytes, Any]]  # pipelined commands whose replies are due
-    _refused: tuple[int, bytes] | None = None  # MAIL's reply, if it refused
-    _last_rcpt = -1  # the code said of the last recipient, as Twisted reports it
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.closed: Deferred = Deferred()  # fires when the connection is gone
-
-    def connectionMade(self) -> None:
-        # Commands and the message's last bytes are small writes that wait
-        # for a reply: with Nagle's algorithm each would wait for the peer's
-        # delayed ACK (40 ms on Linux) first.
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            set_no_delay(True)
-        # Each command and message goes straight to the socket (lines.DirectWrites):
-        # no turn of the reactor to wait for, no epoll_ctl calls around it.
-        self.write_directly(self.transport)
-        super().connectionMade()
-
-    def sendLine(self, line: bytes) -> None:
-        self.write(line + b"\r\n")
-
-    def esmtpState_starttls(self, code: int, resp: bytes) -> None:
-        self.through_transport()
-        super().esmtpState_starttls(code, resp)
-
-    def timeoutConnection(self) -> None:
-        if self.factory.sendFinished:  # only the QUIT exchange is left: just hang up
-            self.transport.abortConnection()
-        else:
-            super().timeoutConnection()
-
-    _leaving = False
-
-    def smtpState_data(self, code: int, resp: bytes) -> None:
-        # A message that fits in one read goes out in one write with its end:
-        # no producer to register, and no turn of the reactor to wait for.
-        file = self.getMailData()
-        data = file.read(ONE_WRITE + 1)
-        if len(data) > ONE_WRITE:
-            file.seek(-len(data), os.SEEK_CUR)
-            self.through_transport()  # Twisted's FileSender writes to the transport
-            super().smtpState_data(code, resp)
-            return
-        self._expected = SUCCESS
-        self._okresponse = self.smtpState_msgSent
-        chunk = self.transformChunk(data)
-        self.write(chunk)
-        self.finishedFileTransfer(chunk[-1:])
-
-    def finishedFileTransfer(self, lastsent: bytes) -> None:
-        self._ended = True
-        super().finishedFileTransfer(lastsent)
-
-    def smtpState_msgSent(self, code: int, resp: bytes) -> None:
-        idle = self.factory.idle
-        if idle is not None:
-            idle.settle(self)
-        if idle is None or not self._ended:
-            # Twisted says RSET after every message. A transaction that ended
-            # before its data may still be open at the server, and needs it.
-            super().smtpState_msgSent(code, resp)
-            return
-        # The reply to the end of the data ends the transaction (RFC 5321
-        # §4.1.1.4): the next MAIL may follow at once, without an RSET and
-        # the round trip it costs a message.
-        self._ended = False
-        if self._from is not None:
-            self.sentMail(code, resp, len(self.successAddresses), self.toAddressesResult, self.log)
-        self.toAddressesResult = []
-        self._from = None
-        self._expected = SUCCESS
-        self._okresponse = self.smtpState_from
-        self.smtpState_from(250, b"")
-
-    def smtpState_from(self, code: int, resp: bytes) -> None:
-        factory = self.factory
-        if self.done and factory.idle is not None and self._idle_call is None:
-            if self._leaving:  # let go while its RSET was on the way
-                factory.idle.discard(factory.hop, self)
-                self._begin(code, resp)
-                return
-            # A message went (RSET has been answered): wait for another.
-            factory.idle.park(factory.hop, self)
-            self._idle_call = self.callLater(factory.idle.seconds, self.leave)
-            return
-        self._begin(code, resp)
-
-    def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
-        # Asked again after STARTTLS: what the server offered in plaintext
-        # does not count then.
-        offered = (line.split(None, 1)[0].upper() for line in resp.splitlines() if line.strip())
-        self.pipelining = b"PIPELINING" in offered
-        super().esmtpState_serverConfig(code, resp)
-
-    def _begin(self, code: int, resp: bytes) -> None:
-        """MAIL for the next message, or QUIT if there is none."""
-        if not self.pipelining:
-            super().smtpState_from(code, resp)
-            return
-        self._from = self.getMailFrom()
-        self._failresponse = self.smtpTransferFailed  # for the end of the data
-        if self._from is None:
-            self._disconnectFromServer()
-            return
-        recipients = list(self.getMailTo())
-        self.toAddressesResult, self.successAddresses = [], []
-        self._refused = None
-        self._turns = [(b"MAIL", None)] + [(b"RCPT", r) for r in recipients] + [(b"DATA", None)]
-        commands = [b"MAIL FROM:" + _path(self._from)]
-        commands += [b"RCPT TO:" + _path(r) for r in recipients]
-        commands.append(b"DATA\r\n")
-        self.write(b"\r\n".join(commands))
-        self._expected = range(0, 1000)  # every reply is read in turn, whatever it says
-        self._okresponse = self._in_turn
-
-    def _in_turn(self, code: int, resp: bytes) -> None:
-        command, recipient = self._turns.pop(0)
-        if command == b"MAIL":
-            self._last_rcpt = code
-            if code not in SUCCESS:
-                self._refused = (code, resp)
-        elif command == b"RCPT":
-            if self._refused is None:
-                self._last_rcpt = code
-                self.toAddressesResult.append((recipient, code, resp))
-                if code in SUCCESS:
-                    self.successAddresses.append(recipient)
-        elif code == 354 and self._refused is None and self.successAddresses:
-            self.smtpState_data(code, resp)
-        elif code == 354:
-            # Nothing to send, yet the server waits for data (RFC 2920 §3.1
-            # leaves it to the client): an empty message ends the transaction,
-            # and its reply does not count.
-            self.sendLine(b".")
-            self._okresponse = self._end_refused
-        else:
-            self._end_refused(code, resp)
-
-    def _end_refused(self, code: int, resp: bytes) -> None:
-        """The transaction ended before its data: say why, as Twisted would."""
-        if self._refused is not None:
-            self.smtpTransferFailed(*self._refused)  # MAIL refused
-        elif not self.successAddresses:
-            self.smtpState_msgSent(self._last_rcpt, b"No recipients accepted")
-        else:
-            self.smtpTransferFailed(code, resp)  # DATA refused
-
-    def take(self, job: _Job) -> None:
-        """Send `job` on this waiting connection."""
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
-        factory = self.factory
-        factory.fromEmail = job.sender  # getMailFrom's str(): no Address to parse
-        factory.toEmail = [r.encode("utf-8") for r in job.recipients]
-        factory.file, factory.result, factory.sendFinished = job.file, job.result, False
-        self.done = 0
-        self._line_start = True
-        self.resetTimeout()
-        self._begin(250, b"")
-
-    def leave(self) -> None:
-        """No message came, or the queue stops or needs the slot: QUIT
-        (getMailFrom has none to give), at once or once RSET is answered."""
-        if self._idle_call is None:  # still settling
-            self._leaving = True
-            return
-        if self._idle_call.active():
-            self._idle_call.cancel()
-        self.factory.idle.discard(self.factory.hop, self)
-        self._begin(250, b"")
-
-    def connectionLost(self, reason: Any = connectionDone) -> None:
-        self.through_transport()
-        if self.factory.idle is not None:
-            self.factory.idle.discard(self.factory.hop, self)
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        super().connectionLost(reason)
-        if not self.closed.called:
-            self.closed.callback(None)
-        # Only a Connector calls the factory's clientConnectionLost; through an
-        # endpoint nothing would, and the attempt would wait for ever.
-        factory = self.factory
-        result = getattr(factory, "result", None)
-        if not factory.sendFinished and result is not None and not result.called:
-            factory.sendFinished = True
-            error = SMTPConnectError(-1, f"connection lost: {reason.getErrorMessage()}")
-            result.errback(error)
-
-    def smtpState_helo(self, code: int, resp: bytes) -> None:
-        super().smtpState_helo(code, resp)
-        # Twisted leaves EHLO's failure handler in place, which sends HELO:
-        # a server that refuses HELO too would get HELO again, for ever.
-        self._failresponse = self.smtpHELORefused
-
-    def smtpHELORefused(self, code: int, resp: bytes) -> None:
-        self.sendError(SMTPConnectError(code, resp, self.log.str()))
-
-    def transformChunk(self, chunk: bytes) -> bytes:
-        self.resetTimeout()
-        if self._line_start and chunk.startswith(b"."):
-            chunk = b"." + chunk
-        self._line_start = chunk.endswith(b"\n")
-        return chunk.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
-
-
-def _path(address: str | bytes) -> bytes:
-    """<address>, for MAIL and RCPT. The addresses were checked when they
-    came in, and go out as they came: quoteaddr would parse each again."""
-    return b"<" + (address if isinstance(address, bytes) else address.encode("utf-8")) + b">"
-
-
-class _SenderFactory(ESMTPSenderFactory):
-    protocol = _Sender
-    clock: Any = None
-    idle: _Idle | None = None  # where its connection waits after a message
-    hop: Hop | None = None
-    dest: str | None = None  # the destination its connections count against
-    noisy = False  # the queue logs each attempt; "Starting factory" a message is noise
-
-    def buildProtocol(self, addr: Any) -> Any:
-        p = super().buildProtocol(addr)
-        if self.clock is not None:
-            p.callLater = self.clock.callLater  # the client's timeouts on our clock
-        return p
 
 
 def _log_failure(f: Failure, queue_id: str) -> None:
@@ -456,7 +193,7 @@ def _status(code: int, text: str) -> str:
 
 
 def outcomes_of(result: Any, recipients: list[str], remote: str) -> list[DeliveryOutcome]:
-    """Per-recipient outcomes of an ESMTPSenderFactory result or failure."""
+    """Per-recipient outcomes of a job's result or failure (see sender.py)."""
     if isinstance(result, tuple):  # (accepted count, [(address, code, reply)])
         _count, addresses = result
         data_code, data_text = 250, ""
@@ -983,7 +720,7 @@ class Outbound:
             result: Deferred = Deferred()
             if waiting is not None:
                 connecting: Deferred = succeed(waiting)
-                waiting.take(_Job(entry.sender, recipients, message, result))
+                waiting.take(Job(entry.sender, recipients, message, result))
             else:
                 connecting = self._open(dest, hop, entry, recipients, message, result)
             connecting.addErrback(_fail_unless_called, result)
@@ -1018,27 +755,20 @@ class Outbound:
     ) -> Deferred:
         """A new connection to `hop` that sends the message first."""
         relay = self.config.relay
-        factory = _SenderFactory(
-            relay.smarthost_username.encode() or None,
-            relay.smarthost_password.encode() or None,
-            entry.sender,
-            recipients,
-            message,
-            result,
-            retries=0,
+        # Credentials go to the smarthost only, never to a domain's MX.
+        username = relay.smarthost_username if relay.smarthost else ""
+        settings = Settings(
+            name=self.config.mailbox.hostname.encode(),  # ours, in EHLO/HELO
             timeout=relay.timeout,
-            heloFallback=True,
-            requireAuthentication=bool(relay.smarthost and relay.smarthost_username),
-            requireTransportSecurity=False,
             # STARTTLS whenever the other side offers it, without verification,
             # as MTAs do between themselves (RFC 7435 opportunistic security).
-            contextFactory=self._client_tls,
+            tls=self._client_tls,
+            username=username.encode(),
+            password=relay.smarthost_password.encode() if username else b"",
+            require_auth=bool(username),
         )
-        # Our name in EHLO/HELO. (ESMTPSenderFactory's `hostname` is the
-        # *server's* name for TLS verification, and must be text.)
-        factory.domain = self.config.mailbox.hostname.encode()
-        factory.clock = self.clock
-        factory.idle, factory.hop, factory.dest = self._idle, hop, dest
+        job = Job(entry.sender, recipients, message, result)
+        factory = SenderFactory(settings, job, self.clock, hop, idle=self._idle, dest=dest)
         return (self.connect or self._connect)(hop, factory)
 
     def _connect(self, hop: Hop, factory: Any) -> Deferred:

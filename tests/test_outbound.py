@@ -9,19 +9,16 @@ the thread pool a SyncPool.
 
 from __future__ import annotations
 
-import io
+import base64
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 from conftest import unit_config
-from test_lines import SocketTransport, read_all
 from test_routes import FakeResolver
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
-from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.names import error as dns_error
 from twisted.protocols.basic import LineReceiver
@@ -30,10 +27,8 @@ from twisted.test import iosim
 from mailboxd import outbound, queue
 from mailboxd.outbound import (
     BAD_HOST_SECONDS,
-    ONE_WRITE,
     REUSE_SECONDS,
     Outbound,
-    _Sender,
     backoff,
 )
 from mailboxd.queue import Entry, Recipient
@@ -51,6 +46,8 @@ DEFAULT = {
     "data": "354 end with <CRLF>.<CRLF>",
     "eod": "250 2.0.0 queued as 123",
     "rset": "250 2.0.0 reset",
+    "starttls": "220 2.0.0 ready to start TLS",
+    "auth": "235 2.7.0 Authentication successful",
     "quit": "221 2.0.0 bye",
 }
 
@@ -73,6 +70,8 @@ class Session:
         self.messages = 0  # answered 2xx at the end of the data, over the session
         self.batches: list[list[bytes]] = []  # the commands, as they arrived together
         self.open = True
+        self.tls = False  # STARTTLS was answered 220
+        self.auth: list[bytes] = []  # every AUTH command
 
     @property
     def delivered(self) -> bool:
@@ -152,6 +151,13 @@ class FakeSMTP(LineReceiver):
         elif verb == b"RSET":
             self.mail_ok, self.rcpt_ok = False, 0
             self.answer("rset")
+        elif verb == b"STARTTLS":
+            if self.answer("starttls").startswith("220"):
+                self.transport.startTLS(FakeTLS())
+                s.tls = True
+        elif verb == b"AUTH":
+            s.auth.append(line)
+            self.answer("auth")
         elif verb == b"QUIT":
             self.answer("quit")
             self.transport.loseConnection()
@@ -171,6 +177,13 @@ class FakeSMTP(LineReceiver):
             self.session.messages += self.session.accepted_data
             if self.script.get("quit_after_eod"):
                 self.transport.loseConnection()
+
+
+class FakeTLS:
+    """A TLS context for iosim's pretend handshake (FakeTransport.startTLS)."""
+
+    def iosimVerify(self, other: object) -> bool:
+        return isinstance(other, FakeTLS)
 
 
 class Transport(iosim.FakeTransport):
@@ -298,6 +311,7 @@ class Runner:
             connect=self.net.connect,
             wall=lambda: unit.clock.seconds() + self.wall_step,
         )
+        self.outbound._client_tls = FakeTLS()  # iosim's pretend TLS, for STARTTLS
 
     def enqueue(
         self,
@@ -388,40 +402,6 @@ def stuffed(message: bytes) -> bytes:
     return b"".join(
         (b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines[:-1]
     )
-
-
-# --- _Sender.transformChunk ------------------------------------------------------
-
-
-def sender() -> _Sender:
-    return _Sender(None, None, None, b"mail.example.test")
-
-
-_sender_alone = sender
-
-
-@pytest.mark.parametrize(
-    "chunks, wire",
-    [
-        ([b".x\n"], b"..x\r\n"),
-        ([b"a\n.b\n..c\n"], b"a\r\n..b\r\n...c\r\n"),
-        ([b"abc\n", b".def\n"], b"abc\r\n..def\r\n"),
-        ([b"abc", b".def\n"], b"abc.def\r\n"),
-        ([b"a\n", b"\n", b".z\n"], b"a\r\n\r\n..z\r\n"),
-        ([b"a\n.", b"b\n"], b"a\r\n..b\r\n"),
-        ([b"a\n", b".", b".\n", b"x\n"], b"a\r\n...\r\nx\r\n"),
-        ([b"no dot\n", b"x.y\n.\n"], b"no dot\r\nx.y\r\n..\r\n"),
-    ],
-)
-def test_transform_chunk_stuffs_dots_across_chunks(chunks, wire):
-    s = sender()
-    assert b"".join(s.transformChunk(c) for c in chunks) == wire
-
-
-def test_each_connection_starts_at_a_line_start():
-    first = sender()
-    first.transformChunk(b"ends mid-line")
-    assert sender().transformChunk(b".top\n") == b"..top\r\n"
 
 
 # --- delivery via the smarthost ------------------------------------------------
@@ -1081,6 +1061,57 @@ def test_a_server_refusing_ehlo_and_helo_gets_one_helo_and_a_deferral(make):
     assert "E1" not in r.outbound._busy  # its slot is free
 
 
+# --- STARTTLS and AUTH ----------------------------------------------------------------
+
+CREDENTIALS = "smarthost_username = alice@example.test\nsmarthost_password = s3cret\n"
+OFFERS_TLS_AND_AUTH = "250-mx.far.test hello\r\n250-STARTTLS\r\n250-AUTH PLAIN\r\n250 PIPELINING"
+
+
+def test_a_smarthost_gets_starttls_then_auth_with_the_configured_credentials(make):
+    r = make(SMARTHOST + CREDENTIALS)
+    host = r.net.add("127.0.0.1", {"ehlo": OFFERS_TLS_AND_AUTH})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    (s,) = host.sessions
+    verbs = [c.split(b" ")[0] for c in s.commands]
+    assert verbs[:5] == [b"EHLO", b"STARTTLS", b"EHLO", b"AUTH", b"MAIL"]
+    assert s.tls and s.auth == [b"AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0s3cret")]
+    assert s.delivered and not r.exists("E1")
+
+
+def test_a_refused_auth_is_the_servers_answer_for_every_recipient(make):
+    r = make(SMARTHOST + CREDENTIALS)
+    refusal = "454 4.7.0 Temporary authentication failure"
+    host = r.net.add("127.0.0.1", {"ehlo": OFFERS_TLS_AND_AUTH, "auth": refusal}, {})
+    r.enqueue("E1", ["a@far.test", "b@far.test"])
+    r.start()
+    (s,) = host.sessions
+    assert s.auth and s.sender is None and s.commands[-1] == b"QUIT"
+    for address in ("a@far.test", "b@far.test"):
+        rcpt = r.recipient("E1", address)
+        assert (rcpt["status"], rcpt["last_error"]) == ("deferred", refusal)
+
+
+def test_mail_to_a_smarthost_without_auth_is_not_sent_unauthenticated(make):
+    r = make(SMARTHOST + CREDENTIALS)
+    host = r.net.add("127.0.0.1", {"ehlo": "250-mx.far.test hello\r\n250 PIPELINING"})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    (s,) = host.sessions
+    assert s.sender is None and not s.delivered and s.commands[-1] == b"QUIT"
+    # A 502 of our own, as Twisted's sender said: a permanent failure, bounced.
+    assert b"Final-Recipient: rfc822; a@far.test" in bounce_of(r)
+
+
+def test_the_smarthost_credentials_never_go_to_an_mx(make):
+    r = make("[relay]\n" + CREDENTIALS, dns={"far.test": [(10, "mx.far.test")]})
+    mx = r.net.add("mx.far.test", {"ehlo": OFFERS_TLS_AND_AUTH})
+    r.enqueue("E1", ["a@far.test"])
+    r.start()
+    (s,) = mx.sessions
+    assert s.auth == [] and s.delivered
+
+
 def test_a_server_that_never_finishes_an_answer_meets_the_attempt_deadline(make):
     r = make(SMARTHOST + "timeout = 30\n")
     host = r.net.add("127.0.0.1", {"eod": HANG}, {})
@@ -1401,30 +1432,6 @@ def test_after_a_delivered_message_the_next_mail_needs_no_rset(make, ehlo):
     assert not r.exists("E1") and not r.exists("E2") and s.open
 
 
-def test_pipelining_offered_only_before_starttls_does_not_count():
-    sender = _sender_alone()
-    sender.tryTLS = lambda code, resp, items: None  # what comes next is not tested here
-    sender.esmtpState_serverConfig(250, b"mx.far.test\nPIPELINING\nSTARTTLS")
-    assert sender.pipelining
-    sender.esmtpState_serverConfig(250, b"mx.far.test\n8BITMIME")
-    assert not sender.pipelining
-    sender.esmtpState_serverConfig(250, b"mx.far.test\npipelining")
-    assert sender.pipelining
-
-
-@pytest.mark.parametrize(
-    "address, path",
-    [
-        ("a@far.test", b"<a@far.test>"),
-        (b"a@far.test", b"<a@far.test>"),
-        ("", b"<>"),  # the null sender of a bounce
-        ('"a b"@far.test', b'<"a b"@far.test>'),  # as it came in
-    ],
-)
-def test_the_path_of_mail_and_rcpt_is_the_address_as_it_came(address, path):
-    assert outbound._path(address) == path
-
-
 def test_a_save_replaces_a_temp_file_left_by_a_crash(make):
     r = make()
     entry = r.enqueue("E1", ["a@far.test"])
@@ -1445,48 +1452,6 @@ def test_the_first_entry_makes_the_queue_folder(tmp_path):
     assert (directory / "E1.msg").read_bytes() == spool.read_bytes()
     assert queue.load(directory / "E1.json").recipients[0].address == "a@far.test"
     assert directory.stat().st_mode & 0o777 == 0o700
-
-
-# --- writes straight to the socket (lines.DirectWrites) ----------------------------
-
-
-@pytest.fixture
-def socket_sender():
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    theirs.setblocking(False)
-    transport = SocketTransport(ours)
-    s = _sender_alone()
-    s.callLater = Clock().callLater
-    s.makeConnection(transport)
-    yield s, transport, theirs
-    ours.close()
-    theirs.close()
-
-
-def test_commands_go_straight_to_the_socket(socket_sender):
-    s, transport, theirs = socket_sender
-    s.sendLine(b"EHLO mail.example.test")
-    assert read_all(theirs) == b"EHLO mail.example.test\r\n"
-    assert transport.value() == b""
-
-
-def test_after_starttls_everything_goes_through_the_transport(socket_sender):
-    s, transport, theirs = socket_sender
-    transport.startTLS = lambda context: None
-    s.esmtpState_starttls(220, b"go ahead")
-    assert transport.value().startswith(b"EHLO ")  # asked again, now over TLS
-    s.sendLine(b"NOOP")
-    assert transport.value().endswith(b"NOOP\r\n") and read_all(theirs) == b""
-
-
-def test_a_message_too_big_for_one_write_goes_through_the_transport(socket_sender):
-    s, transport, theirs = socket_sender
-    s.getMailData = lambda: io.BytesIO(b"x" * (ONE_WRITE + 1) + b"\n")
-    s.smtpState_data(354, b"go ahead")
-    assert transport.producer is not None  # Twisted's FileSender, writing to the transport
-    s.sendLine(b".")
-    assert transport.value() == b".\r\n" and read_all(theirs) == b""
 
 
 # The same outcomes, one command at a time or pipelined: script -> for each
